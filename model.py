@@ -1,0 +1,1176 @@
+"""The shared library: config, runtime, the speedrun GPT, Muon + Adam, shard data, tokenizer, checkpoints, schedules.
+
+Every script in this repository (pretraining.py, eval.py, chat.py, finetune.py) builds from this file.
+Importing it does no work. The model and optimizer follow the May-2025 modded-nanogpt record
+(12 layers, 1770 steps, val loss 3.28 on FineWeb in about 3 minutes on 8xH100), generalised to any
+size, any device and any world size.
+
+    python pretraining.py                      # CPU: Shakespeare preset; CUDA + FineWeb: speedrun preset
+    torchrun --nproc_per_node=8 pretraining.py --preset speedrun
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import glob
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+REPO_DIR = Path(__file__).resolve().parent
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+class ConfigError(ValueError):
+    """A user-supplied setting is invalid; scripts print it as one line and exit 2."""
+
+
+@dataclass
+class Hyperparameters:
+    # bookkeeping
+    preset: str = ""  # preset these values started from (set by --preset or the default choice)
+    run_id: str = ""  # run directory name under log_dir; "" = timestamp + random suffix
+    log_dir: str = "logs"  # where run directories (log.txt, metrics.jsonl, checkpoints) go
+    # data
+    train_files: str = "data/fineweb10B/fineweb_train_*.bin"  # glob of training shards
+    val_files: str = "data/fineweb10B/fineweb_val_*.bin"  # glob of validation shards
+    val_tokens: int = 10_485_760  # validation budget in tokens; fixed so runs compare (record value)
+    train_seq_len: int = 48 * 1024  # tokens per rank-equivalent per step (record: 48*1024 per H100)
+    val_seq_len: int = 4 * 64 * 1024  # tokens per rank per validation step (record: 4*64*1024)
+    row_len: int = 0  # split each sequence into rows of this many tokens; 0 = one long row (record layout)
+    rank_equivalents: int = 8  # micro-batches summed per step; gradient accumulation = this // world_size
+    # model
+    vocab_size: int = 50257  # GPT-2 BPE; embeddings and lm_head are padded to a multiple of 128
+    num_layers: int = 12  # transformer blocks; must be even (U-net skips pair layer i with 2L-1-i)
+    num_heads: int = 6  # attention heads per block
+    head_dim: int = 128  # width of each head
+    model_dim: int = 768  # residual stream width
+    no_attn_layer: int = 7  # block without attention (record drops layer 7's); -1 = every block attends
+    window_max: int = 1728  # sliding window grows linearly from 128 to this many tokens, in 128-token blocks
+    # optimisation (record values; provenance in setup_optimizers)
+    num_iterations: int = 1770  # optimizer steps
+    cooldown_frac: float = 0.4  # final fraction of steps with the LR decaying linearly to 0.1x
+    muon_lr: float = 0.05  # Muon LR for the hidden matrices
+    muon_momentum: float = 0.95  # Muon momentum after warm-up
+    muon_momentum_start: float = 0.85  # Muon momentum at step 0
+    muon_momentum_warmup: int = 300  # steps over which momentum rises from start to final
+    muon_weight_decay: float = 0.0  # decoupled weight decay on Muon matrices (record: 0)
+    head_lr: float = 0.22  # Adam LR of lm_head
+    embed_lr: float = 0.6  # Adam LR of token and value embeddings
+    scalar_lr: float = 0.04  # Adam LR of lambdas and skip weights
+    adam_beta1: float = 0.8  # Adam beta1 (record)
+    adam_beta2: float = 0.95  # Adam beta2 (record)
+    adam_eps: float = 1e-10  # Adam epsilon; tiny so updates do not depend on the loss scale (record)
+    # evaluation, logging and checkpoints
+    val_loss_every: int = 125  # steps between validations; 0 = only at the last step
+    save_every: int = 0  # steps between checkpoints; 0 = only before validations and at the end
+    save_checkpoint: bool = True  # write checkpoints at all
+    resume: str = ""  # "" = fresh run; "latest" or a path to state_stepNNNNNN.pt
+    # runtime
+    seed: int = 0  # seed for weights and sampling
+    device: str = "auto"  # auto (cuda, mps, cpu) or a torch device string
+    dtype: str = "auto"  # autocast dtype: auto (bf16 where it pays), bf16 or fp32
+    compile: str = "auto"  # torch.compile: auto (on for CUDA), on, off
+    fp8_head: str = "auto"  # FP8 lm_head matmul: auto (GPUs with compute capability >= 8.9), on, off
+
+    # ---- validation -------------------------------------------------------
+    def validate(self, world_size: int = 1) -> "Hyperparameters":
+        """Raise ConfigError naming the flag when a value or a combination is invalid."""
+        positive = ["val_tokens", "train_seq_len", "val_seq_len", "rank_equivalents", "vocab_size", "num_layers",
+                    "num_heads", "head_dim", "model_dim", "window_max", "num_iterations", "muon_momentum_warmup"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{_flag(name)}={getattr(self, name)} must be positive")
+        for name in ["row_len", "val_loss_every", "save_every"]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{_flag(name)}={getattr(self, name)} must be >= 0")
+        for name in ["muon_lr", "head_lr", "embed_lr", "scalar_lr", "adam_eps"]:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{_flag(name)}={getattr(self, name)} must be positive")
+        if not 0 < self.cooldown_frac <= 1:
+            raise ConfigError(f"--cooldown-frac={self.cooldown_frac} must be in (0, 1]")
+        for name in ["adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_start"]:
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{_flag(name)}={getattr(self, name)} must be in [0, 1)")
+        if self.num_layers % 2:
+            raise ConfigError(f"--num-layers={self.num_layers} must be even (U-net skip connections pair layers)")
+        if self.no_attn_layer >= self.num_layers or self.no_attn_layer < -1:
+            raise ConfigError(f"--no-attn-layer={self.no_attn_layer} must be -1 or a layer index below "
+                              f"--num-layers={self.num_layers}")
+        for name in ["train_seq_len", "val_seq_len"]:
+            row = self.row_len or getattr(self, name)
+            if getattr(self, name) % row:
+                raise ConfigError(f"--{_flag(name)}={getattr(self, name)} must be a multiple of --row-len={row}")
+            if row % BLOCK_SIZE:
+                raise ConfigError(f"row length {row} (--{_flag(name)} / --row-len) must be a multiple of "
+                                  f"{BLOCK_SIZE} (attention blocks)")
+        if self.rank_equivalents % world_size:
+            raise ConfigError(f"--rank-equivalents={self.rank_equivalents} must be divisible by the world size "
+                              f"{world_size} (each process accumulates rank_equivalents / world_size micro-batches)")
+        if self.val_tokens % (world_size * self.val_seq_len):
+            raise ConfigError(f"--val-tokens={self.val_tokens} must be a multiple of world_size * --val-seq-len = "
+                              f"{world_size * self.val_seq_len}")
+        for name, choices in [("dtype", ("auto", "bf16", "fp32")), ("compile", ("auto", "on", "off")),
+                              ("fp8_head", ("auto", "on", "off"))]:
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"--{_flag(name)}={getattr(self, name)!r} must be one of {', '.join(choices)}")
+        if self.run_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_id):
+            raise ConfigError(f"--run-id={self.run_id!r} may hold only letters, digits, '.', '_' and '-'")
+        return self
+
+    @property
+    def max_seq_len(self) -> int:
+        """Longest row the model sees: the rotary table is built this long."""
+        return self.row_len or max(self.train_seq_len, self.val_seq_len)
+
+    # ---- JSON round trip --------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Hyperparameters":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown hyperparameter(s): {', '.join(unknown)}")
+        return cls(**{k: _coerce(k, v) for k, v in d.items()})
+
+
+# Named presets: only the fields that differ from the dataclass defaults (which are the speedrun record).
+PRESETS: dict[str, dict[str, Any]] = {
+    # May-2025 record: 12 layers, 6x128 heads, dim 768, 48k tokens x 8 ranks, 1770 steps, FineWeb.
+    "speedrun": {},
+    # CPU-sized: `python pretraining.py` on 2 cores in about 5 minutes (measured figures in README.md).
+    "shakespeare": dict(
+        train_files="data/shakespeare/shakespeare_train_*.bin", val_files="data/shakespeare/shakespeare_val_*.bin",
+        val_tokens=65_536, train_seq_len=2048, val_seq_len=8192, row_len=256, rank_equivalents=8,
+        num_layers=6, num_heads=4, head_dim=64, model_dim=256, no_attn_layer=-1, window_max=256,
+        num_iterations=400, cooldown_frac=0.4, muon_momentum_warmup=100, val_loss_every=100,
+    ),
+}
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert a string (CLI, env) or JSON value to the field's annotated type, naming the field on failure."""
+    kind = {f.name: f.type for f in dataclasses.fields(Hyperparameters)}[name]
+    try:
+        if kind in ("bool", bool):
+            return value if isinstance(value, bool) else _parse_bool(str(value))
+        if kind in ("int", int):
+            if isinstance(value, float) or isinstance(value, bool):
+                raise ValueError(f"expected an integer, got {value!r}")
+            return int(str(value).replace("_", ""))
+        if kind in ("float", float):
+            return float(value)
+        return str(value)
+    except ValueError as e:
+        raise ConfigError(f"--{_flag(name)}: invalid value {value!r} ({e})") from None
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports bad flags as one line (no usage block) and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+ENV_PREFIX = "NANOGPT_"  # NANOGPT_NUM_ITERATIONS=20 sets num_iterations
+
+
+def build_arg_parser(prog: str, description: str = "") -> argparse.ArgumentParser:
+    """A CLI generated from Hyperparameters: --num-iterations 20 (or --num_iterations 20)."""
+    parser = _OneLineParser(prog=prog, description=description, allow_abbrev=False)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="named starting point (default: auto)")
+    for f in dataclasses.fields(Hyperparameters):
+        if f.name == "preset":
+            continue
+        flags = [f"--{_flag(f.name)}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=str(f.type).upper(),
+                            help=f"(default {f.default!r})")
+    return parser
+
+
+def default_preset() -> str:
+    """speedrun when CUDA and FineWeb shards are both present, else shakespeare."""
+    has_fineweb = bool(glob.glob(str(REPO_DIR / PRESETS["speedrun"].get(
+        "train_files", Hyperparameters.train_files))))
+    return "speedrun" if torch.cuda.is_available() and has_fineweb else "shakespeare"
+
+
+def explicit_overrides(argv: list[str] | None = None, prog: str = "pretraining.py",
+                       env: dict[str, str] | None = None, dotenv_path: str | None = ".env") -> dict[str, Any]:
+    """Values the user set (CLI over process environment over .env), typed; 'preset' included when given."""
+    from dotenv import dotenv_values
+
+    args = vars(build_arg_parser(prog).parse_args(argv))
+    merged_env: dict[str, str] = {}
+    if dotenv_path and Path(dotenv_path).is_file():
+        merged_env.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+    merged_env.update(os.environ if env is None else env)
+    known = {f.name for f in dataclasses.fields(Hyperparameters)}
+    values: dict[str, Any] = {}
+    for key, raw in merged_env.items():
+        if not key.startswith(ENV_PREFIX) or key == "NANOGPT_RANKS_FILE":
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name not in known:
+            raise ConfigError(f"environment variable {key} names no hyperparameter")
+        values[name] = raw
+    values.update({k: v for k, v in args.items() if v is not None})
+    return {k: _coerce(k, v) for k, v in values.items()}
+
+
+def load_config(argv: list[str] | None = None, prog: str = "pretraining.py", env: dict[str, str] | None = None,
+                dotenv_path: str | None = ".env") -> Hyperparameters:
+    """Precedence: CLI > process environment > .env file > preset > dataclass default.
+
+    Raises ConfigError for bad values; argparse itself exits 2 on unknown flags.
+    """
+    values = explicit_overrides(argv, prog, env, dotenv_path)
+    preset = values.pop("preset", None) or default_preset()
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset={preset!r} must be one of {', '.join(sorted(PRESETS))}")
+    return Hyperparameters(**dict(PRESETS[preset], preset=preset, **values))
+
+
+# -----------------------------------------------------------------------------
+# Runtime
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    autocast_dtype: torch.dtype | None = None  # None = fp32
+    compile: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def detect_device(name: str = "auto") -> torch.device:
+    """cuda, then mps, then cpu; an explicit name is checked for availability."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device={name!r} is not a torch device (try auto, cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device={name} but CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device={name} but MPS is not available on this machine")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 matmuls run ~2.3x faster than fp32 here (README has the measurement)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def pick_autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    if choice == "fp32":
+        return None
+    if choice == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_fast_bf16() else None
+    return None
+
+
+def init_runtime(hp: Hyperparameters) -> Runtime:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; plain python is one process with no process group."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = detect_device(hp.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+    compile_on = hp.compile == "on" or (hp.compile == "auto" and device.type == "cuda")
+    return Runtime(device=device, rank=rank, local_rank=local_rank, world_size=world_size,
+                   autocast_dtype=pick_autocast_dtype(hp.dtype, device), compile=compile_on)
+
+
+def shutdown_runtime(rt: Runtime) -> None:
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def print0(rt: Runtime, msg: str, logfile: Path | None = None, console: bool = True) -> None:
+    """Only rank 0 prints and logs."""
+    if not rt.master:
+        return
+    if console:
+        print(msg, flush=True)
+    if logfile is not None:
+        with open(logfile, "a", encoding="utf-8") as f:
+            f.write(msg + "\n")
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+BLOCK_SIZE = 128  # attention block size of FlexAttention block masks; window sizes count these blocks
+EOT_ID = 50256  # <|endoftext|>: starts every document, so attention never crosses it
+
+
+def next_multiple_of_n(v: float | int, *, n: int) -> int:
+    return n * max(1, math.ceil(v / n))
+
+
+def norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+_FP8_OPS_REGISTERED = False
+
+
+def _register_fp8_ops() -> None:
+    """Define the FP8 matmul custom op on first use (CUDA only), not at import."""
+    global _FP8_OPS_REGISTERED
+    if _FP8_OPS_REGISTERED:
+        return
+
+    @torch.library.custom_op("moddedgpt::fp8_mm", mutates_args=())
+    def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor, Tensor]:
+        x_f8 = x.div(x_s).to(torch.float8_e4m3fn)
+        w_f8 = w.div(w_s).to(torch.float8_e4m3fn)
+        out = torch._scaled_mm(x_f8, w_f8.T, out_dtype=torch.bfloat16, use_fast_accum=True,
+                               scale_a=x.new_tensor(x_s, dtype=torch.float32),
+                               scale_b=x.new_tensor(w_s, dtype=torch.float32))
+        return out, x_f8, w_f8
+
+    @fp8_mm.register_fake
+    def _(x: Tensor, w: Tensor, *_: float) -> tuple[Tensor, Tensor, Tensor]:
+        return x @ w.T, x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+
+    @torch.library.custom_op("moddedgpt::fp8_mm_backward", mutates_args=())
+    def fp8_mm_backward(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: float,
+                        grad_s: float) -> tuple[Tensor, Tensor]:
+        g_f8 = g.div(grad_s).to(torch.float8_e5m2)
+        grad_scale = g.new_tensor(grad_s, dtype=torch.float32)
+        grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, out_dtype=torch.bfloat16, scale_a=grad_scale,
+                                  scale_b=g.new_tensor(w_s, dtype=torch.float32))
+        grad_w = torch._scaled_mm(x_f8.T.contiguous(), g_f8.T.contiguous().T, out_dtype=torch.float32,
+                                  scale_a=g.new_tensor(x_s, dtype=torch.float32), scale_b=grad_scale).T
+        return grad_x, grad_w
+
+    @fp8_mm_backward.register_fake
+    def _(g: Tensor, x_f8: Tensor, w_f8: Tensor, *_: float) -> tuple[Tensor, Tensor]:
+        return x_f8.to(torch.bfloat16), w_f8.T.contiguous().T.to(torch.float32)
+
+    def backward(ctx: Any, grad_out: Tensor, *_: Any) -> tuple[Tensor, Tensor, None, None, None]:
+        x_f8, w_f8 = ctx.saved_tensors
+        grad_x, grad_w = torch.ops.moddedgpt.fp8_mm_backward(grad_out.contiguous(), x_f8, w_f8, *ctx.scales)
+        return grad_x, grad_w, None, None, None
+
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        ctx.save_for_backward(output[1], output[2])
+        ctx.scales = inputs[2:]
+        ctx.set_materialize_grads(False)
+
+    fp8_mm.register_autograd(backward, setup_context=setup_context)
+    _FP8_OPS_REGISTERED = True
+
+
+def fp8_supported(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class CastedLinear(nn.Linear):
+    """Bias-free linear whose weight stays fp32 (autocast casts it); optional FP8 matmul for lm_head in training."""
+
+    def __init__(self, in_features: int, out_features: int, x_s: float = 1.0, w_s: float = 1.0,
+                 grad_s: float = 1.0):
+        super().__init__(in_features, out_features, bias=False)
+        self.use_fp8 = False  # switched on by GPT.enable_fp8_head on supporting GPUs
+        self.x_s, self.w_s, self.grad_s = x_s, w_s, grad_s
+
+    def reset_parameters(self) -> None:
+        std = 0.5 * self.in_features**-0.5  # 0.5 beats the default 1/sqrt(3) (record)
+        bound = 3**0.5 * std
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.use_fp8 and self.training:
+            flat = x.flatten(0, -2).contiguous()
+            out = torch.ops.moddedgpt.fp8_mm(flat, self.weight, self.x_s, self.w_s, self.grad_s)[0]
+            return out.reshape(*x.shape[:-1], -1)
+        return F.linear(x, self.weight.type_as(x))
+
+
+class Rotary(nn.Module):
+    """Half-truncated RoPE: half the dims rotate with base 1024 frequencies, the other half not at all (record)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int):
+        super().__init__()
+        freqs = (1 / 1024) ** torch.linspace(0, 1, steps=head_dim // 4, dtype=torch.float32)
+        freqs = torch.cat([freqs, freqs.new_zeros(head_dim // 4)])
+        theta = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)  # (T, D/2)
+        self.cos = nn.Buffer(theta.cos(), persistent=False)
+        self.sin = nn.Buffer(theta.sin(), persistent=False)
+
+    def forward(self, x_BTHD: Tensor, offset: int = 0) -> Tensor:
+        T = x_BTHD.size(-3)
+        if offset + T > self.cos.size(0):
+            raise ValueError(f"sequence of {offset + T} tokens exceeds the rotary table ({self.cos.size(0)})")
+        cos = self.cos[None, offset:offset + T, None, :]
+        sin = self.sin[None, offset:offset + T, None, :]
+        x1, x2 = x_BTHD.float().chunk(2, dim=-1)
+        y1 = x1 * cos + x2 * sin
+        y2 = x2 * cos - x1 * sin
+        return torch.cat((y1, y2), dim=-1).type_as(x_BTHD)
+
+
+AttnMask = Any  # a FlexAttention BlockMask on CUDA, a boolean (B, 1, T, T) tensor elsewhere
+
+
+def attention(q_BHTD: Tensor, k_BHTD: Tensor, v_BHTD: Tensor, mask: AttnMask, scale: float) -> Tensor:
+    """The single attention entry point: FlexAttention for block masks, SDPA for boolean masks."""
+    if isinstance(mask, Tensor):
+        return F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, attn_mask=mask, scale=scale)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(q_BHTD, k_BHTD, v_BHTD, block_mask=mask, scale=scale)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, head_dim: int, max_seq_len: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        hdim = num_heads * head_dim
+        bound = 3**0.5 * 0.5 * dim**-0.5  # same init scale as CastedLinear (record)
+        self.qkv_w = nn.Parameter(torch.empty(3, hdim, dim).uniform_(-bound, bound))  # merged QKV
+        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # mix of v and the value embedding
+        self.rotary = Rotary(head_dim, max_seq_len)
+        self.c_proj = CastedLinear(hdim, dim)
+        self.c_proj.weight.detach().zero_()  # zero-init output projection (record)
+        self.attn_scale = 0.12  # fixed logit scale instead of 1/sqrt(head_dim) (record)
+
+    def forward(self, x: Tensor, ve: Tensor | None, mask: AttnMask) -> Tensor:
+        B, T = x.size(0), x.size(1)
+        qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x))
+        q, k, v = qkv.view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)  # (B, T, H, D) each
+        q, k = norm(q), norm(k)  # QK-norm
+        q, k = self.rotary(q), self.rotary(k)
+        v = self.lambdas[0] * v + (self.lambdas[1] * ve.view_as(v) if ve is not None else 0)
+        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2).type_as(q), mask, self.attn_scale)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.c_fc = CastedLinear(dim, 4 * dim)
+        self.c_proj = CastedLinear(4 * dim, dim)
+        self.c_proj.weight.detach().zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU^2: https://arxiv.org/abs/2109.08668
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, head_dim: int, max_seq_len: int, has_attn: bool):
+        super().__init__()
+        self.attn = CausalSelfAttention(dim, num_heads, head_dim, max_seq_len) if has_attn else None
+        self.mlp = MLP(dim)
+        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # mix of the residual x and the embedding x0
+
+    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask: AttnMask) -> Tensor:
+        x = self.lambdas[0] * x + self.lambdas[1] * x0
+        if self.attn is not None:
+            x = x + self.attn(norm(x), ve, mask)
+        return x + self.mlp(norm(x))
+
+
+def value_embed_layout(num_layers: int) -> list[int | None]:
+    """Which value embedding each layer uses: 012...012 for deep models; k = L/2 < 3 shares for shallow ones."""
+    k = min(3, num_layers // 2)
+    return list(range(k)) + [None] * (num_layers - 2 * k) + list(range(k))
+
+
+def long_window_layers(num_layers: int) -> list[bool]:
+    """Long (vs half) windows on layers 0, 4, ... of the first half, mirrored in the second (record: 0,4,7,11)."""
+    half = num_layers // 2
+    return [(i if i < half else num_layers - 1 - i) % 4 == 0 for i in range(num_layers)]
+
+
+def block_keep_mask(docs_BT: Tensor, window_blocks: Tensor | int) -> tuple[Tensor, Tensor]:
+    """Block-level (B, NB, NB) masks of the record's sliding-window document block mask.
+
+    Returns (keep_full, keep_partial): full blocks need no token mask; partial blocks do. As in the record,
+    a query block keeps its window_blocks - 1 most recent full blocks and max(window_blocks - num_full, 1)
+    most recent partial blocks (the diagonal block is always the most recent partial one).
+    """
+    B, T = docs_BT.shape
+    NB = T // BLOCK_SIZE
+    blk = torch.arange(NB, device=docs_BT.device)
+    causal_any = blk[:, None] >= blk[None, :]
+    causal_all = blk[:, None] > blk[None, :]
+    low = docs_BT.view(B, NB, BLOCK_SIZE)[:, :, 0]
+    high = docs_BT.view(B, NB, BLOCK_SIZE)[:, :, -1]
+    doc_any = (low[:, :, None] <= high[:, None, :]) & (high[:, :, None] >= low[:, None, :])
+    doc_all = (low[:, :, None] == high[:, None, :]) & (high[:, :, None] == low[:, None, :])
+    full = causal_all & doc_all
+    partial = causal_any & doc_any & ~full
+    num_full = full.sum(-1, keepdim=True)
+    recency_full = full.flip(-1).cumsum(-1).flip(-1)  # 1 = most recent full block of the row
+    recency_partial = partial.flip(-1).cumsum(-1).flip(-1)
+    keep_full = full & (recency_full <= window_blocks - 1)
+    keep_partial = partial & (recency_partial <= torch.clamp(window_blocks - num_full, min=1))
+    return keep_full, keep_partial
+
+
+def dense_attention_mask(docs_BT: Tensor, window_blocks: Tensor | int) -> Tensor:
+    """Boolean (B, 1, T, T) mask equal to the record's FlexAttention block mask, for SDPA on CPU/MPS."""
+    T = docs_BT.size(1)
+    keep_full, keep_partial = block_keep_mask(docs_BT, window_blocks)
+    keep = (keep_full | keep_partial).repeat_interleave(BLOCK_SIZE, 1).repeat_interleave(BLOCK_SIZE, 2)
+    causal = torch.ones(T, T, dtype=torch.bool, device=docs_BT.device).tril()
+    same_doc = docs_BT[:, :, None] == docs_BT[:, None, :]
+    return (keep & causal & same_doc)[:, None]
+
+
+def flex_block_mask(docs_BT: Tensor, window_blocks: Tensor | int) -> Any:
+    """The same mask as a FlexAttention BlockMask (used on CUDA)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    keep_full, keep_partial = block_keep_mask(docs_BT, window_blocks)
+
+    def ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
+        num = dense.sum(-1, dtype=torch.int32)[:, None].contiguous()  # (B, 1, NB)
+        idx = dense.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+        return num, idx[:, None].contiguous()  # (B, 1, NB, NB)
+
+    def document_causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return (q_idx >= kv_idx) & (docs_BT[b, q_idx] == docs_BT[b, kv_idx])
+
+    partial_num, partial_idx = ordered(keep_partial)
+    full_num, full_idx = ordered(keep_full)
+    return BlockMask.from_kv_blocks(partial_num, partial_idx, full_num, full_idx, BLOCK_SIZE=BLOCK_SIZE,
+                                    mask_mod=document_causal)
+
+
+class GPT(nn.Module):
+    """The record's GPT for any size. Parameter names equal the record script's so its state_dicts load."""
+
+    def __init__(self, vocab_size: int, num_layers: int, num_heads: int, head_dim: int, model_dim: int,
+                 max_seq_len: int, no_attn_layer: int = 7):
+        super().__init__()
+        padded_vocab = next_multiple_of_n(vocab_size, n=128)  # 50257 -> 50304: free rows for chat tokens
+        self.num_layers, self.model_dim = num_layers, model_dim
+        self.embed = nn.Embedding(padded_vocab, model_dim)
+        layout = value_embed_layout(num_layers)
+        num_ve = max((i for i in layout if i is not None), default=-1) + 1
+        self.value_embeds = nn.ModuleList([nn.Embedding(padded_vocab, model_dim) for _ in range(num_ve)])
+        self.blocks = nn.ModuleList([Block(model_dim, num_heads, head_dim, max_seq_len, i != no_attn_layer)
+                                     for i in range(num_layers)])
+        # FP8 scales: inputs are RMS-normed (|x| <= sqrt(dim)), 448 is the e4m3 max (record)
+        self.lm_head = CastedLinear(model_dim, padded_vocab, x_s=model_dim**0.5 / 448, w_s=24 / 448,
+                                    grad_s=1 / 448)
+        self.lm_head.weight.detach().zero_()
+        self.skip_weights = nn.Parameter(torch.ones(num_layers // 2))  # U-net skips (record)
+        self.use_flex = False  # FlexAttention block masks (CUDA); SDPA with a dense mask otherwise
+
+    @classmethod
+    def from_hparams(cls, hp: Hyperparameters) -> "GPT":
+        return cls(hp.vocab_size, hp.num_layers, hp.num_heads, hp.head_dim, hp.model_dim, hp.max_seq_len,
+                   hp.no_attn_layer)
+
+    def enable_fp8_head(self, on: bool) -> None:
+        if on:
+            _register_fp8_ops()
+        self.lm_head.use_fp8 = on
+
+    def attention_masks(self, input_BT: Tensor, window_blocks: Tensor | int) -> tuple[AttnMask, AttnMask]:
+        docs = (input_BT == EOT_ID).cumsum(dim=1)  # document id of every token
+        build = flex_block_mask if self.use_flex else dense_attention_mask
+        return build(docs, window_blocks), build(docs, window_blocks // 2)
+
+    def forward(self, input_seq: Tensor, target_seq: Tensor | None = None,
+                sliding_window_num_blocks: Tensor | int = 1 << 30) -> Tensor:
+        """(B, T) or the record's 1-D (T,) tokens. With targets: mean cross-entropy; without: logits (B, T, V)."""
+        input_BT = input_seq[None] if input_seq.ndim == 1 else input_seq
+        long_mask, short_mask = self.attention_masks(input_BT, sliding_window_num_blocks)
+        masks = [long_mask if is_long else short_mask for is_long in long_window_layers(self.num_layers)]
+        value_embeds = [ve(input_BT) for ve in self.value_embeds]
+        ves = [value_embeds[i] if i is not None else None for i in value_embed_layout(self.num_layers)]
+        x = x0 = norm(self.embed(input_BT))  # (B, T, model_dim)
+        skips, n = [], self.num_layers // 2
+        for i, block in enumerate(self.blocks):
+            if i >= n:
+                x = x + self.skip_weights[i - n] * skips.pop()
+            x = block(x, ves[i], x0, masks[i])
+            if i < n:
+                skips.append(x)
+        logits = self.lm_head(norm(x)).float()
+        logits = 30 * torch.sigmoid(logits / (7.5 * self.model_dim**0.5))  # soft cap in (0, 30) (record)
+        if target_seq is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), target_seq.reshape(-1).long())
+
+
+def strip_compile_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Remove torch.compile's `_orig_mod.` and DDP's `module.` prefixes."""
+    out = {}
+    for key, value in state_dict.items():
+        while key.startswith(("_orig_mod.", "module.")):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+def param_counts(model: nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    embed = sum(p.numel() for n, p in model.named_parameters() if "embed" in n)
+    return {"total": total, "embedding": embed, "non_embedding": total - embed}
+
+
+def build_model(hp: Hyperparameters, rt: Runtime) -> tuple[GPT, nn.Module]:
+    """The raw model (for checkpoints and optimizers) and the module to call (compiled where asked)."""
+    model = GPT.from_hparams(hp).to(rt.device)
+    if rt.device.type == "cuda":
+        for m in model.modules():
+            if isinstance(m, nn.Embedding):
+                m.bfloat16()  # embeddings in bf16 on GPU (record); fp32 elsewhere for accuracy
+        model.use_flex = True
+    fp8 = hp.fp8_head == "on" or (hp.fp8_head == "auto" and fp8_supported(rt.device))
+    if hp.fp8_head == "on" and not fp8_supported(rt.device):
+        raise ConfigError(f"--fp8-head=on needs a GPU with compute capability >= 8.9, not {rt.device}")
+    model.enable_fp8_head(fp8)
+    if rt.distributed:
+        for p in model.parameters():
+            dist.broadcast(p.detach(), 0)
+    forward = torch.compile(model, dynamic=False) if rt.compile else model
+    return model, forward
+
+
+# -----------------------------------------------------------------------------
+# Muon optimizer
+
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
+    """Approximately orthogonalise G (batched over leading dims) with a quintic Newton-Schulz iteration in bf16.
+
+    The coefficients (3.4445, -4.7750, 2.0315) maximise the slope at zero rather than converge to UV^T, so the
+    singular values land near Uniform(0.5, 1.5), which trains as well as exact orthogonalisation
+    (https://kellerjordan.github.io/posts/muon/). Pure: compile it at the call site.
+    """
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    X = G.bfloat16()
+    transposed = G.size(-2) > G.size(-1)
+    if transposed:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    if transposed:
+        X = X.mT
+    return X.type_as(G)
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz, for the hidden matrices.
+
+    Gradients are averaged across ranks before step(). Every rank keeps the momentum of every matrix (a cheap
+    elementwise update), so any rank's state_dict is the full state and a run resumes on any world size. The
+    expensive orthogonalisation is split: rank r updates matrices r, r+W, ... and all-gathers the results.
+    At world size 1 no collective is called.
+    """
+
+    def __init__(self, params: list[Tensor], lr: float = 0.05, momentum: float = 0.95, weight_decay: float = 0.0,
+                 rank: int = 0, world_size: int = 1, ns_steps: int = 5, compile_ns: bool = False):
+        self.rank, self.world_size, self.ns_steps = rank, world_size, ns_steps
+        self.orthogonalise = torch.compile(zeropower_via_newtonschulz5) if compile_ns else zeropower_via_newtonschulz5
+        by_shape: dict[tuple[int, ...], list[Tensor]] = {}
+        for p in params:  # one group per shape, in first-appearance order (deterministic)
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        groups = [dict(params=ps) for ps in by_shape.values()]
+        super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self) -> None:  # type: ignore[override]
+        pending: list[tuple[Any, Tensor, list[Tensor]]] = []
+        for group in self.param_groups:
+            params: list[Tensor] = group["params"]
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
+            for base in range(0, len(params), self.world_size):
+                chunk = params[base:base + self.world_size]
+                if self.rank < len(chunk):
+                    self._update(chunk[self.rank], group)
+                if self.world_size > 1:
+                    pending.append(self._gather(chunk))
+        for work, buffer, chunk in pending:
+            work.wait()
+            for i, p in enumerate(chunk):
+                p.copy_(buffer[i].view_as(p))
+
+    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+        buf = self.state[p]["momentum_buffer"]
+        g = p.grad.lerp(buf, group["momentum"])  # Nesterov
+        v = self.orthogonalise(g, self.ns_steps)
+        if group["weight_decay"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(v, alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
+
+    def _gather(self, chunk: list[Tensor]) -> tuple[Any, Tensor, list[Tensor]]:
+        ref = chunk[0]
+        mine = chunk[self.rank] if self.rank < len(chunk) else torch.zeros_like(ref)
+        buffer = torch.empty(self.world_size, ref.numel(), dtype=ref.dtype, device=ref.device)
+        work = dist.all_gather_into_tensor(buffer, mine.detach().contiguous().view(-1), async_op=True)
+        return work, buffer, chunk
+
+
+def setup_optimizers(model: GPT, hp: Hyperparameters, rank: int = 0, world_size: int = 1,
+                     compile_ns: bool = False) -> list[torch.optim.Optimizer]:
+    """Adam for lm_head, embeddings and scalars, Muon for the hidden matrices (record learning rates)."""
+    hidden = [p for n, p in model.blocks.named_parameters() if p.ndim >= 2]
+    embeds = [p for n, p in model.named_parameters() if "embed" in n]
+    scalars = [p for p in model.parameters() if p.ndim < 2]
+    head = [model.lm_head.weight]
+    # record: head 0.22, embeddings 0.6, scalars 0.04 with betas (0.8, 0.95); the tiny eps is
+    # @YouJiacheng's fix for the world-size dependence of the update size
+    adam_groups = [dict(params=head, lr=hp.head_lr), dict(params=embeds, lr=hp.embed_lr),
+                   dict(params=scalars, lr=hp.scalar_lr)]
+    fused = next(model.parameters()).device.type == "cuda"
+    adam = torch.optim.Adam(adam_groups, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps, fused=fused)
+    muon = Muon(hidden, lr=hp.muon_lr, momentum=hp.muon_momentum, weight_decay=hp.muon_weight_decay,
+                rank=rank, world_size=world_size, compile_ns=compile_ns)
+    optimizers: list[torch.optim.Optimizer] = [adam, muon]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
+
+
+def all_reduce_gradients(model: nn.Module, world_size: int) -> None:
+    """Average gradients over ranks (no-op on one process)."""
+    if world_size == 1:
+        return
+    works = [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True)
+             for p in model.parameters() if p.grad is not None]
+    for work in works:
+        work.wait()
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+SHARD_MAGIC = 20240520  # llm.c / modded-nanogpt shard header
+SHARD_VERSION = 1
+HEADER_INTS = 256  # header is 256 int32; tokens follow as uint16
+
+
+class DataError(ValueError):
+    """A data file is missing or malformed; the message names the file."""
+
+
+def write_data_shard(path: str | Path, tokens: np.ndarray | list[int]) -> None:
+    """Write tokens as a shard (header + uint16), atomically."""
+    arr = np.asarray(tokens)
+    if arr.size and (arr.min() < 0 or arr.max() >= 2**16):
+        raise DataError(f"{path}: token ids must fit in uint16 (0..65535)")
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, arr.size)
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(arr.astype(np.uint16).tobytes())
+    os.replace(tmp, path)
+
+
+def read_shard_header(path: str | Path) -> int:
+    """Validate a shard's header and size; return its token count."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header = np.frombuffer(f.read(HEADER_INTS * 4), dtype=np.int32)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read shard ({e.strerror})") from None
+    if header.size < HEADER_INTS:
+        raise DataError(f"{path}: truncated shard header ({size} bytes, need {HEADER_INTS * 4})")
+    if header[0] != SHARD_MAGIC:
+        raise DataError(f"{path}: wrong magic number {header[0]} (expected {SHARD_MAGIC}); not a token shard")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
+    num_tokens = int(header[2])
+    expected = HEADER_INTS * 4 + 2 * num_tokens
+    if size != expected:
+        raise DataError(f"{path}: truncated shard: header claims {num_tokens} tokens ({expected} bytes), "
+                        f"file has {size} bytes")
+    if num_tokens == 0:
+        raise DataError(f"{path}: empty shard (0 tokens)")
+    return num_tokens
+
+
+def _load_data_shard(path: str | Path) -> Tensor:
+    """Memory-map a shard's tokens as a uint16 tensor (zero-copy; pages are read on first touch)."""
+    num_tokens = read_shard_header(path)
+    arr = np.memmap(path, dtype=np.uint16, mode="c", offset=HEADER_INTS * 4, shape=(num_tokens,))
+    return torch.from_numpy(arr)
+
+
+def list_shards(pattern: str) -> list[Path]:
+    files = [Path(f) for f in sorted(glob.glob(pattern))]
+    if not files:
+        raise DataError(f"no files match {pattern!r}")
+    return files
+
+
+def distributed_data_generator(pattern: str, batch_size: int, rank: int, world_size: int, *,
+                               device: torch.device | str = "cpu", start: dict[str, int] | None = None,
+                               cycle: bool = True) -> Iterator[tuple[Tensor, Tensor, dict[str, int]]]:
+    """Yield (inputs, targets, position) with rank's slice of each global batch of batch_size tokens.
+
+    Deterministic; rank r takes tokens [pos + r*local, pos + (r+1)*local + 1) as in the record. With cycle the
+    shards repeat (epochs) for small corpora; position is where the next batch starts, so passing it back as
+    `start` resumes exactly.
+    """
+    files = list_shards(pattern)
+    if batch_size % world_size:
+        raise DataError(f"batch of {batch_size} tokens is not divisible by world size {world_size}")
+    local = batch_size // world_size
+    pos = dict(shard=0, pos=0, epoch=0) if start is None else dict(start)
+    tokens = _load_data_shard(files[pos["shard"]])
+    while True:
+        if pos["pos"] + batch_size + 1 >= len(tokens):  # record's rule: move on before the last token
+            pos["shard"] += 1
+            if pos["shard"] == len(files):
+                if not cycle:
+                    return
+                pos["shard"], pos["epoch"] = 0, pos["epoch"] + 1
+            pos["pos"] = 0
+            tokens = _load_data_shard(files[pos["shard"]])
+            if batch_size + 1 >= len(tokens):
+                raise DataError(f"{files[pos['shard']]}: {len(tokens)} tokens, fewer than one batch of "
+                                f"{batch_size + 1}; lower the sequence length or merge shards")
+        start_tok = pos["pos"] + rank * local
+        buf = tokens[start_tok:start_tok + local + 1].to(torch.int64)
+        pos["pos"] += batch_size
+        yield (buf[:-1].to(device=device, dtype=torch.int32, non_blocking=True),
+               buf[1:].to(device=device, non_blocking=True), dict(pos))
+
+
+@torch.no_grad()
+def evaluate(forward: Any, hp: Hyperparameters, rt: Runtime, window: Tensor | int, val_files: str | None = None) -> float:
+    """Mean validation loss over exactly hp.val_tokens tokens, averaged over ranks (the record's protocol)."""
+    val_batch = rt.world_size * hp.val_seq_len
+    steps = hp.val_tokens // val_batch
+    row = hp.row_len or hp.val_seq_len
+    loader = distributed_data_generator(val_files or hp.val_files, val_batch, rt.rank, rt.world_size,
+                                        device=rt.device, cycle=False)
+    total = torch.zeros((), device=rt.device)
+    was_training = forward.training
+    forward.eval()
+    for i in range(steps):
+        batch = next(loader, None)
+        if batch is None:
+            raise DataError(f"validation files {val_files or hp.val_files!r} hold fewer than --val-tokens="
+                            f"{hp.val_tokens} tokens (ran out after {i * val_batch}); lower --val-tokens")
+        with rt.autocast():
+            total += forward(batch[0].view(-1, row), batch[1].view(-1, row), window).float()
+    forward.train(was_training)
+    total /= steps
+    if rt.distributed:
+        dist.all_reduce(total, op=dist.ReduceOp.AVG)
+    return float(total)
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # tiktoken r50k_base
+GPT2_RANKS_FILE = REPO_DIR / "data" / "gpt2.tiktoken"  # fetched and verified by data/shakespeare.py
+# Chat special tokens live in free rows of the padded vocabulary (50257..50303); user text never encodes to them.
+CHAT_SPECIAL_TOKENS = {"<|system|>": 50257, "<|user|>": 50258, "<|assistant|>": 50259, "<|end|>": 50260}
+
+
+class TokenizerError(RuntimeError):
+    pass
+
+
+class Tokenizer:
+    """GPT-2 BPE via tiktoken. encode() treats every string as plain text: special-token spellings stay text."""
+
+    def __init__(self, encoding: Any):
+        self.enc = encoding
+        self.eot_id = EOT_ID
+        self.special_ids = dict(CHAT_SPECIAL_TOKENS, **{"<|endoftext|>": EOT_ID})
+        self.name = "gpt2"
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def encode_document(self, text: str) -> list[int]:
+        """A document as the model is trained on it: <|endoftext|> then the text."""
+        return [EOT_ID] + self.enc.encode_ordinary(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.enc.decode(ids)
+
+
+def get_tokenizer(ranks_file: str | Path | None = None) -> Tokenizer:
+    """The local ranks file first (offline), then tiktoken's own download; a clear error if neither works."""
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    path = Path(ranks_file or os.environ.get("NANOGPT_RANKS_FILE", GPT2_RANKS_FILE))
+    specials = dict(CHAT_SPECIAL_TOKENS, **{"<|endoftext|>": EOT_ID})
+    if path.is_file():
+        try:
+            ranks = load_tiktoken_bpe(str(path), expected_hash=GPT2_RANKS_SHA256)
+        except ValueError:
+            raise TokenizerError(f"{path}: sha256 differs from GPT-2's r50k_base ranks; delete it and run "
+                                 f"`python data/shakespeare.py` to fetch a verified copy") from None
+        from tiktoken_ext.openai_public import r50k_pat_str
+
+        return Tokenizer(tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                           special_tokens=specials))
+    try:
+        base = tiktoken.get_encoding("gpt2")
+    except Exception:  # noqa: BLE001 - any network or cache failure means the same thing here
+        raise TokenizerError(f"GPT-2 BPE ranks not found at {path} and tiktoken could not download them; run "
+                             f"`python data/shakespeare.py` (fetches them from the openai-whisper package)") from None
+    return Tokenizer(tiktoken.Encoding(name="gpt2", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
+                                       special_tokens=specials))
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_RE = re.compile(r"state_step(\d{6})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not fit the model; the message names the file."""
+
+
+def save_checkpoint(path: str | Path, *, step: int, model: nn.Module, optimizers: list[torch.optim.Optimizer],
+                    hp: Hyperparameters, code: dict[str, str], data_position: dict[str, int] | None = None,
+                    val_loss: float | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write logs/<run_id>/state_stepNNNNNN.pt: tensors and plain types only, via a temporary file and rename."""
+    path = Path(path)
+    state = dict(
+        format=CHECKPOINT_FORMAT, step=step, code=code,
+        model=strip_compile_prefixes(model.state_dict()),
+        optimizers=[opt.state_dict() for opt in optimizers],
+        hyperparameters=hp.to_dict(), tokenizer="gpt2", data_position=data_position or {},
+        rng=dict(torch=torch.get_rng_state(),
+                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
+        val_loss=val_loss, **(extra or {}),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load with weights_only=True; any failure becomes one CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zips, pickles, wrong files all end here
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            reason = "it holds objects other than tensors and plain types (refused: loading it could run code)"
+        raise CheckpointError(f"{path}: not a loadable checkpoint: {reason}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(f"{path}: not a checkpoint (no 'model' entry)")
+    return ckpt
+
+
+def infer_hparams(state_dict: dict[str, Tensor]) -> Hyperparameters:
+    """Architecture of a checkpoint without config (e.g. the record script's), from its tensor shapes."""
+    sd = strip_compile_prefixes(state_dict)
+    try:
+        num_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        model_dim = sd["embed.weight"].shape[1]
+        hdim = next(v.shape[1] for k, v in sd.items() if k.endswith("attn.qkv_w"))
+    except (KeyError, ValueError, StopIteration, IndexError):
+        raise CheckpointError("state_dict does not have the GPT layout (embed, blocks.N.attn.qkv_w, ...)") from None
+    no_attn = [i for i in range(num_layers) if f"blocks.{i}.attn.qkv_w" not in sd]
+    head_dim = 128  # the record's head width; not recoverable from shapes alone
+    return Hyperparameters(num_layers=num_layers, model_dim=model_dim, head_dim=head_dim,
+                           num_heads=max(1, hdim // head_dim), no_attn_layer=no_attn[0] if no_attn else -1,
+                           vocab_size=50257, preset="inferred")
+
+
+def _pad_vocab_rows(sd: dict[str, Tensor], rows: int) -> dict[str, Tensor]:
+    """Record checkpoints have 50257-row embeddings; pad them with zero rows to the padded vocab."""
+    out = {}
+    for k, v in sd.items():
+        if (k == "embed.weight" or k.startswith("value_embeds.")) and v.shape[0] < rows:
+            v = torch.cat([v, v.new_zeros(rows - v.shape[0], v.shape[1])])
+        out[k] = v
+    return out
+
+
+def load_state_into(model: GPT, state_dict: dict[str, Tensor], source: str) -> None:
+    """strict load with a one-line message for the first mismatching tensor."""
+    sd = _pad_vocab_rows(strip_compile_prefixes(state_dict), model.embed.weight.shape[0])
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: parameters do not match the model config "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, v in sd.items():
+        if v.shape != own[k].shape:
+            raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)} in the checkpoint but "
+                                  f"{tuple(own[k].shape)} in the model config")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, Hyperparameters, dict]:
+    """Model, config and raw checkpoint from our checkpoints or from the record script's (config inferred)."""
+    ckpt = load_checkpoint(path)
+    if "hyperparameters" in ckpt:
+        hp = Hyperparameters.from_dict(ckpt["hyperparameters"])
+    else:
+        hp = infer_hparams(ckpt["model"])
+    model = GPT.from_hparams(hp)
+    load_state_into(model, ckpt["model"], str(path))
+    return model.to(device), hp, ckpt
+
+
+def checkpoint_path(log_dir: str | Path, run_id: str, step: int) -> Path:
+    return Path(log_dir) / run_id / f"state_step{step:06d}.pt"
+
+
+def find_latest_checkpoint(log_dir: str | Path = "logs", run_id: str | None = None) -> Path | None:
+    """Newest complete checkpoint (by modification time, then step) under log_dir or one run; None if none."""
+    root = Path(log_dir)
+    found = [p for p in root.glob(f"{run_id or '*'}/state_step*.pt") if CHECKPOINT_RE.search(p.name)]
+    if not found:
+        return None
+    return max(found, key=lambda p: (p.stat().st_mtime, int(CHECKPOINT_RE.search(p.name).group(1))))
+
+
+def resolve_checkpoint(spec: str, log_dir: str | Path = "logs") -> Path:
+    """'latest' or a path; raises CheckpointError when nothing is found."""
+    if spec == "latest":
+        latest = find_latest_checkpoint(log_dir)
+        if latest is None:
+            raise CheckpointError(f"no checkpoint found under {log_dir}/ (run pretraining.py first)")
+        return latest
+    path = Path(spec)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Schedules
+
+
+def get_lr(step: int, hp: Hyperparameters) -> float:
+    """LR multiplier: 1.0, then linear cooldown to 0.1 over the last cooldown_frac of training (record)."""
+    x = min(max(step / hp.num_iterations, 0.0), 1.0)
+    w = min((1 - x) / hp.cooldown_frac, 1.0)
+    return w * 1.0 + (1 - w) * 0.1
+
+
+def get_muon_momentum(step: int, hp: Hyperparameters) -> float:
+    """Muon momentum warms up linearly from 0.85 to 0.95 over the first 300 steps (record)."""
+    frac = min(step / hp.muon_momentum_warmup, 1.0)
+    return (1 - frac) * hp.muon_momentum_start + frac * hp.muon_momentum
+
+
+def get_window_size_blocks(step: int, hp: Hyperparameters) -> int:
+    """Sliding window in 128-token blocks, growing linearly from 1 block to window_max (record: 128 -> 1792)."""
+    x = min(max(step / hp.num_iterations, 0.0), 1.0)
+    return next_multiple_of_n(hp.window_max * x, n=BLOCK_SIZE) // BLOCK_SIZE
+
+
+def apply_schedules(optimizers: list[torch.optim.Optimizer], step: int, hp: Hyperparameters) -> None:
+    lr_mult = get_lr(step, hp)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_mult
+        if isinstance(opt, Muon):
+            for group in opt.param_groups:
+                group["momentum"] = get_muon_momentum(step, hp)

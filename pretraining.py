@@ -1,0 +1,218 @@
+"""Pretrain the speedrun GPT: one process on CPU or one GPU, or data-parallel under torchrun.
+
+    python pretraining.py                                   # Shakespeare on CPU (or speedrun with CUDA + FineWeb)
+    python pretraining.py --preset shakespeare --num-iterations 50
+    torchrun --nproc_per_node=8 pretraining.py --preset speedrun
+    python pretraining.py --resume latest                   # continue the newest run exactly where it stopped
+
+Writes logs/<run_id>/log.txt (code, config, step lines), metrics.jsonl and state_stepNNNNNN.pt checkpoints.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import platform
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import model as M
+from model import Hyperparameters, Runtime
+
+USER_ERRORS = (M.ConfigError, M.DataError, M.CheckpointError, M.TokenizerError)
+
+
+def read_code() -> dict[str, str]:
+    """The source of the files that ran, logged first as the record's logs do."""
+    return {name: (M.REPO_DIR / name).read_text() for name in ("pretraining.py", "model.py")}
+
+
+def resolve_config(argv: list[str] | None) -> tuple[Hyperparameters, dict | None]:
+    """Config from CLI/env/preset; on --resume the checkpoint's config, with explicit CLI/env values on top."""
+    hp = M.load_config(argv, prog="pretraining.py")
+    if not hp.resume:
+        return hp, None
+    path = M.resolve_checkpoint(hp.resume, hp.log_dir)
+    ckpt = M.load_checkpoint(path)
+    if "hyperparameters" not in ckpt:
+        raise M.CheckpointError(f"{path}: has no hyperparameters (a record checkpoint cannot be resumed)")
+    saved = Hyperparameters.from_dict(ckpt["hyperparameters"])
+    explicit = M.explicit_overrides(argv)
+    values = dict(saved.to_dict(), **explicit, resume=str(path))
+    values["run_id"] = explicit.get("run_id", path.parent.name)
+    values["log_dir"] = explicit.get("log_dir", str(path.parent.parent))
+    return Hyperparameters(**values), ckpt
+
+
+def ensure_data(hp: Hyperparameters, rt: Runtime) -> None:
+    """Build the Shakespeare shards when the preset's files are missing (rank 0 builds, the others wait)."""
+    if "data/shakespeare/" in hp.train_files and not list(M.REPO_DIR.glob("data/shakespeare/*.bin")):
+        if rt.master:
+            spec = importlib.util.spec_from_file_location("shakespeare_data", M.REPO_DIR / "data" / "shakespeare.py")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            module.prepare()
+        if rt.distributed:
+            dist.barrier()
+    for pattern in (hp.train_files, hp.val_files):
+        M.list_shards(_repo_path(pattern))
+
+
+def _repo_path(pattern: str) -> str:
+    """Relative data paths resolve against the repository, so the script runs from any directory."""
+    return pattern if Path(pattern).is_absolute() else str(M.REPO_DIR / pattern)
+
+
+def new_run_dir(hp: Hyperparameters) -> Path:
+    """A fresh run directory; two runs started at once never share one (mkdir fails if it exists)."""
+    run_id = hp.run_id or time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    run_dir = Path(hp.log_dir) / run_id
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        raise M.ConfigError(f"run directory {run_dir} already exists; pick another --run-id or --resume") from None
+    except OSError as e:
+        raise M.ConfigError(f"cannot create run directory {run_dir}: {e.strerror}") from None
+    hp.run_id = run_id
+    return run_dir
+
+
+def log_header(rt: Runtime, logfile: Path, hp: Hyperparameters, code: dict[str, str]) -> None:
+    for name, src in code.items():
+        M.print0(rt, f"==> {name} <==\n{src}", logfile, console=False)
+    M.print0(rt, "=" * 100, logfile, console=False)
+    M.print0(rt, f"Running Python {sys.version.split()[0]} on {platform.platform()}", logfile, console=False)
+    M.print0(rt, f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}", logfile, console=False)
+    M.print0(rt, "config: " + json.dumps(hp.to_dict()), logfile, console=False)
+    M.print0(rt, "=" * 100, logfile, console=False)
+
+
+def train_micro_batches(forward, batch: tuple, hp: Hyperparameters, rt: Runtime, window: torch.Tensor) -> float:
+    """Forward/backward over this rank's micro-batches; returns this rank's mean loss.
+
+    The record backpropagates the *summed* loss of each rank's 48k tokens and averages over 8 ranks; scaling
+    each micro-batch's mean loss by train_seq_len / accumulation reproduces exactly that gradient for any
+    world size, so Adam's tiny eps sees the record's gradient scale.
+    """
+    inputs, targets = batch[0], batch[1]
+    accum = hp.rank_equivalents // rt.world_size
+    row = hp.row_len or hp.train_seq_len
+    total = 0.0
+    for j in range(accum):
+        x = inputs[j * hp.train_seq_len:(j + 1) * hp.train_seq_len].view(-1, row)
+        y = targets[j * hp.train_seq_len:(j + 1) * hp.train_seq_len].view(-1, row)
+        with rt.autocast():
+            loss = forward(x, y, window)
+        (loss * (hp.train_seq_len / accum)).backward()
+        total += loss.detach()
+    return total / accum
+
+
+def save(rt: Runtime, run_dir: Path, step: int, raw_model, optimizers, hp, code, data_pos, val_loss) -> None:
+    if rt.master and hp.save_checkpoint:
+        M.save_checkpoint(M.checkpoint_path(hp.log_dir, hp.run_id, step), step=step, model=raw_model,
+                          optimizers=optimizers, hp=hp, code=code, data_position=data_pos, val_loss=val_loss)
+
+
+def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None) -> float:
+    code = read_code()
+    ensure_data(hp, rt)
+    run_dir = Path(hp.log_dir) / hp.run_id if ckpt else new_run_dir(hp) if rt.master else None
+    if rt.distributed:  # every rank learns the run id rank 0 chose
+        ids = [hp.run_id]
+        dist.broadcast_object_list(ids, src=0)
+        hp.run_id, run_dir = ids[0], Path(hp.log_dir) / ids[0]
+    logfile = run_dir / "log.txt"
+    log_header(rt, logfile, hp, code)
+    M.seed_everything(hp.seed)
+    raw_model, forward = M.build_model(hp, rt)
+    optimizers = M.setup_optimizers(raw_model, hp, rt.rank, rt.world_size, compile_ns=rt.compile)
+    start_step, data_pos, val_loss = 0, None, None
+    if ckpt is not None:
+        M.load_state_into(raw_model, ckpt["model"], hp.resume)
+        for opt, state in zip(optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(state)
+        start_step, data_pos, val_loss = ckpt["step"], ckpt["data_position"] or None, ckpt.get("val_loss")
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    counts = M.param_counts(raw_model)
+    step_tokens = hp.rank_equivalents * hp.train_seq_len
+    M.print0(rt, f"preset:{hp.preset} device:{rt.device} dtype:{rt.autocast_dtype or torch.float32} "
+                 f"compile:{rt.compile} world_size:{rt.world_size} run:{run_dir}", logfile)
+    M.print0(rt, f"params:{counts['total']:,} (non-embedding {counts['non_embedding']:,}) "
+                 f"tokens/step:{step_tokens:,} budget:{step_tokens * hp.num_iterations:,} tokens "
+                 f"accumulation:{hp.rank_equivalents // rt.world_size}" +
+                 (f" resumed_from:{hp.resume} step:{start_step}" if ckpt else ""), logfile)
+    metrics = open(run_dir / "metrics.jsonl", "a") if rt.master else None
+    train_loader = M.distributed_data_generator(_repo_path(hp.train_files), step_tokens, rt.rank, rt.world_size,
+                                                device=rt.device, start=data_pos)
+    window = torch.zeros((), dtype=torch.int32, device=rt.device)  # a tensor, so compile does not recompile
+    training_time_ms, t0 = 0.0, time.perf_counter()
+    for step in range(start_step, hp.num_iterations + 1):
+        last_step = step == hp.num_iterations
+        window.fill_(M.get_window_size_blocks(step, hp))
+        if last_step or (hp.val_loss_every and step % hp.val_loss_every == 0):
+            rt.synchronize()
+            training_time_ms += 1000 * (time.perf_counter() - t0)
+            if step > start_step:  # checkpoint first, so a failed evaluation loses nothing
+                save(rt, run_dir, step, raw_model, optimizers, hp, code, data_pos, val_loss)
+            val_loss = M.evaluate(forward, hp, rt, window, _repo_path(hp.val_files))
+            M.print0(rt, f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} train_time:{training_time_ms:.0f}ms"
+                         f" step_avg:{training_time_ms / max(step - start_step, 1):.2f}ms", logfile)
+            if metrics:
+                metrics.write(json.dumps(dict(step=step, val_loss=val_loss, train_time_ms=training_time_ms)) + "\n")
+                metrics.flush()
+            if last_step and step > start_step:  # the final checkpoint carries its own val loss
+                save(rt, run_dir, step, raw_model, optimizers, hp, code, data_pos, val_loss)
+            rt.synchronize()
+            t0 = time.perf_counter()
+        elif hp.save_every and step % hp.save_every == 0 and step > start_step:
+            save(rt, run_dir, step, raw_model, optimizers, hp, code, data_pos, val_loss)
+        if last_step:
+            break
+        batch = next(train_loader)
+        data_pos = batch[2]
+        train_loss = train_micro_batches(forward, batch, hp, rt, window)
+        M.all_reduce_gradients(raw_model, rt.world_size)
+        M.apply_schedules(optimizers, step, hp)
+        for opt in optimizers:
+            opt.step()
+        raw_model.zero_grad(set_to_none=True)
+        if rt.distributed:
+            train_loss = train_loss.clone()
+            dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
+        train_loss = float(train_loss)
+        elapsed = training_time_ms + 1000 * (time.perf_counter() - t0)
+        done = step + 1 - start_step
+        M.print0(rt, f"step:{step + 1}/{hp.num_iterations} train_loss:{train_loss:.4f} train_time:{elapsed:.0f}ms "
+                     f"step_avg:{elapsed / done:.2f}ms tok/s:{step_tokens * done / (elapsed / 1000):.0f}", logfile)
+        if metrics:
+            metrics.write(json.dumps(dict(step=step + 1, train_loss=train_loss, train_time_ms=elapsed,
+                                          lr_mult=M.get_lr(step, hp))) + "\n")
+    if metrics:
+        metrics.close()
+    if rt.master and hp.save_checkpoint:
+        M.print0(rt, f"checkpoint: {M.checkpoint_path(hp.log_dir, hp.run_id, hp.num_iterations)}", logfile)
+    return val_loss
+
+
+def main(argv: list[str] | None = None) -> None:
+    rt = None
+    try:
+        hp, ckpt = resolve_config(argv)
+        rt = M.init_runtime(hp)
+        hp.validate(rt.world_size)
+        train(hp, rt, ckpt)
+    except USER_ERRORS as e:
+        print(f"pretraining.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if rt is not None:
+            M.shutdown_runtime(rt)
+
+
+if __name__ == "__main__":
+    main()
