@@ -85,7 +85,7 @@ class Hyperparameters:
     seed: int = 0  # seed for weights and sampling
     device: str = "auto"  # auto (cuda, mps, cpu) or a torch device string
     dtype: str = "auto"  # autocast dtype: auto (bf16 where it pays), bf16 or fp32
-    compile: str = "auto"  # torch.compile: auto (on for CUDA), on, off
+    compile: str = "auto"  # torch.compile: auto (whole model on CUDA, the loss head elsewhere), on, off
     fp8_head: str = "auto"  # FP8 lm_head matmul: auto (GPUs with compute capability >= 8.9), on, off
 
     # ---- validation -------------------------------------------------------
@@ -107,6 +107,9 @@ class Hyperparameters:
         for name in ["adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_start"]:
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)}={getattr(self, name)} must be in [0, 1)")
+        if self.num_heads * self.head_dim != self.model_dim:
+            raise ConfigError(f"--num-heads * --head-dim = {self.num_heads * self.head_dim} must equal --model-dim="
+                              f"{self.model_dim} (value embeddings are added to the attention values)")
         if self.num_layers % 2:
             raise ConfigError(f"--num-layers={self.num_layers} must be even (U-net skip connections pair layers)")
         if self.no_attn_layer >= self.num_layers or self.no_attn_layer < -1:
@@ -272,7 +275,8 @@ class Runtime:
     local_rank: int = 0
     world_size: int = 1
     autocast_dtype: torch.dtype | None = None  # None = fp32
-    compile: bool = False
+    compile: bool = False  # whole model
+    compile_head: bool = False  # only the soft-capped cross-entropy (the CPU hot spot)
 
     @property
     def distributed(self) -> bool:
@@ -346,7 +350,27 @@ def init_runtime(hp: Hyperparameters) -> Runtime:
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
     compile_on = hp.compile == "on" or (hp.compile == "auto" and device.type == "cuda")
     return Runtime(device=device, rank=rank, local_rank=local_rank, world_size=world_size,
-                   autocast_dtype=pick_autocast_dtype(hp.dtype, device), compile=compile_on)
+                   autocast_dtype=pick_autocast_dtype(hp.dtype, device), compile=compile_on,
+                   compile_head=hp.compile == "auto" and device.type != "cuda")
+
+
+def compile_with_fallback(fn: Any, name: str) -> Any:
+    """torch.compile(fn), but run fn eagerly (with one warning) if compiling fails, e.g. no C++ compiler."""
+    import warnings
+
+    state = {"fn": torch.compile(fn, dynamic=False)}
+
+    def call(*args: Any) -> Any:
+        try:
+            return state["fn"](*args)
+        except Exception as e:  # noqa: BLE001 - any compiler failure; eager gives the same numbers, slower
+            if state["fn"] is fn:
+                raise
+            warnings.warn(f"torch.compile of {name} failed ({type(e).__name__}: {e}); running it eagerly")
+            state["fn"] = fn
+            return fn(*args)
+
+    return call
 
 
 def shutdown_runtime(rt: Runtime) -> None:
@@ -499,14 +523,14 @@ def attention(q_BHTD: Tensor, k_BHTD: Tensor, v_BHTD: Tensor, mask: AttnMask, sc
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, head_dim: int, max_seq_len: int):
+    def __init__(self, dim: int, num_heads: int, head_dim: int, rotary: "Rotary"):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
         hdim = num_heads * head_dim
         bound = 3**0.5 * 0.5 * dim**-0.5  # same init scale as CastedLinear (record)
         self.qkv_w = nn.Parameter(torch.empty(3, hdim, dim).uniform_(-bound, bound))  # merged QKV
         self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # mix of v and the value embedding
-        self.rotary = Rotary(head_dim, max_seq_len)
+        self.rotary = rotary  # one table shared by all layers (non-persistent, so not in the state_dict)
         self.c_proj = CastedLinear(hdim, dim)
         self.c_proj.weight.detach().zero_()  # zero-init output projection (record)
         self.attn_scale = 0.12  # fixed logit scale instead of 1/sqrt(head_dim) (record)
@@ -535,9 +559,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, head_dim: int, max_seq_len: int, has_attn: bool):
+    def __init__(self, dim: int, num_heads: int, head_dim: int, rotary: Rotary, has_attn: bool):
         super().__init__()
-        self.attn = CausalSelfAttention(dim, num_heads, head_dim, max_seq_len) if has_attn else None
+        self.attn = CausalSelfAttention(dim, num_heads, head_dim, rotary) if has_attn else None
         self.mlp = MLP(dim)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # mix of the residual x and the embedding x0
 
@@ -601,6 +625,7 @@ def flex_block_mask(docs_BT: Tensor, window_blocks: Tensor | int) -> Any:
     from torch.nn.attention.flex_attention import BlockMask
 
     keep_full, keep_partial = block_keep_mask(docs_BT, window_blocks)
+    keep_BNN = keep_full | keep_partial  # the window again, for eager flex_attention, which reads only mask_mod
 
     def ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
         num = dense.sum(-1, dtype=torch.int32)[:, None].contiguous()  # (B, 1, NB)
@@ -608,12 +633,26 @@ def flex_block_mask(docs_BT: Tensor, window_blocks: Tensor | int) -> Any:
         return num, idx[:, None].contiguous()  # (B, 1, NB, NB)
 
     def document_causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return (q_idx >= kv_idx) & (docs_BT[b, q_idx] == docs_BT[b, kv_idx])
+        in_window = keep_BNN[b, q_idx // BLOCK_SIZE, kv_idx // BLOCK_SIZE]
+        return in_window & (q_idx >= kv_idx) & (docs_BT[b, q_idx] == docs_BT[b, kv_idx])
 
     partial_num, partial_idx = ordered(keep_partial)
     full_num, full_idx = ordered(keep_full)
     return BlockMask.from_kv_blocks(partial_num, partial_idx, full_num, full_idx, BLOCK_SIZE=BLOCK_SIZE,
                                     mask_mod=document_causal)
+
+
+def softcap(logits: Tensor, model_dim: int) -> Tensor:
+    """30 * sigmoid(logits / (7.5 * sqrt(model_dim))): logits in (0, 30) (record; a shifted tanh soft cap)."""
+    return 30 * torch.sigmoid(logits / (7.5 * model_dim**0.5))
+
+
+def softcap_cross_entropy(x_normed: Tensor, head_weight: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy of the soft-capped lm_head logits. Pure, so it can be compiled on its own: on CPU
+    the 50k-wide elementwise work (sigmoid, log-softmax and their backward) dominates a small model's step."""
+    logits = F.linear(x_normed, head_weight.type_as(x_normed)).float()
+    logits = softcap(logits, x_normed.size(-1))
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1).long())
 
 
 class GPT(nn.Module):
@@ -628,7 +667,8 @@ class GPT(nn.Module):
         layout = value_embed_layout(num_layers)
         num_ve = max((i for i in layout if i is not None), default=-1) + 1
         self.value_embeds = nn.ModuleList([nn.Embedding(padded_vocab, model_dim) for _ in range(num_ve)])
-        self.blocks = nn.ModuleList([Block(model_dim, num_heads, head_dim, max_seq_len, i != no_attn_layer)
+        rotary = Rotary(head_dim, max_seq_len)
+        self.blocks = nn.ModuleList([Block(model_dim, num_heads, head_dim, rotary, i != no_attn_layer)
                                      for i in range(num_layers)])
         # FP8 scales: inputs are RMS-normed (|x| <= sqrt(dim)), 448 is the e4m3 max (record)
         self.lm_head = CastedLinear(model_dim, padded_vocab, x_s=model_dim**0.5 / 448, w_s=24 / 448,
@@ -636,6 +676,7 @@ class GPT(nn.Module):
         self.lm_head.weight.detach().zero_()
         self.skip_weights = nn.Parameter(torch.ones(num_layers // 2))  # U-net skips (record)
         self.use_flex = False  # FlexAttention block masks (CUDA); SDPA with a dense mask otherwise
+        self.loss_fn = softcap_cross_entropy  # build_model may swap in a compiled copy
 
     @classmethod
     def from_hparams(cls, hp: Hyperparameters) -> "GPT":
@@ -668,11 +709,13 @@ class GPT(nn.Module):
             x = block(x, ves[i], x0, masks[i])
             if i < n:
                 skips.append(x)
-        logits = self.lm_head(norm(x)).float()
-        logits = 30 * torch.sigmoid(logits / (7.5 * self.model_dim**0.5))  # soft cap in (0, 30) (record)
-        if target_seq is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), target_seq.reshape(-1).long())
+        x = norm(x)
+        if target_seq is None or (self.lm_head.use_fp8 and self.training):
+            logits = softcap(self.lm_head(x).float(), self.model_dim)
+            if target_seq is None:
+                return logits
+            return F.cross_entropy(logits.view(-1, logits.size(-1)), target_seq.reshape(-1).long())
+        return self.loss_fn(x, self.lm_head.weight, target_seq)
 
 
 def strip_compile_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -706,6 +749,8 @@ def build_model(hp: Hyperparameters, rt: Runtime) -> tuple[GPT, nn.Module]:
     if rt.distributed:
         for p in model.parameters():
             dist.broadcast(p.detach(), 0)
+    if rt.compile_head and not rt.compile:
+        model.loss_fn = compile_with_fallback(softcap_cross_entropy, "the loss head")
     forward = torch.compile(model, dynamic=False) if rt.compile else model
     return model, forward
 
@@ -787,9 +832,10 @@ class Muon(torch.optim.Optimizer):
     def _gather(self, chunk: list[Tensor]) -> tuple[Any, Tensor, list[Tensor]]:
         ref = chunk[0]
         mine = chunk[self.rank] if self.rank < len(chunk) else torch.zeros_like(ref)
-        buffer = torch.empty(self.world_size, ref.numel(), dtype=ref.dtype, device=ref.device)
-        work = dist.all_gather_into_tensor(buffer, mine.detach().contiguous().view(-1), async_op=True)
-        return work, buffer, chunk
+        buffer = torch.empty(self.world_size * ref.numel(), dtype=ref.dtype, device=ref.device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+        work = gather(buffer, mine.detach().contiguous().view(-1), async_op=True)
+        return work, buffer.view(self.world_size, -1), chunk
 
 
 def setup_optimizers(model: GPT, hp: Hyperparameters, rank: int = 0, world_size: int = 1,
@@ -857,11 +903,12 @@ def read_shard_header(path: str | Path) -> int:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            header = np.frombuffer(f.read(HEADER_INTS * 4), dtype=np.int32)
+            raw = f.read(HEADER_INTS * 4)
     except OSError as e:
         raise DataError(f"{path}: cannot read shard ({e.strerror})") from None
-    if header.size < HEADER_INTS:
+    if len(raw) < HEADER_INTS * 4:
         raise DataError(f"{path}: truncated shard header ({size} bytes, need {HEADER_INTS * 4})")
+    header = np.frombuffer(raw, dtype=np.int32)
     if header[0] != SHARD_MAGIC:
         raise DataError(f"{path}: wrong magic number {header[0]} (expected {SHARD_MAGIC}); not a token shard")
     if header[1] != SHARD_VERSION:
@@ -903,8 +950,16 @@ def distributed_data_generator(pattern: str, batch_size: int, rank: int, world_s
     if batch_size % world_size:
         raise DataError(f"batch of {batch_size} tokens is not divisible by world size {world_size}")
     local = batch_size // world_size
+
+    def load(i: int) -> Tensor:
+        tokens = _load_data_shard(files[i])
+        if batch_size + 1 >= len(tokens):
+            raise DataError(f"{files[i]}: {len(tokens)} tokens; one batch needs more than {batch_size + 1}: "
+                            f"lower the sequence length or merge shards")
+        return tokens
+
     pos = dict(shard=0, pos=0, epoch=0) if start is None else dict(start)
-    tokens = _load_data_shard(files[pos["shard"]])
+    tokens = load(pos["shard"])
     while True:
         if pos["pos"] + batch_size + 1 >= len(tokens):  # record's rule: move on before the last token
             pos["shard"] += 1
@@ -913,10 +968,7 @@ def distributed_data_generator(pattern: str, batch_size: int, rank: int, world_s
                     return
                 pos["shard"], pos["epoch"] = 0, pos["epoch"] + 1
             pos["pos"] = 0
-            tokens = _load_data_shard(files[pos["shard"]])
-            if batch_size + 1 >= len(tokens):
-                raise DataError(f"{files[pos['shard']]}: {len(tokens)} tokens, fewer than one batch of "
-                                f"{batch_size + 1}; lower the sequence length or merge shards")
+            tokens = load(pos["shard"])
         start_tok = pos["pos"] + rank * local
         buf = tokens[start_tok:start_tok + local + 1].to(torch.int64)
         pos["pos"] += batch_size
@@ -984,17 +1036,20 @@ class Tokenizer:
 
 def get_tokenizer(ranks_file: str | Path | None = None) -> Tokenizer:
     """The local ranks file first (offline), then tiktoken's own download; a clear error if neither works."""
+    import base64
+    import hashlib
+
     import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
 
     path = Path(ranks_file or os.environ.get("NANOGPT_RANKS_FILE", GPT2_RANKS_FILE))
     specials = dict(CHAT_SPECIAL_TOKENS, **{"<|endoftext|>": EOT_ID})
     if path.is_file():
-        try:
-            ranks = load_tiktoken_bpe(str(path), expected_hash=GPT2_RANKS_SHA256)
-        except ValueError:
+        # hash and parse here rather than via tiktoken's loader, whose check is skipped when its cache is off
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != GPT2_RANKS_SHA256:
             raise TokenizerError(f"{path}: sha256 differs from GPT-2's r50k_base ranks; delete it and run "
-                                 f"`python data/shakespeare.py` to fetch a verified copy") from None
+                                 f"`python data/shakespeare.py` to fetch a verified copy")
+        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
         from tiktoken_ext.openai_public import r50k_pat_str
 
         return Tokenizer(tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
@@ -1054,8 +1109,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zips, pickles, wrong files all end here
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        text = str(e).strip()
+        reason = f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+        reason += " (corrupt, truncated or not written by torch.save)"
+        if "weights_only" in text or "Unsupported global" in text:
             reason = "it holds objects other than tensors and plain types (refused: loading it could run code)"
         raise CheckpointError(f"{path}: not a loadable checkpoint: {reason}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:

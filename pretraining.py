@@ -42,7 +42,8 @@ def resolve_config(argv: list[str] | None) -> tuple[Hyperparameters, dict | None
         raise M.CheckpointError(f"{path}: has no hyperparameters (a record checkpoint cannot be resumed)")
     saved = Hyperparameters.from_dict(ckpt["hyperparameters"])
     explicit = M.explicit_overrides(argv)
-    values = dict(saved.to_dict(), **explicit, resume=str(path))
+    explicit.pop("preset", None)
+    values = {**saved.to_dict(), **explicit, "resume": str(path)}
     values["run_id"] = explicit.get("run_id", path.parent.name)
     values["log_dir"] = explicit.get("log_dir", str(path.parent.parent))
     return Hyperparameters(**values), ckpt

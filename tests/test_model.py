@@ -1,0 +1,575 @@
+"""Tests of model.py's math against references: Newton-Schulz, Muon (1 and 2 processes), attention masks, GPT.
+
+    python -m pytest tests/test_model.py -q      # CPU, about 35 s on 2 cores
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import model as M
+from conftest import REPO_DIR, random_documents, tiny_hparams
+
+TESTS_DIR = Path(__file__).resolve().parent
+PADDED_VOCAB = 50304  # 50257 rounded up to a multiple of 128, as GPT pads it
+
+
+# -----------------------------------------------------------------------------
+# Helpers
+
+
+def randomize_zero_inits(model: M.GPT, seed: int = 1, head_std: float = 1.0) -> M.GPT:
+    """Give lm_head and every c_proj non-zero weights: they start at zero, which would hide attention and MLPs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=gen) * head_std)
+        for name, p in model.named_parameters():
+            if name.endswith("c_proj.weight"):
+                p.copy_(torch.randn(p.shape, generator=gen) * p.size(-1) ** -0.5)
+    return model
+
+
+def random_tokens(B: int, T: int, seed: int, eot_positions: dict[int, list[int]] | None = None) -> Tensor:
+    """(B, T) int64 tokens below EOT_ID, with <|endoftext|> exactly at eot_positions[row]."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, M.EOT_ID, (B, T), generator=gen)
+    for row, positions in (eot_positions or {}).items():
+        tokens[row, positions] = M.EOT_ID
+    return tokens
+
+
+def doc_ids(tokens_BT: Tensor) -> Tensor:
+    return (tokens_BT == M.EOT_ID).cumsum(dim=1)
+
+
+def document_causal(docs_BT: Tensor) -> Tensor:
+    """(B, T, T) token-level rule: a query sees earlier-or-same keys of its own document."""
+    T = docs_BT.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    return causal & (docs_BT[:, :, None] == docs_BT[:, None, :])
+
+
+def brute_force_window_mask(docs_BT: Tensor, window: int) -> Tensor:
+    """(B, 1, T, T) mask from block_keep_mask's documented rule, written with loops over blocks.
+
+    A kv block is "full" for a query block when every (query, key) pair of the two blocks is allowed by the
+    document-causal rule, "partial" when only some are. Per query block keep the window-1 most recent full blocks
+    and the max(window - num_full, 1) most recent partial ones, then AND with the token-level rule.
+    """
+    B, T = docs_BT.shape
+    NB, S = T // M.BLOCK_SIZE, M.BLOCK_SIZE
+    allowed = document_causal(docs_BT)
+    keep = torch.zeros(B, T, T, dtype=torch.bool)
+    for b in range(B):
+        for qb in range(NB):
+            full, partial = [], []
+            for kb in range(qb, -1, -1):  # most recent first
+                pairs = allowed[b, qb * S:(qb + 1) * S, kb * S:(kb + 1) * S]
+                if bool(pairs.all()):
+                    full.append(kb)
+                elif bool(pairs.any()):
+                    partial.append(kb)
+            kept = full[:max(window - 1, 0)] + partial[:max(window - len(full), 1)]
+            for kb in kept:
+                keep[b, qb * S:(qb + 1) * S, kb * S:(kb + 1) * S] = True
+    return (keep & allowed)[:, None]
+
+
+def block_mask_as_kernel_reads_it(block_mask: Any, B: int, T: int) -> Tensor:
+    """(B, 1, T, T) mask a compiled FlexAttention kernel applies: full blocks whole, mask_mod inside partial ones."""
+    S = M.BLOCK_SIZE
+    out = torch.zeros(B, 1, T, T, dtype=torch.bool)
+    q_idx, kv_idx = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    for b in range(B):
+        for qb in range(T // S):
+            for j in range(int(block_mask.full_kv_num_blocks[b, 0, qb])):
+                kb = int(block_mask.full_kv_indices[b, 0, qb, j])
+                out[b, 0, qb * S:(qb + 1) * S, kb * S:(kb + 1) * S] = True
+            for j in range(int(block_mask.kv_num_blocks[b, 0, qb])):
+                kb = int(block_mask.kv_indices[b, 0, qb, j])
+                tile = block_mask.mask_mod(torch.tensor(b), torch.tensor(0), qb * S + q_idx, kb * S + kv_idx)
+                out[b, 0, qb * S:(qb + 1) * S, kb * S:(kb + 1) * S] = tile
+    return out
+
+
+def flex_forward(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, scale: float) -> Tensor:
+    """model.attention with a BlockMask, eagerly: FlexAttention warns that it is unfused, which is the point here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return M.attention(q, k, v, block_mask, scale)
+
+
+# Rows used by the attention tests: row 0 has documents starting mid-block (100, 200) and a last document
+# covering whole blocks 2 and 3 (so "full" blocks exist next to partial ones); row 1 has no <|endoftext|>.
+ATTN_EOTS = {0: [0, 100, 200]}
+
+
+# -----------------------------------------------------------------------------
+# Newton-Schulz
+
+
+@pytest.mark.parametrize("shape", [(256, 128), (128, 256)])
+def test_newtonschulz_singular_values_in_band(shape: tuple[int, int]) -> None:
+    # The quintic coefficients are tuned to land singular values near Uniform(0.5, 1.5), not exactly at 1.
+    G = torch.randn(*shape)
+    X = M.zeropower_via_newtonschulz5(G)
+    assert X.shape == G.shape
+    s = torch.linalg.svdvals(X.double())
+    assert s.min() > 0.5 and s.max() < 1.5, (s.min().item(), s.max().item())
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 32), (3, 32, 64), (2, 3, 16, 16)])
+def test_newtonschulz_batched_equals_stacked(shape: tuple[int, ...]) -> None:
+    # Muon orthogonalises the merged (3, hdim, dim) QKV weight in one call; each matrix must get exactly the
+    # result it would get alone (measured: bitwise equal, the per-matrix norm and bf16 matmuls do not mix).
+    G = torch.randn(*shape)
+    batched = M.zeropower_via_newtonschulz5(G)
+    flat = G.reshape(-1, *shape[-2:])
+    stacked = torch.stack([M.zeropower_via_newtonschulz5(g) for g in flat]).reshape(shape)
+    assert torch.equal(batched, stacked)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_newtonschulz_keeps_dtype(dtype: torch.dtype) -> None:
+    G = torch.randn(32, 48, dtype=dtype)
+    assert M.zeropower_via_newtonschulz5(G).dtype == dtype
+
+
+# -----------------------------------------------------------------------------
+# Muon, one process
+
+
+COLLECTIVES = ["all_gather_into_tensor", "all_gather", "all_gather_single", "all_reduce", "reduce_scatter_tensor",
+               "broadcast", "barrier", "reduce", "all_to_all_single"]
+
+
+def test_world_size_one_makes_no_collective_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    # house rule 6: plain `python pretraining.py` has no process group, so any collective would crash it.
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("collective called at world size 1")
+
+    for name in COLLECTIVES:
+        if hasattr(dist, name):
+            monkeypatch.setattr(dist, name, refuse)
+    hp = tiny_hparams()
+    model = randomize_zero_inits(M.GPT.from_hparams(hp))
+    tokens = random_tokens(2, 129, seed=0, eot_positions={0: [0, 50], 1: [0]})
+    model(tokens[:, :-1], tokens[:, 1:], 2).backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    M.all_reduce_gradients(model, 1)
+    optimizers = M.setup_optimizers(model, hp)
+    for opt in optimizers:
+        opt.step()
+    muon = optimizers[1]
+    assert isinstance(muon, M.Muon)
+    muon_params = {id(p) for g in muon.param_groups for p in g["params"]}
+    for n, p in model.named_parameters():
+        if id(p) in muon_params:  # every hidden matrix was updated by this process alone
+            assert not torch.equal(p, before[n]), n
+
+
+def test_setup_optimizers_partitions_parameters(tiny_hp: M.Hyperparameters) -> None:
+    # Each parameter is stepped by exactly one optimizer: matrices in blocks by Muon, the rest by Adam.
+    model = M.GPT.from_hparams(tiny_hp)
+    adam, muon = M.setup_optimizers(model, tiny_hp)
+    seen = [id(p) for opt in (adam, muon) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())
+    hidden = {id(p) for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim >= 2}
+    assert {id(p) for g in muon.param_groups for p in g["params"]} == hidden
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64), (3, 16, 24)])
+def test_muon_first_step_follows_formula(shape: tuple[int, ...]) -> None:
+    # From zero momentum: buf = lerp(0, g, 1-m), nesterov = lerp(g, buf, m), and the step is
+    # -lr * max(1, rows/cols)**0.5 * NS(nesterov); tall matrices get the sqrt(rows/cols) boost.
+    lr, m = 0.05, 0.9
+    p = nn.Parameter(torch.randn(*shape))
+    g = torch.randn(*shape)
+    p.grad = g.clone()
+    p0 = p.detach().clone()
+    muon = M.Muon([p], lr=lr, momentum=m)
+    muon.step()
+    buf = torch.zeros(shape).lerp_(g, 1 - m)
+    blended = g.lerp(buf, m)
+    scale = max(1.0, shape[-2] / shape[-1]) ** 0.5
+    # torch.add(alpha=) rounds once, p0 - (lr * scale) * X twice: same formula, ours matches to the bit
+    expected = torch.add(p0, M.zeropower_via_newtonschulz5(blended), alpha=-lr * scale)
+    assert torch.equal(p.detach(), expected)
+    assert torch.equal(muon.state[p]["momentum_buffer"], buf)
+    assert torch.equal(p.grad, g)  # the gradient is read, not overwritten
+
+
+def test_apply_schedules_sets_lr_and_momentum(tiny_hp: M.Hyperparameters) -> None:
+    optimizers = M.setup_optimizers(M.GPT.from_hparams(tiny_hp), tiny_hp)
+    step = tiny_hp.num_iterations - 1
+    M.apply_schedules(optimizers, step, tiny_hp)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            assert group["lr"] == pytest.approx(group["initial_lr"] * M.get_lr(step, tiny_hp))
+    for group in optimizers[1].param_groups:
+        assert group["momentum"] == M.get_muon_momentum(step, tiny_hp)
+
+
+# -----------------------------------------------------------------------------
+# Muon, two gloo processes
+
+
+MUON_CASES = {
+    "even": [(16, 8)] * 2 + [(3, 8, 16)] * 2,  # every chunk of world_size matrices is full; QKV-like 3-D too
+    "odd": [(16, 8)] * 3 + [(8, 24)],  # rank 1 owns no matrix in the last chunk of each group
+}
+
+
+def muon_trajectory(shapes: list[tuple[int, ...]], rank: int, world_size: int, steps: int = 2) -> dict[str, Any]:
+    """Parameters and Muon state after `steps` steps; parameters and (already averaged) gradients are seeded,
+    so every rank sees the same ones."""
+    gen = torch.Generator().manual_seed(1234)
+    params = [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    opt = M.Muon(params, lr=0.05, momentum=0.9, rank=rank, world_size=world_size)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return dict(params=[p.detach().clone() for p in params], state=opt.state_dict())
+
+
+def muon_gloo_worker(rank: int, work_dir: str, out_file: str) -> None:
+    """Entry point of one spawned rank: for each case a distributed run (its own process group) and, for
+    reference, a world-size-1 run in the same process, so thread counts and kernels are the same."""
+    from datetime import timedelta
+
+    results: dict[str, Any] = {}
+    for case, shapes in sorted(MUON_CASES.items()):
+        dist.init_process_group("gloo", init_method=f"file://{work_dir}/pg_{case}", rank=rank, world_size=2,
+                                timeout=timedelta(seconds=60))
+        distributed, error = None, ""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # all_gather_into_tensor's deprecation notice
+                distributed = muon_trajectory(shapes, rank, 2)
+        except Exception as e:  # noqa: BLE001 - reported by the test of this case; the other case still runs
+            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+        finally:
+            dist.destroy_process_group()
+        results[case] = dict(distributed=distributed, error=error, single=muon_trajectory(shapes, 0, 1))
+    torch.save(results, out_file)
+
+
+@pytest.fixture(scope="module")
+def gloo_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Run both Muon cases on 2 gloo processes once (process start-up dominates the cost)."""
+    work_dir = tmp_path_factory.mktemp("gloo")
+    code = (f"import sys; sys.path[:0] = [{str(REPO_DIR)!r}, {str(TESTS_DIR)!r}]; import test_model; "
+            f"test_model.muon_gloo_worker(int(sys.argv[1]), sys.argv[2], sys.argv[3])")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    outs = [work_dir / f"rank{r}.pt" for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(r), str(work_dir), str(outs[r])], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=150)[0])
+    finally:
+        for proc in procs:  # a hung rank (e.g. its peer died mid-collective) must not outlive the test
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for r, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, f"rank {r} exited {proc.returncode}:\n{log[-3000:]}"
+    return [torch.load(out, weights_only=True) for out in outs]
+
+
+@pytest.mark.parametrize("case", sorted(MUON_CASES))
+def test_muon_two_gloo_ranks_match_one_process(case: str, gloo_results: list[dict[str, Any]]) -> None:
+    # Distributed Muon splits only the Newton-Schulz work; the trajectory must be the single-process one, bit for
+    # bit (all-gather copies values), and every rank must hold the whole momentum state (resume on any world size).
+    rank0, rank1 = (result[case] for result in gloo_results)
+    for r, result in enumerate((rank0, rank1)):
+        assert not result["error"], f"rank {r}: {result['error']}"
+        for i, (got, want) in enumerate(zip(result["distributed"]["params"], result["single"]["params"])):
+            assert torch.equal(got, want), f"rank {r} parameter {i} differs from the world-size-1 run"
+    for got, want in zip(rank0["distributed"]["params"], rank1["distributed"]["params"]):
+        assert torch.equal(got, want)
+    s0, s1 = rank0["distributed"]["state"], rank1["distributed"]["state"]
+    assert s0["param_groups"] == s1["param_groups"]
+    assert sorted(s0["state"]) == sorted(s1["state"]) == list(range(len(MUON_CASES[case])))
+    for i in s0["state"]:
+        assert torch.equal(s0["state"][i]["momentum_buffer"], s1["state"][i]["momentum_buffer"])
+        assert torch.equal(s0["state"][i]["momentum_buffer"], rank0["single"]["state"]["state"][i]["momentum_buffer"])
+
+
+# -----------------------------------------------------------------------------
+# Attention masks
+
+
+WINDOWS: list[int | Tensor] = [1, 2, 3, 1 << 20, torch.tensor(2, dtype=torch.int32)]
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=["w1", "w2", "w3", "wlarge", "w2tensor"])
+def test_dense_mask_equals_brute_force_rule(window: int | Tensor) -> None:
+    docs = doc_ids(random_tokens(2, 512, seed=0, eot_positions=ATTN_EOTS))
+    expected = brute_force_window_mask(docs, int(window))
+    assert torch.equal(M.dense_attention_mask(docs, window), expected)
+
+
+def test_dense_mask_rule_on_random_documents() -> None:
+    # Many short documents: block boundaries, empty windows of full blocks and long partial runs all occur.
+    rows = [random_documents(1024, seed=s, mean_doc_len=150) for s in range(3)]
+    docs = doc_ids(torch.from_numpy(np.stack(rows).astype(np.int64)))
+    for window in [0, 1, 2, 4, 8]:
+        assert torch.equal(M.dense_attention_mask(docs, window), brute_force_window_mask(docs, window)), window
+
+
+def test_dense_mask_invariants() -> None:
+    rows = [random_documents(1024, seed=s, mean_doc_len=300) for s in range(2)]
+    docs = doc_ids(torch.from_numpy(np.stack(rows).astype(np.int64)))
+    allowed = document_causal(docs)[:, None]
+    blk = torch.arange(1024) // M.BLOCK_SIZE
+    same_block = (blk[:, None] == blk[None, :])
+    for window in [1, 2, 5]:
+        mask = M.dense_attention_mask(docs, window)
+        assert not (mask & ~allowed).any()  # causal and never across documents
+        assert mask.diagonal(dim1=-2, dim2=-1).all()  # every query sees itself, so no softmax row is empty
+        # a query never sees further back than its window (in blocks)
+        assert not (mask & ((blk[:, None] - blk[None, :]) >= window)).any()
+    assert torch.equal(M.dense_attention_mask(docs, 1 << 20), allowed)
+    assert torch.equal(M.dense_attention_mask(docs, 1), allowed & same_block)
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=["w1", "w2", "w3", "wlarge", "w2tensor"])
+def test_flex_block_mask_as_kernel_reads_it_equals_dense(window: int | Tensor) -> None:
+    # What a compiled FlexAttention kernel applies (block lists + mask_mod in partial blocks) is the dense mask.
+    docs = doc_ids(random_tokens(2, 512, seed=0, eot_positions=ATTN_EOTS))
+    block_mask = M.flex_block_mask(docs, window)
+    assert torch.equal(block_mask_as_kernel_reads_it(block_mask, 2, 512), M.dense_attention_mask(docs, window))
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=["w1", "w2", "w3", "wlarge", "w2tensor"])
+def test_sdpa_dense_mask_equals_flex_attention(window: int | Tensor) -> None:
+    # The CPU path (SDPA + dense mask) must compute what the CUDA path (FlexAttention + block mask) computes.
+    # Eager FlexAttention evaluates only the mask_mod, densely, so the mask_mod must carry the window as well.
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 512, 32, generator=gen) for _ in range(3))  # (B, H, T, D)
+    docs = doc_ids(random_tokens(2, 512, seed=0, eot_positions=ATTN_EOTS))
+    dense = M.attention(q, k, v, M.dense_attention_mask(docs, window), 0.12)
+    flex = flex_forward(q, k, v, M.flex_block_mask(docs, window), 0.12)
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# GPT
+
+
+def causal_model() -> tuple[M.Hyperparameters, M.GPT]:
+    hp = tiny_hparams(row_len=256)  # rows of 256 = two attention blocks, so windows matter
+    return hp, randomize_zero_inits(M.GPT.from_hparams(hp).eval())
+
+
+@pytest.mark.parametrize("window", [1, 2, 1 << 30])
+def test_gpt_is_causal(window: int) -> None:
+    _, model = causal_model()
+    eots = {0: [0, 60, 150], 1: [0]}
+    tokens = random_tokens(2, 256, seed=0, eot_positions=eots)
+    t = 140  # inside the second block, so future tokens share the query block of earlier ones
+    changed = tokens.clone()
+    changed[:, t:] = random_tokens(2, 256 - t, seed=1, eot_positions={0: [5, 30], 1: [50]})  # new documents too
+    with torch.no_grad():
+        a, b = model(tokens, None, window), model(changed, None, window)
+    assert torch.equal(a[:, :t], b[:, :t])
+    assert not torch.equal(a[:, t], b[:, t])  # the test is sensitive: the changed token's own logits move
+
+
+@pytest.mark.parametrize("window", [1, 2, 1 << 30])
+def test_gpt_documents_are_independent(window: int) -> None:
+    # Attention is document-masked and every other op (embeddings, value embeddings, MLP, lm_head) is per token,
+    # so the tokens of an earlier document never reach a later one.
+    _, model = causal_model()
+    start = 150  # second document of row 0 (starts mid-block); row 1 is a single document
+    tokens = random_tokens(2, 256, seed=0, eot_positions={0: [0, start], 1: [0]})
+    changed = tokens.clone()
+    changed[:, 1:start] = random_tokens(2, start - 1, seed=2)  # same boundaries, different earlier text
+    with torch.no_grad():
+        a, b = model(tokens, None, window), model(changed, None, window)
+    assert torch.equal(a[0, start:], b[0, start:])
+    assert not torch.equal(a[1, start:], b[1, start:])  # without a boundary, the same change does propagate
+
+
+def test_loss_at_init_is_uniform(tiny_hp: M.Hyperparameters) -> None:
+    # lm_head is zero-initialised, so every logit is 30 * sigmoid(0) = 15 and the loss is ln(padded vocab).
+    model = M.GPT.from_hparams(tiny_hp)
+    tokens = random_tokens(2, 129, seed=0, eot_positions={0: [0, 40], 1: [0]})
+    logits = model(tokens[:, :-1])
+    assert logits.shape == (2, 128, PADDED_VOCAB)
+    assert torch.equal(logits, torch.full_like(logits, 15.0))
+    loss = model(tokens[:, :-1], tokens[:, 1:])
+    assert abs(loss.item() - math.log(PADDED_VOCAB)) < 1e-4
+
+
+def test_soft_cap_bounds_logits(tiny_hp: M.Hyperparameters) -> None:
+    # Large random head weights push raw logits to +-15 (sigmoid still below 1 in fp32): the cap keeps (0, 30)
+    # and is exactly 30 * sigmoid(raw / (7.5 * sqrt(model_dim))).
+    model = randomize_zero_inits(M.GPT.from_hparams(tiny_hp), head_std=20.0)
+    raw: list[Tensor] = []
+    model.lm_head.register_forward_hook(lambda mod, inp, out: raw.append(out.detach().float()))
+    tokens = random_tokens(1, 128, seed=0, eot_positions={0: [0]})
+    with torch.no_grad():
+        logits = model(tokens)
+    assert logits.min() > 0 and logits.max() < 30
+    assert logits.min() < 1 and logits.max() > 29  # the cap is exercised, not idle near 15
+    assert torch.equal(logits, 30 * torch.sigmoid(raw[0] / (7.5 * tiny_hp.model_dim**0.5)))
+
+
+def test_record_calling_convention(tiny_hp: M.Hyperparameters) -> None:
+    # The record calls model(input_seq, target_seq, window) with 1-D sequences and a 0-d int32 window.
+    model = randomize_zero_inits(M.GPT.from_hparams(tiny_hp)).eval()
+    tokens = random_tokens(1, 129, seed=3, eot_positions={0: [0, 70]})[0]
+    x, y = tokens[:-1], tokens[1:]
+    window = torch.tensor(1, dtype=torch.int32)
+    with torch.no_grad():
+        loss_1d = model(x, y, window)
+        loss_2d = model(x[None], y[None], window)
+        logits = model(x[None], None, window)
+    assert loss_1d.ndim == 0
+    assert torch.equal(loss_1d, loss_2d)
+    torch.testing.assert_close(loss_1d, F.cross_entropy(logits[0], y), atol=0, rtol=0)
+
+
+def test_value_embed_layout_and_long_windows_match_record() -> None:
+    # record (May 2025): ve = [ve0, ve1, ve2] + [None]*6 + [ve0, ve1, ve2]; masks long at layers 0, 4, 7, 11
+    assert M.value_embed_layout(12) == [0, 1, 2] + [None] * 6 + [0, 1, 2]
+    assert [i for i, is_long in enumerate(M.long_window_layers(12)) if is_long] == [0, 4, 7, 11]
+
+
+@pytest.mark.parametrize("num_layers, layout, long", [
+    (2, [0, 0], [True, True]),
+    (4, [0, 1, 0, 1], [True, False, False, True]),
+    (6, [0, 1, 2, 0, 1, 2], [True, False, False, False, False, True]),
+])
+def test_value_embed_layout_and_long_windows_small(num_layers: int, layout: list[int | None],
+                                                   long: list[bool]) -> None:
+    # Shallow models keep the record's shape: first and last k layers share value embeddings, windows mirror.
+    assert M.value_embed_layout(num_layers) == layout
+    assert M.long_window_layers(num_layers) == long
+    assert long == long[::-1]
+    k = num_layers // 2
+    assert layout[:k] == layout[num_layers - k:]
+    assert len(M.GPT(M.EOT_ID + 1, num_layers, 1, 16, 16, 128, -1).value_embeds) == max(layout) + 1
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints from the record script
+
+
+def record_style_state_dict(model: M.GPT) -> dict[str, Tensor]:
+    """The record's layout: `_orig_mod.` keys (compiled model) and bf16 embeddings with 50257 rows."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if key == "embed.weight" or key.startswith("value_embeds."):
+            value = value[:50257].bfloat16()
+        out["_orig_mod." + key] = value.clone()
+    return out
+
+
+def test_infer_hparams_record_layout() -> None:
+    # The real 12-layer record layout, built on the meta device: shapes only, no memory.
+    with torch.device("meta"):
+        record = M.GPT(50257, 12, 6, 128, 768, 1024, no_attn_layer=7)
+    sd = record_style_state_dict(record)
+    assert "_orig_mod.blocks.7.attn.qkv_w" not in sd and "_orig_mod.value_embeds.2.weight" in sd
+    hp = M.infer_hparams(sd)
+    assert (hp.num_layers, hp.model_dim, hp.num_heads, hp.head_dim, hp.no_attn_layer, hp.vocab_size) == \
+        (12, 768, 6, 128, 7, 50257)
+    with torch.device("meta"):
+        target = M.GPT.from_hparams(hp)
+    M.load_state_into(target, sd, "record")  # keys and (padded) shapes fit
+
+
+def small_record_model() -> M.GPT:
+    """4 layers, layer 1 without attention, one 128-wide head (infer_hparams assumes head_dim 128; value embeddings
+    need model_dim = num_heads * head_dim)."""
+    model = randomize_zero_inits(M.GPT(50257, 4, 1, 128, 128, 256, no_attn_layer=1), head_std=0.5)
+    with torch.no_grad():  # as in a record checkpoint: bf16 embeddings, nothing in the padding rows
+        for emb in [model.embed, *model.value_embeds]:
+            emb.weight.copy_(emb.weight.bfloat16().float())
+            emb.weight[50257:] = 0
+    return model.eval()
+
+
+def test_record_checkpoint_loads(tmp_path: Path) -> None:
+    source = small_record_model()
+    sd = record_style_state_dict(source)
+    tokens = random_tokens(1, 129, seed=4, eot_positions={0: [0, 90]})
+    with torch.no_grad():
+        want = source(tokens[:, :-1], tokens[:, 1:])
+
+    target = M.GPT(50257, 4, 1, 128, 128, 256, no_attn_layer=1).eval()
+    M.load_state_into(target, sd, "record")
+    path = tmp_path / "state_step001770.pt"
+    torch.save({"step": 1770, "code": "# train_gpt.py source", "model": sd, "optimizers": []}, path)
+    loaded, hp, ckpt = M.load_model(path)
+    assert ckpt["step"] == 1770
+    assert (hp.num_layers, hp.model_dim, hp.num_heads, hp.head_dim, hp.no_attn_layer) == (4, 128, 1, 128, 1)
+    assert loaded.blocks[1].attn is None and loaded.embed.weight.shape == (PADDED_VOCAB, 128)
+    with torch.no_grad():
+        for model in (target, loaded.eval()):
+            torch.testing.assert_close(model(tokens[:, :-1], tokens[:, 1:]), want, atol=1e-6, rtol=0)
+
+
+def test_load_state_into_names_mismatching_tensor(tiny_hp: M.Hyperparameters) -> None:
+    model = M.GPT.from_hparams(tiny_hp)
+    sd = model.state_dict()
+    sd["blocks.0.mlp.c_fc.weight"] = torch.zeros(128, 64)
+    expected = ("ckpt.pt: blocks.0.mlp.c_fc.weight has shape (128, 64) in the checkpoint but (256, 64) in the "
+                "model config")
+    with pytest.raises(M.CheckpointError, match=f"^{re.escape(expected)}$"):
+        M.load_state_into(model, sd, "ckpt.pt")
+
+
+# -----------------------------------------------------------------------------
+# Schedules
+
+
+def test_lr_schedule_matches_record() -> None:
+    hp = M.Hyperparameters()  # speedrun: 1770 steps, last 40% linear cooldown to 0.1x
+    cooldown_start = (1 - hp.cooldown_frac) * hp.num_iterations  # 1062
+    for step in range(hp.num_iterations + 1):
+        if step <= cooldown_start:
+            expected = 1.0
+        else:
+            expected = 1.0 - 0.9 * (step - cooldown_start) / (hp.num_iterations - cooldown_start)
+        assert M.get_lr(step, hp) == pytest.approx(expected, abs=1e-12), step
+    assert M.get_lr(hp.num_iterations, hp) == pytest.approx(0.1, abs=1e-12)
+
+
+def test_muon_momentum_warmup() -> None:
+    hp = M.Hyperparameters()
+    assert M.get_muon_momentum(0, hp) == pytest.approx(0.85)
+    assert M.get_muon_momentum(150, hp) == pytest.approx(0.90)
+    for step in [300, 301, 1000, hp.num_iterations]:
+        assert M.get_muon_momentum(step, hp) == pytest.approx(0.95)
+
+
+def test_window_schedule_matches_record() -> None:
+    hp = M.Hyperparameters()
+
+    def record_next_multiple_of_n(v: float, n: int) -> int:  # the record's own helper
+        return next(i for i in range(n, int(v) + 1 + n, n) if i >= v)
+
+    for step in range(hp.num_iterations + 1):
+        want = record_next_multiple_of_n(1728 * step / hp.num_iterations, n=128) // 128
+        assert M.get_window_size_blocks(step, hp) == want, step
+    assert M.get_window_size_blocks(0, hp) == 1
+    assert M.get_window_size_blocks(hp.num_iterations, hp) == 14  # 1792 tokens
