@@ -885,16 +885,23 @@ class DataError(ValueError):
 def write_data_shard(path: str | Path, tokens: np.ndarray | list[int]) -> None:
     """Write tokens as a shard (header + uint16), atomically."""
     arr = np.asarray(tokens)
-    if arr.size and (arr.min() < 0 or arr.max() >= 2**16):
+    if arr.size == 0 or arr.size >= 2**31:
+        raise DataError(f"{path}: a shard holds 1 to 2**31-1 tokens, not {arr.size}")
+    if arr.min() < 0 or arr.max() >= 2**16:
         raise DataError(f"{path}: token ids must fit in uint16 (0..65535)")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, arr.size)
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(arr.astype(np.uint16).tobytes())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(arr.astype(np.uint16).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_shard_header(path: str | Path) -> int:
@@ -959,6 +966,9 @@ def distributed_data_generator(pattern: str, batch_size: int, rank: int, world_s
         return tokens
 
     pos = dict(shard=0, pos=0, epoch=0) if start is None else dict(start)
+    if not 0 <= pos["shard"] < len(files):
+        raise DataError(f"saved data position is in shard {pos['shard']}, but {pattern!r} matches only "
+                        f"{len(files)} file(s)")
     tokens = load(pos["shard"])
     while True:
         if pos["pos"] + batch_size + 1 >= len(tokens):  # record's rule: move on before the last token
@@ -977,7 +987,8 @@ def distributed_data_generator(pattern: str, batch_size: int, rank: int, world_s
 
 
 @torch.no_grad()
-def evaluate(forward: Any, hp: Hyperparameters, rt: Runtime, window: Tensor | int, val_files: str | None = None) -> float:
+def evaluate(forward: Any, hp: Hyperparameters, rt: Runtime, window: Tensor | int,
+             val_files: str | None = None) -> float:
     """Mean validation loss over exactly hp.val_tokens tokens, averaged over ranks (the record's protocol)."""
     val_batch = rt.world_size * hp.val_seq_len
     steps = hp.val_tokens // val_batch

@@ -100,9 +100,8 @@ class ShardWriter:
             self._flush(self.shard_tokens)
 
     def _flush(self, n: int) -> None:
-        path = Path(f"{self.prefix}_{self.split}_{len(self.paths):06d}.bin")
-        write_data_shard(f"{path}.partial", np.frombuffer(self.buf, dtype=np.uint16, count=n))
-        self.paths.append(path)
+        self.paths.append(Path(f"{self.prefix}_{self.split}_{len(self.paths):06d}.bin"))  # before: abort() sees it
+        write_data_shard(f"{self.paths[-1]}.partial", np.frombuffer(self.buf, dtype=np.uint16, count=n))
         del self.buf[:n]
 
     def close(self) -> None:
@@ -118,8 +117,9 @@ class ShardWriter:
             print(f"removed stale shard {path}")
 
     def abort(self) -> None:
-        for path in self.paths:
-            Path(f"{path}.partial").unlink(missing_ok=True)
+        for path in self.paths:  # NAME.partial, and write_data_shard's NAME.partial.tmpPID if a write failed
+            for leftover in glob.glob(f"{glob.escape(str(path))}.partial*"):
+                os.remove(leftover)
 
 
 class Progress:
@@ -151,7 +151,8 @@ def convert(input_dir: Path, out_prefix: str, val_fraction: float = 0.1, shard_t
         raise ConvertError(f"OUT_PREFIX {out_prefix!r} is a folder; give a name prefix such as DIR/name")
     files = find_inputs(input_dir)
     frac = Fraction(str(val_fraction))  # exact, so the split cannot depend on float rounding
-    tok = get_tokenizer(ensure_gpt2_ranks())
+    ensure_gpt2_ranks()  # fetched once from the package registry, then offline
+    tok = get_tokenizer()
     out_dir = Path(out_prefix).parent
     made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # deepest first
     out_dir.mkdir(parents=True, exist_ok=True)

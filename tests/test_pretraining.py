@@ -95,15 +95,8 @@ def test_resume_is_bitwise_exact(shard_dir: Path, tmp_path: Path) -> None:
     assert train_b == train_a[3:]
 
 
-def test_shakespeare_run_lowers_val_loss(tmp_path: Path) -> None:
+def test_shakespeare_run_lowers_val_loss(tmp_path: Path, shakespeare_data: Path) -> None:
     """A short run of a small model on the real Shakespeare shards cuts the validation loss well below init."""
-    if not (REPO_DIR / "data" / "shakespeare" / "shakespeare_val_000000.bin").exists():
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("sd", REPO_DIR / "data" / "shakespeare.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.prepare()
     result = run([sys.executable, "pretraining.py", "--preset", "shakespeare", "--log-dir", str(tmp_path),
                   "--run-id", "real", "--num-layers", "2", "--model-dim", "64", "--num-heads", "2", "--head-dim",
                   "32", "--num-iterations", "30", "--val-loss-every", "30", "--val-tokens", "16384",
