@@ -24,6 +24,7 @@ import model as M
 from model import Hyperparameters, Runtime
 
 USER_ERRORS = (M.ConfigError, M.DataError, M.CheckpointError, M.TokenizerError)
+DEFAULT_REASON = {"speedrun": "CUDA and FineWeb shards found", "shakespeare": "no CUDA or no FineWeb shards"}
 
 
 def read_code() -> dict[str, str]:
@@ -117,9 +118,10 @@ def save(rt: Runtime, run_dir: Path, step: int, raw_model, optimizers, hp, code,
     if rt.master and hp.save_checkpoint:
         M.save_checkpoint(M.checkpoint_path(hp.log_dir, hp.run_id, step), step=step, model=raw_model,
                           optimizers=optimizers, hp=hp, code=code, data_position=data_pos, val_loss=val_loss)
+        M.prune_checkpoints(run_dir, hp.keep_checkpoints)  # only after the new one is safely in place
 
 
-def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None) -> float:
+def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None, preset_given: bool = True) -> float:
     code = read_code()
     ensure_data(hp, rt)
     run_dir = Path(hp.log_dir) / hp.run_id if ckpt else new_run_dir(hp) if rt.master else None
@@ -141,15 +143,18 @@ def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None) -> float:
         torch.set_rng_state(ckpt["rng"]["torch"])
     counts = M.param_counts(raw_model)
     step_tokens = hp.rank_equivalents * hp.train_seq_len
-    M.print0(rt, f"preset:{hp.preset} device:{rt.device} dtype:{rt.autocast_dtype or torch.float32} "
-                 f"compile:{rt.compile} world_size:{rt.world_size} run:{run_dir}", logfile)
+    compiled = "model" if rt.compile else "loss-head" if rt.compile_head else "off"
+    M.print0(rt, f"preset:{hp.preset}{'' if preset_given else ' (default: ' + DEFAULT_REASON[hp.preset] + ')'} "
+                 f"device:{rt.device} dtype:{rt.autocast_dtype or torch.float32} compile:{compiled} "
+                 f"world_size:{rt.world_size} run:{run_dir}", logfile)
     M.print0(rt, f"params:{counts['total']:,} (non-embedding {counts['non_embedding']:,}) "
                  f"tokens/step:{step_tokens:,} budget:{step_tokens * hp.num_iterations:,} tokens "
                  f"accumulation:{hp.rank_equivalents // rt.world_size}" +
                  (f" resumed_from:{hp.resume} step:{start_step}" if ckpt else ""), logfile)
     metrics = open(run_dir / "metrics.jsonl", "a") if rt.master else None
     train_loader = M.distributed_data_generator(_repo_path(hp.train_files), step_tokens, rt.rank, rt.world_size,
-                                                device=rt.device, start=data_pos)
+                                                device=rt.device, start=data_pos, row_len=hp.row_len,
+                                                shuffle_seed=hp.seed if hp.shuffle_rows else None)
     window = torch.zeros((), dtype=torch.int32, device=rt.device)  # a tensor, so compile does not recompile
     training_time_ms, t0 = 0.0, time.perf_counter()
     for step in range(start_step, hp.num_iterations + 1):
@@ -206,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         hp, ckpt = resolve_config(argv)
         rt = M.init_runtime(hp)
         hp.validate(rt.world_size)
-        train(hp, rt, ckpt)
+        train(hp, rt, ckpt, preset_given=ckpt is not None or "preset" in M.explicit_overrides(argv))
     except USER_ERRORS as e:
         print(f"pretraining.py: error: {e}", file=sys.stderr)
         sys.exit(2)

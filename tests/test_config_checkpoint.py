@@ -132,6 +132,7 @@ INVALID = [  # (overrides, world_size, message)
     ({"adam_beta1": 1.0}, 1, r"--adam-beta1=1.0 must be in \[0, 1\)"),
     ({"muon_momentum_start": -0.1}, 1, r"--muon-momentum-start=-0.1 must be in \[0, 1\)"),
     ({"num_layers": 3}, 1, r"--num-layers=3 must be even"),
+    ({"shuffle_rows": True, "row_len": 0}, 1, r"--shuffle-rows needs --row-len > 0"),
     ({"model_dim": 96}, 1, r"--num-heads \* --head-dim = 64 must equal --model-dim=96"),
     ({"no_attn_layer": 2}, 1, r"--no-attn-layer=2 must be -1 or a layer index below --num-layers=2"),
     ({"no_attn_layer": -2}, 1, r"--no-attn-layer=-2 must be -1"),
@@ -386,3 +387,15 @@ def test_load_model_reports_shape_mismatch(tmp_path: Path, saved: Path) -> None:
     with pytest.raises(M.CheckpointError, match=rf"^{re.escape(str(path))}: embed\.weight has shape \(256, 64\) "
                                                 r"in the checkpoint but \(256, 128\) in the model config"):
         M.load_model(path)
+
+
+def test_prune_keeps_the_newest_steps_and_ignores_partials(tmp_path: Path) -> None:
+    for step in (5, 10, 100, 20):
+        (tmp_path / f"state_step{step:06d}.pt").write_bytes(b"x")
+    partial = tmp_path / ".state_step000200.pt.tmp1"  # an interrupted write is not a checkpoint to count
+    partial.write_bytes(b"x")
+    deleted = M.prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in deleted) == ["state_step000005.pt", "state_step000010.pt"]
+    assert sorted(p.name for p in tmp_path.glob("state_step*.pt")) == ["state_step000020.pt", "state_step000100.pt"]
+    assert partial.exists()
+    assert M.prune_checkpoints(tmp_path, keep=0) == []  # 0 keeps everything

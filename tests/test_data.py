@@ -192,6 +192,55 @@ def test_restart_on_two_ranks_matches_one_rank(counting_shards: str) -> None:
         assert torch.equal(torch.cat([halves[0][j][0], halves[1][j][0]]), full[4 + j][0])
 
 
+ROW = 64  # shuffled-row tests: 4 rows of 64 tokens per batch of B = 256
+
+
+def shuffled(pattern: str, rank: int = 0, world_size: int = 1, seed: int = 5, **kw):
+    return M.distributed_data_generator(pattern, B, rank, world_size, row_len=ROW, shuffle_seed=seed, **kw)
+
+
+def test_shuffled_rows_are_whole_rows_with_shifted_targets(counting_shards: str) -> None:
+    # counting tokens: every row must be a contiguous run, its targets the same run shifted by one
+    for x, y, _ in take(shuffled(counting_shards), 12):
+        rows_x, rows_y = x.long().view(-1, ROW), y.view(-1, ROW)
+        for rx, ry in zip(rows_x, rows_y):
+            assert torch.equal(rx, torch.arange(rx[0].item(), rx[0].item() + ROW))
+            assert torch.equal(ry, rx + 1)
+            assert rx[0].item() % ROW == 0 or rx[0].item() >= 1000  # rows start on the row grid of their shard
+
+
+def test_shuffled_rows_cover_each_shard_once_per_epoch(counting_shards: str) -> None:
+    gen = shuffled(counting_shards)
+    # shard 0 has (770 - 1) // 64 = 12 rows = 3 batches; shard 1 has 12 rows too; then epoch 1 begins
+    epoch0 = [next(gen) for _ in range(6)]
+    starts = sorted(r[0].item() for x, _, _ in epoch0 for r in x.long().view(-1, ROW))
+    assert starts == [i * ROW for i in range(12)] + [1000 + i * ROW for i in range(12)]
+    epoch1 = [next(gen) for _ in range(6)]
+    assert epoch1[0][2]["epoch"] == 1
+    # a new order each epoch, and the seed decides it
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(epoch0, epoch1))
+    other = take(shuffled(counting_shards, seed=6), 3)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(epoch0, other))
+
+
+def test_shuffled_rows_split_over_ranks_and_resume(counting_shards: str) -> None:
+    whole = take(shuffled(counting_shards), 14)
+    ranks = [take(shuffled(counting_shards, r, 2), 14) for r in range(2)]
+    for k, (x, y, position) in enumerate(whole):
+        assert torch.equal(torch.cat([ranks[0][k][0], ranks[1][k][0]]), x)
+        assert torch.equal(torch.cat([ranks[0][k][1], ranks[1][k][1]]), y)
+        assert ranks[0][k][2] == ranks[1][k][2] == position
+    for k in (0, 2, 5, 11):  # inside a shard, at the shard boundary, at the epoch boundary
+        resumed = take(shuffled(counting_shards, start=dict(whole[k][2])), 2)
+        for (xr, yr, pr), (xf, yf, pf) in zip(resumed, whole[k + 1:k + 3]):
+            assert torch.equal(xr, xf) and torch.equal(yr, yf) and pr == pf
+
+
+def test_shuffled_rows_need_a_row_length(counting_shards: str) -> None:
+    with pytest.raises(M.DataError, match="shuffled rows need a batch of 256 tokens divisible by row_len"):
+        next(M.distributed_data_generator(counting_shards, B, 0, 1, shuffle_seed=1))
+
+
 def test_batch_not_divisible_by_world_size(counting_shards: str) -> None:
     with pytest.raises(M.DataError, match="batch of 257 tokens is not divisible by world size 2"):
         next(M.distributed_data_generator(counting_shards, 257, 0, 2))
