@@ -164,7 +164,12 @@ def test_validate_names_the_flag(overrides: dict[str, Any], world_size: int, mes
 @pytest.mark.parametrize("world_size", [1, 2, 4, 8])
 def test_presets_validate(preset: str, world_size: int) -> None:
     hp = M.Hyperparameters(**M.PRESETS[preset], preset=preset)
-    assert hp.validate(world_size=world_size) is hp
+    if hp.rank_equivalents % world_size == 0:  # speedrun: 8 rank-equivalents; shakespeare: 2 (1 or 2 processes)
+        assert hp.validate(world_size=world_size) is hp
+    else:
+        with pytest.raises(M.ConfigError, match=f"--rank-equivalents={hp.rank_equivalents} must be divisible"):
+            hp.validate(world_size=world_size)
+    assert preset != "speedrun" or hp.rank_equivalents % world_size == 0  # the record runs on 1, 2, 4, 8 GPUs
 
 
 def test_valid_run_id() -> None:
