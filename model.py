@@ -215,16 +215,28 @@ class _OneLineParser(argparse.ArgumentParser):
 ENV_PREFIX = "NANOGPT_"  # NANOGPT_NUM_ITERATIONS=20 sets num_iterations
 
 
+def field_comments() -> dict[str, str]:
+    """The trailing comment of each Hyperparameters field: the one place a field is documented."""
+    import inspect
+
+    source = inspect.getsource(Hyperparameters)
+    return dict(re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", source, flags=re.MULTILINE))
+
+
 def build_arg_parser(prog: str, description: str = "") -> argparse.ArgumentParser:
     """A CLI generated from Hyperparameters: --num-iterations 20 (or --num_iterations 20)."""
-    parser = _OneLineParser(prog=prog, description=description, allow_abbrev=False)
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="named starting point (default: auto)")
+    parser = _OneLineParser(prog=prog, description=description, allow_abbrev=False,
+                            epilog=f"Every flag is also an environment variable ({ENV_PREFIX}NUM_ITERATIONS=20) or a .env "
+                                   "line. Precedence: CLI > environment > .env > preset > default.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="named starting point (default: speedrun with "
+                        "CUDA and FineWeb shards, else shakespeare)")
+    comments = field_comments()
     for f in dataclasses.fields(Hyperparameters):
         if f.name == "preset":
             continue
         flags = [f"--{_flag(f.name)}"] + ([f"--{f.name}"] if "_" in f.name else [])
         parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=str(f.type).upper(),
-                            help=f"(default {f.default!r})")
+                            help=f"{comments.get(f.name, '')} (default {f.default!r})")
     return parser
 
 

@@ -61,7 +61,11 @@ def ensure_data(hp: Hyperparameters, rt: Runtime) -> None:
         if rt.distributed:
             dist.barrier()
     for pattern in (hp.train_files, hp.val_files):
-        M.list_shards(_repo_path(pattern))
+        try:
+            M.list_shards(_repo_path(pattern))
+        except M.DataError as e:
+            hint = "; download them with `python data/fineweb.py`" if "fineweb10B" in pattern else ""
+            raise M.DataError(f"{e}{hint}") from None
 
 
 def _repo_path(pattern: str) -> str:

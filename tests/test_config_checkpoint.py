@@ -404,3 +404,12 @@ def test_prune_keeps_the_newest_steps_and_ignores_partials(tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.glob("state_step*.pt")) == ["state_step000020.pt", "state_step000100.pt"]
     assert partial.exists()
     assert M.prune_checkpoints(tmp_path, keep=0) == []  # 0 keeps everything
+
+
+def test_every_field_is_documented_in_help(capsys: pytest.CaptureFixture[str]) -> None:
+    # the trailing comment of each field is its --help text (house style: one comment per field)
+    comments = M.field_comments()
+    assert sorted(comments) == sorted(f.name for f in M.dataclasses.fields(M.Hyperparameters))
+    with pytest.raises(SystemExit):
+        M.build_arg_parser("pretraining.py").parse_args(["--help"])
+    assert "tokens per rank-equivalent per step" in " ".join(capsys.readouterr().out.split())
