@@ -226,8 +226,8 @@ def field_comments() -> dict[str, str]:
 def build_arg_parser(prog: str, description: str = "") -> argparse.ArgumentParser:
     """A CLI generated from Hyperparameters: --num-iterations 20 (or --num_iterations 20)."""
     parser = _OneLineParser(prog=prog, description=description, allow_abbrev=False,
-                            epilog=f"Every flag is also an environment variable ({ENV_PREFIX}NUM_ITERATIONS=20) or a .env "
-                                   "line. Precedence: CLI > environment > .env > preset > default.")
+                            epilog=f"Every flag is also an environment variable ({ENV_PREFIX}NUM_ITERATIONS=20) "
+                                   "or a .env line. Precedence: CLI > environment > .env > preset > default.")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="named starting point (default: speedrun with "
                         "CUDA and FineWeb shards, else shakespeare)")
     comments = field_comments()

@@ -573,3 +573,21 @@ def test_window_schedule_matches_record() -> None:
         assert M.get_window_size_blocks(step, hp) == want, step
     assert M.get_window_size_blocks(0, hp) == 1
     assert M.get_window_size_blocks(hp.num_iterations, hp) == 14  # 1792 tokens
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine without a working compiler still trains: the compiled loss head falls back to eager, same loss."""
+    def broken_compile(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("no C++ compiler found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    head = M.compile_with_fallback(M.softcap_cross_entropy, "the loss head")
+    x = torch.randn(8, 64)
+    w = torch.randn(128, 64)
+    y = torch.randint(0, 128, (8,))
+    with pytest.warns(UserWarning, match="torch.compile of the loss head failed .*no C\\+\\+ compiler found"):
+        loss = head(x, w, y)
+    assert torch.equal(loss, M.softcap_cross_entropy(x, w, y))
+    assert torch.equal(head(x, w, y), loss)  # later calls go straight to eager, without another warning
