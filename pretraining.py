@@ -125,26 +125,27 @@ def save(rt: Runtime, run_dir: Path, step: int, raw_model, optimizers, hp, code,
         M.prune_checkpoints(run_dir, hp.keep_checkpoints)  # only after the new one is safely in place
 
 
-def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None, preset_given: bool = True) -> float:
-    code = read_code()
-    ensure_data(hp, rt)
-    run_dir = Path(hp.log_dir) / hp.run_id if ckpt else new_run_dir(hp) if rt.master else None
-    if rt.distributed:  # every rank learns the run id rank 0 chose
+def open_run_dir(hp: Hyperparameters, rt: Runtime, resuming: bool) -> Path:
+    """The run directory: the checkpoint's on resume, else a new one that rank 0 creates and broadcasts."""
+    run_dir = Path(hp.log_dir) / hp.run_id if resuming else new_run_dir(hp) if rt.master else None
+    if rt.distributed:
         ids = [hp.run_id]
         dist.broadcast_object_list(ids, src=0)
         hp.run_id, run_dir = ids[0], Path(hp.log_dir) / ids[0]
-    logfile = run_dir / "log.txt"
-    log_header(rt, logfile, hp, code)
-    M.seed_everything(hp.seed)
-    raw_model, forward = M.build_model(hp, rt)
-    optimizers = M.setup_optimizers(raw_model, hp, rt.rank, rt.world_size, compile_ns=rt.compile)
-    start_step, data_pos, val_loss = 0, None, None
-    if ckpt is not None:
-        M.load_state_into(raw_model, ckpt["model"], hp.resume)
-        for opt, state in zip(optimizers, ckpt["optimizers"]):
-            opt.load_state_dict(state)
-        start_step, data_pos, val_loss = ckpt["step"], ckpt["data_position"] or None, ckpt.get("val_loss")
-        torch.set_rng_state(ckpt["rng"]["torch"])
+    return run_dir
+
+
+def restore(ckpt: dict, hp: Hyperparameters, raw_model, optimizers) -> tuple[int, dict | None, float | None]:
+    """Weights, full optimizer state and RNG from a checkpoint; returns (step, data position, last val loss)."""
+    M.load_state_into(raw_model, ckpt["model"], hp.resume)
+    for opt, state in zip(optimizers, ckpt["optimizers"]):
+        opt.load_state_dict(state)
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    return ckpt["step"], ckpt["data_position"] or None, ckpt.get("val_loss")
+
+
+def log_summary(rt: Runtime, logfile: Path, hp: Hyperparameters, raw_model, run_dir: Path, preset_given: bool,
+                start_step: int | None) -> None:
     counts = M.param_counts(raw_model)
     step_tokens = hp.rank_equivalents * hp.train_seq_len
     compiled = "model" if rt.compile else "loss-head" if rt.compile_head else "off"
@@ -154,7 +155,23 @@ def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None, preset_given: boo
     M.print0(rt, f"params:{counts['total']:,} (non-embedding {counts['non_embedding']:,}) "
                  f"tokens/step:{step_tokens:,} budget:{step_tokens * hp.num_iterations:,} tokens "
                  f"accumulation:{hp.rank_equivalents // rt.world_size}" +
-                 (f" resumed_from:{hp.resume} step:{start_step}" if ckpt else ""), logfile)
+                 (f" resumed_from:{hp.resume} step:{start_step}" if start_step is not None else ""), logfile)
+
+
+def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None, preset_given: bool = True) -> float:
+    code = read_code()
+    ensure_data(hp, rt)
+    run_dir = open_run_dir(hp, rt, resuming=ckpt is not None)
+    logfile = run_dir / "log.txt"
+    log_header(rt, logfile, hp, code)
+    M.seed_everything(hp.seed)
+    raw_model, forward = M.build_model(hp, rt)
+    optimizers = M.setup_optimizers(raw_model, hp, rt.rank, rt.world_size, compile_ns=rt.compile)
+    start_step, data_pos, val_loss = 0, None, None
+    if ckpt is not None:
+        start_step, data_pos, val_loss = restore(ckpt, hp, raw_model, optimizers)
+    log_summary(rt, logfile, hp, raw_model, run_dir, preset_given, start_step if ckpt else None)
+    step_tokens = hp.rank_equivalents * hp.train_seq_len
     metrics = open(run_dir / "metrics.jsonl", "a") if rt.master else None
     train_loader = M.distributed_data_generator(_repo_path(hp.train_files), step_tokens, rt.rank, rt.world_size,
                                                 device=rt.device, start=data_pos, row_len=hp.row_len,
