@@ -85,6 +85,7 @@ class Hyperparameters:
     resume: str = ""  # "" = fresh run; "latest" or a path to state_stepNNNNNN.pt
     # runtime
     seed: int = 0  # seed for weights and sampling
+    warmup_steps: int = -1  # steps run then undone to compile kernels off the clock; -1 = 10 if compiled, else 0
     device: str = "auto"  # auto (cuda, mps, cpu) or a torch device string
     dtype: str = "auto"  # autocast dtype: auto (bf16 where it pays), bf16 or fp32
     compile: str = "auto"  # torch.compile: auto (whole model on CUDA, the loss head elsewhere), on, off
@@ -98,6 +99,8 @@ class Hyperparameters:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{_flag(name)}={getattr(self, name)} must be positive")
+        if self.warmup_steps < -1:
+            raise ConfigError(f"--warmup-steps={self.warmup_steps} must be -1 (auto) or >= 0")
         for name in ["row_len", "val_loss_every", "save_every", "keep_checkpoints"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)}={getattr(self, name)} must be >= 0")

@@ -9,6 +9,7 @@ Writes logs/<run_id>/log.txt (code, config, step lines), metrics.jsonl and state
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import platform
@@ -118,6 +119,38 @@ def train_micro_batches(forward, batch: tuple, hp: Hyperparameters, rt: Runtime,
     return total / accum
 
 
+def train_step(forward, raw_model, optimizers, batch: tuple, step: int, hp: Hyperparameters, rt: Runtime,
+               window: torch.Tensor) -> torch.Tensor:
+    """One optimizer step: micro-batches, gradient averaging over ranks, schedules, Adam + Muon."""
+    train_loss = train_micro_batches(forward, batch, hp, rt, window)
+    M.all_reduce_gradients(raw_model, rt.world_size)
+    M.apply_schedules(optimizers, step, hp)
+    for opt in optimizers:
+        opt.step()
+    raw_model.zero_grad(set_to_none=True)
+    return train_loss
+
+
+def warm_up(forward, raw_model, optimizers, hp: Hyperparameters, rt: Runtime, window: torch.Tensor) -> int:
+    """Run steps to compile kernels, then restore the initial weights and optimizer state (as the record does),
+    so the clock never counts compilation and the trajectory is that of a run without warm-up."""
+    steps = hp.warmup_steps if hp.warmup_steps >= 0 else (10 if rt.compile else 0)
+    if steps == 0:
+        return 0
+    initial = dict(model=copy.deepcopy(raw_model.state_dict()),
+                   optimizers=[copy.deepcopy(opt.state_dict()) for opt in optimizers])
+    loader = M.distributed_data_generator(_repo_path(hp.train_files), hp.rank_equivalents * hp.train_seq_len,
+                                          rt.rank, rt.world_size, device=rt.device, row_len=hp.row_len)
+    for step in range(steps):
+        window.fill_(M.get_window_size_blocks(step, hp))
+        train_step(forward, raw_model, optimizers, next(loader), step, hp, rt, window)
+    raw_model.load_state_dict(initial["model"])
+    for opt, state in zip(optimizers, initial["optimizers"]):
+        opt.load_state_dict(state)
+    rt.synchronize()
+    return steps
+
+
 def save(rt: Runtime, run_dir: Path, step: int, raw_model, optimizers, hp, code, data_pos, val_loss) -> None:
     if rt.master and hp.save_checkpoint:
         M.save_checkpoint(M.checkpoint_path(hp.log_dir, hp.run_id, step), step=step, model=raw_model,
@@ -172,6 +205,9 @@ def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None, preset_given: boo
         start_step, data_pos, val_loss = restore(ckpt, hp, raw_model, optimizers)
     log_summary(rt, logfile, hp, raw_model, run_dir, preset_given, start_step if ckpt else None)
     step_tokens = hp.rank_equivalents * hp.train_seq_len
+    warmed = warm_up(forward, raw_model, optimizers, hp, rt, torch.zeros((), dtype=torch.int32, device=rt.device))
+    if warmed:
+        M.print0(rt, f"warm-up: {warmed} steps run and undone before the clock starts", logfile)
     metrics = open(run_dir / "metrics.jsonl", "a") if rt.master else None
     train_loader = M.distributed_data_generator(_repo_path(hp.train_files), step_tokens, rt.rank, rt.world_size,
                                                 device=rt.device, start=data_pos, row_len=hp.row_len,
@@ -202,12 +238,7 @@ def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None, preset_given: boo
             break
         batch = next(train_loader)
         data_pos = batch[2]
-        train_loss = train_micro_batches(forward, batch, hp, rt, window)
-        M.all_reduce_gradients(raw_model, rt.world_size)
-        M.apply_schedules(optimizers, step, hp)
-        for opt in optimizers:
-            opt.step()
-        raw_model.zero_grad(set_to_none=True)
+        train_loss = train_step(forward, raw_model, optimizers, batch, step, hp, rt, window)
         if rt.distributed:
             train_loss = train_loss.clone()
             dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)

@@ -132,6 +132,7 @@ INVALID = [  # (overrides, world_size, message)
     ({"adam_beta1": 1.0}, 1, r"--adam-beta1=1.0 must be in \[0, 1\)"),
     ({"muon_momentum_start": -0.1}, 1, r"--muon-momentum-start=-0.1 must be in \[0, 1\)"),
     ({"num_layers": 3}, 1, r"--num-layers=3 must be even"),
+    ({"warmup_steps": -2}, 1, r"--warmup-steps=-2 must be -1 \(auto\) or >= 0"),
     ({"shuffle_rows": True, "row_len": 0}, 1, r"--shuffle-rows needs --row-len > 0"),
     ({"model_dim": 96}, 1, r"--num-heads \* --head-dim = 64 must equal --model-dim=96"),
     ({"no_attn_layer": 2}, 1, r"--no-attn-layer=2 must be -1 or a layer index below --num-layers=2"),

@@ -95,6 +95,17 @@ def test_resume_is_bitwise_exact(shard_dir: Path, tmp_path: Path) -> None:
     assert train_b == train_a[3:]
 
 
+def test_warm_up_steps_are_undone(shard_dir: Path, tmp_path: Path) -> None:
+    """Warm-up steps (run to compile kernels off the clock) leave no trace: same losses and weights, bitwise."""
+    plain = run([sys.executable, "pretraining.py", *tiny_args(shard_dir, tmp_path, "plain")])
+    warmed = run([sys.executable, "pretraining.py", *tiny_args(shard_dir, tmp_path, "warm", "--warmup-steps", "2")])
+    assert plain.returncode == 0 and warmed.returncode == 0, plain.stderr + warmed.stderr
+    assert "warm-up: 2 steps run and undone" in warmed.stdout
+    assert read_metrics(tmp_path / "plain") == read_metrics(tmp_path / "warm")
+    a, b = final_weights(tmp_path / "plain"), final_weights(tmp_path / "warm")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_shakespeare_run_lowers_val_loss(tmp_path: Path, shakespeare_data: Path) -> None:
     """A short run of a small model on the real Shakespeare shards cuts the validation loss well below init."""
     result = run([sys.executable, "pretraining.py", "--preset", "shakespeare", "--log-dir", str(tmp_path),
