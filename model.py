@@ -962,6 +962,16 @@ def _load_data_shard(path: str | Path) -> Tensor:
     return torch.from_numpy(arr)
 
 
+def import_data_script(name: str) -> Any:
+    """data/<name>.py as a module (data/ holds scripts, not a package); importing one runs nothing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"data_{name}", REPO_DIR / "data" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def list_shards(pattern: str) -> list[Path]:
     files = [Path(f) for f in sorted(glob.glob(pattern))]
     if not files:

@@ -10,7 +10,6 @@ Writes logs/<run_id>/log.txt (code, config, step lines), metrics.jsonl and state
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import platform
 import sys
@@ -55,10 +54,7 @@ def ensure_data(hp: Hyperparameters, rt: Runtime) -> None:
     """Build the Shakespeare shards when the preset's files are missing (rank 0 builds, the others wait)."""
     if "data/shakespeare/" in hp.train_files and not list(M.REPO_DIR.glob("data/shakespeare/*.bin")):
         if rt.master:
-            spec = importlib.util.spec_from_file_location("shakespeare_data", M.REPO_DIR / "data" / "shakespeare.py")
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            module.prepare()
+            M.import_data_script("shakespeare").prepare()
         if rt.distributed:
             dist.barrier()
     for pattern in (hp.train_files, hp.val_files):

@@ -60,10 +60,5 @@ def shakespeare_data() -> Path:
 
     Tests that need real data use this instead of skipping, so CI always runs them.
     """
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("shakespeare_data", REPO_DIR / "data" / "shakespeare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.prepare()
+    M.import_data_script("shakespeare").prepare()
     return REPO_DIR / "data" / "shakespeare"

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import math
@@ -22,16 +21,8 @@ import model as M
 REPO_DIR = Path(__file__).resolve().parent.parent
 
 
-def load_script(name: str):
-    """Import data/<name>.py (data/ is not a package); importing runs nothing."""
-    spec = importlib.util.spec_from_file_location(f"data_{name}", REPO_DIR / "data" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert = load_script("convert")
-fineweb = load_script("fineweb")
+convert = M.import_data_script("convert")
+fineweb = M.import_data_script("fineweb")
 
 # tokenising tests need the GPT-2 ranks: the session fixture fetches them from the package registry once
 needs_ranks = pytest.mark.usefixtures("shakespeare_data")

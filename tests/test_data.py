@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import re
 from pathlib import Path
 
@@ -384,10 +383,7 @@ def test_missing_ranks_and_no_download(tmp_path: Path, monkeypatch: pytest.Monke
 
 @pytest.fixture(scope="module")
 def shakespeare():
-    spec = importlib.util.spec_from_file_location("shakespeare_data", REPO_DIR / "data" / "shakespeare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return M.import_data_script("shakespeare")
 
 
 def realistic_lengths(seed: int) -> dict[str, int]:
