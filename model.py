@@ -144,6 +144,11 @@ class Hyperparameters:
         return self
 
     @property
+    def tokens_per_step(self) -> int:
+        """The global batch: fixed in tokens whatever the world size."""
+        return self.rank_equivalents * self.train_seq_len
+
+    @property
     def max_seq_len(self) -> int:
         """Longest row the model sees: the rotary table is built this long."""
         return self.row_len or max(self.train_seq_len, self.val_seq_len)
@@ -282,7 +287,12 @@ def load_config(argv: list[str] | None = None, prog: str = "pretraining.py", env
 
     Raises ConfigError for bad values; argparse itself exits 2 on unknown flags.
     """
-    values = explicit_overrides(argv, prog, env, dotenv_path)
+    return config_from_overrides(explicit_overrides(argv, prog, env, dotenv_path))
+
+
+def config_from_overrides(values: dict[str, Any]) -> Hyperparameters:
+    """Explicit values (from explicit_overrides) on top of their preset, or the default preset."""
+    values = dict(values)
     preset = values.pop("preset", None) or default_preset()
     if preset not in PRESETS:
         raise ConfigError(f"--preset={preset!r} must be one of {', '.join(sorted(PRESETS))}")

@@ -32,22 +32,24 @@ def read_code() -> dict[str, str]:
     return {name: (M.REPO_DIR / name).read_text() for name in ("pretraining.py", "model.py")}
 
 
-def resolve_config(argv: list[str] | None) -> tuple[Hyperparameters, dict | None]:
-    """Config from CLI/env/preset; on --resume the checkpoint's config, with explicit CLI/env values on top."""
-    hp = M.load_config(argv, prog="pretraining.py")
+def resolve_config(argv: list[str] | None) -> tuple[Hyperparameters, dict | None, bool]:
+    """Config from CLI/env/preset; on --resume the checkpoint's config, with explicit CLI/env values on top.
+
+    Returns (config, checkpoint or None, whether the preset came from the user or a checkpoint)."""
+    explicit = M.explicit_overrides(argv, prog="pretraining.py")
+    hp = M.config_from_overrides(explicit)
     if not hp.resume:
-        return hp, None
+        return hp, None, "preset" in explicit
     path = M.resolve_checkpoint(hp.resume, hp.log_dir)
     ckpt = M.load_checkpoint(path)
     if "hyperparameters" not in ckpt:
         raise M.CheckpointError(f"{path}: has no hyperparameters (a record checkpoint cannot be resumed)")
     saved = Hyperparameters.from_dict(ckpt["hyperparameters"])
-    explicit = M.explicit_overrides(argv)
     explicit.pop("preset", None)
     values = {**saved.to_dict(), **explicit, "resume": str(path)}
     values["run_id"] = explicit.get("run_id", path.parent.name)
     values["log_dir"] = explicit.get("log_dir", str(path.parent.parent))
-    return Hyperparameters(**values), ckpt
+    return Hyperparameters(**values), ckpt, True
 
 
 def ensure_data(hp: Hyperparameters, rt: Runtime) -> None:
@@ -127,6 +129,12 @@ def train_step(forward, raw_model, optimizers, batch: tuple, step: int, hp: Hype
     return train_loss
 
 
+def make_train_loader(hp: Hyperparameters, rt: Runtime, start: dict | None = None):
+    return M.distributed_data_generator(_repo_path(hp.train_files), hp.tokens_per_step, rt.rank, rt.world_size,
+                                        device=rt.device, start=start, row_len=hp.row_len,
+                                        shuffle_seed=hp.seed if hp.shuffle_rows else None)
+
+
 def warm_up(forward, raw_model, optimizers, hp: Hyperparameters, rt: Runtime, window: torch.Tensor) -> int:
     """Run steps to compile kernels, then restore the initial weights and optimizer state (as the record does),
     so the clock never counts compilation and the trajectory is that of a run without warm-up."""
@@ -135,8 +143,7 @@ def warm_up(forward, raw_model, optimizers, hp: Hyperparameters, rt: Runtime, wi
         return 0
     initial = dict(model=copy.deepcopy(raw_model.state_dict()),
                    optimizers=[copy.deepcopy(opt.state_dict()) for opt in optimizers])
-    loader = M.distributed_data_generator(_repo_path(hp.train_files), hp.rank_equivalents * hp.train_seq_len,
-                                          rt.rank, rt.world_size, device=rt.device, row_len=hp.row_len)
+    loader = make_train_loader(hp, rt)
     for step in range(steps):
         window.fill_(M.get_window_size_blocks(step, hp))
         train_step(forward, raw_model, optimizers, next(loader), step, hp, rt, window)
@@ -176,7 +183,7 @@ def restore(ckpt: dict, hp: Hyperparameters, raw_model, optimizers) -> tuple[int
 def log_summary(rt: Runtime, logfile: Path, hp: Hyperparameters, raw_model, run_dir: Path, preset_given: bool,
                 start_step: int | None) -> None:
     counts = M.param_counts(raw_model)
-    step_tokens = hp.rank_equivalents * hp.train_seq_len
+    step_tokens = hp.tokens_per_step
     compiled = "model" if rt.compile else "loss-head" if rt.compile_head else "off"
     M.print0(rt, f"preset:{hp.preset}{'' if preset_given else ' (default: ' + DEFAULT_REASON[hp.preset] + ')'} "
                  f"device:{rt.device} dtype:{rt.autocast_dtype or torch.float32} compile:{compiled} "
@@ -200,15 +207,13 @@ def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None, preset_given: boo
     if ckpt is not None:
         start_step, data_pos, val_loss = restore(ckpt, hp, raw_model, optimizers)
     log_summary(rt, logfile, hp, raw_model, run_dir, preset_given, start_step if ckpt else None)
-    step_tokens = hp.rank_equivalents * hp.train_seq_len
-    warmed = warm_up(forward, raw_model, optimizers, hp, rt, torch.zeros((), dtype=torch.int32, device=rt.device))
+    step_tokens = hp.tokens_per_step
+    window = torch.zeros((), dtype=torch.int32, device=rt.device)  # a tensor, so compile does not recompile
+    warmed = warm_up(forward, raw_model, optimizers, hp, rt, window)
     if warmed:
         M.print0(rt, f"warm-up: {warmed} steps run and undone before the clock starts", logfile)
     metrics = open(run_dir / "metrics.jsonl", "a") if rt.master else None
-    train_loader = M.distributed_data_generator(_repo_path(hp.train_files), step_tokens, rt.rank, rt.world_size,
-                                                device=rt.device, start=data_pos, row_len=hp.row_len,
-                                                shuffle_seed=hp.seed if hp.shuffle_rows else None)
-    window = torch.zeros((), dtype=torch.int32, device=rt.device)  # a tensor, so compile does not recompile
+    train_loader = make_train_loader(hp, rt, start=data_pos)
     training_time_ms, t0 = 0.0, time.perf_counter()
     for step in range(start_step, hp.num_iterations + 1):
         last_step = step == hp.num_iterations
@@ -256,10 +261,10 @@ def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None, preset_given: boo
 def main(argv: list[str] | None = None) -> None:
     rt = None
     try:
-        hp, ckpt = resolve_config(argv)
+        hp, ckpt, preset_given = resolve_config(argv)
         rt = M.init_runtime(hp)
         hp.validate(rt.world_size)
-        train(hp, rt, ckpt, preset_given=ckpt is not None or "preset" in M.explicit_overrides(argv))
+        train(hp, rt, ckpt, preset_given)
     except USER_ERRORS as e:
         print(f"pretraining.py: error: {e}", file=sys.stderr)
         sys.exit(2)
