@@ -444,13 +444,9 @@ def norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-_FP8_OPS_REGISTERED = False
-
-
 def _register_fp8_ops() -> None:
-    """Define the FP8 matmul custom op on first use (CUDA only), not at import."""
-    global _FP8_OPS_REGISTERED
-    if _FP8_OPS_REGISTERED:
+    """Define the FP8 matmul custom op on first use (CUDA only), not at import; train_gpt.py defines the same op."""
+    if hasattr(torch.ops.moddedgpt, "fp8_mm"):
         return
 
     @torch.library.custom_op("moddedgpt::fp8_mm", mutates_args=())
@@ -492,7 +488,6 @@ def _register_fp8_ops() -> None:
         ctx.set_materialize_grads(False)
 
     fp8_mm.register_autograd(backward, setup_context=setup_context)
-    _FP8_OPS_REGISTERED = True
 
 
 def fp8_supported(device: torch.device) -> bool:
