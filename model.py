@@ -11,7 +11,9 @@ size, any device and any world size.
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
+import copy
 import dataclasses
 import glob
 import json
@@ -22,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 import numpy as np
 import torch
@@ -522,11 +524,23 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, max_seq_len: int):
         super().__init__()
-        freqs = (1 / 1024) ** torch.linspace(0, 1, steps=head_dim // 4, dtype=torch.float32)
-        freqs = torch.cat([freqs, freqs.new_zeros(head_dim // 4)])
-        theta = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)  # (T, D/2)
-        self.cos = nn.Buffer(theta.cos(), persistent=False)
-        self.sin = nn.Buffer(theta.sin(), persistent=False)
+        self.head_dim = head_dim
+        cos, sin = self._table(max_seq_len, torch.device("cpu"))
+        self.cos = nn.Buffer(cos, persistent=False)
+        self.sin = nn.Buffer(sin, persistent=False)
+
+    def _table(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        freqs = (1 / 1024) ** torch.linspace(0, 1, steps=self.head_dim // 4, dtype=torch.float32, device=device)
+        freqs = torch.cat([freqs, freqs.new_zeros(self.head_dim // 4)])
+        theta = torch.outer(torch.arange(length, dtype=torch.float32, device=device), freqs)  # (T, D/2)
+        return theta.cos(), theta.sin()
+
+    def ensure_length(self, length: int) -> None:
+        """Grow the table for generation past the training length. RoPE is relative and attention is windowed,
+        so positions beyond the rows seen in training only add offsets the model has seen; existing entries of
+        the table are recomputed bit for bit."""
+        if length > self.cos.size(0):
+            self.cos, self.sin = self._table(next_multiple_of_n(length, n=BLOCK_SIZE), self.cos.device)
 
     def forward(self, x_BTHD: Tensor, offset: int = 0) -> Tensor:
         T = x_BTHD.size(-3)
@@ -565,14 +579,18 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.weight.detach().zero_()  # zero-init output projection (record)
         self.attn_scale = 0.12  # fixed logit scale instead of 1/sqrt(head_dim) (record)
 
-    def forward(self, x: Tensor, ve: Tensor | None, mask: AttnMask) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, mask: AttnMask, kv: "LayerCache | None" = None) -> Tensor:
         B, T = x.size(0), x.size(1)
         qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x))
         q, k, v = qkv.view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)  # (B, T, H, D) each
         q, k = norm(q), norm(k)  # QK-norm
-        q, k = self.rotary(q), self.rotary(k)
+        offset = 0 if kv is None else kv.cache.pos
+        q, k = self.rotary(q, offset), self.rotary(k, offset)
         v = self.lambdas[0] * v + (self.lambdas[1] * ve.view_as(v) if ve is not None else 0)
-        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2).type_as(q), mask, self.attn_scale)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2).type_as(q)  # (B, H, T, D)
+        if kv is not None:
+            k, v = kv.update(k, v)  # the cached window of keys and values, this chunk's included
+        y = attention(q, k, v, mask, self.attn_scale)
         y = y.transpose(1, 2).contiguous().view(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
         return self.c_proj(y)
 
@@ -595,10 +613,11 @@ class Block(nn.Module):
         self.mlp = MLP(dim)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # mix of the residual x and the embedding x0
 
-    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask: AttnMask) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask: AttnMask,
+                kv: "LayerCache | None" = None) -> Tensor:
         x = self.lambdas[0] * x + self.lambdas[1] * x0
         if self.attn is not None:
-            x = x + self.attn(norm(x), ve, mask)
+            x = x + self.attn(norm(x), ve, mask, kv)
         return x + self.mlp(norm(x))
 
 
@@ -723,11 +742,9 @@ class GPT(nn.Module):
         build = flex_block_mask if self.use_flex else dense_attention_mask
         return build(docs, window_blocks), build(docs, window_blocks // 2)
 
-    def forward(self, input_seq: Tensor, target_seq: Tensor | None = None,
-                sliding_window_num_blocks: Tensor | int = 1 << 30) -> Tensor:
-        """(B, T) or the record's 1-D (T,) tokens. With targets: mean cross-entropy; without: logits (B, T, V)."""
-        input_BT = input_seq[None] if input_seq.ndim == 1 else input_seq
-        long_mask, short_mask = self.attention_masks(input_BT, sliding_window_num_blocks)
+    def hidden_states(self, input_BT: Tensor, long_mask: AttnMask, short_mask: AttnMask,
+                      cache: "KVCache | None" = None) -> Tensor:
+        """The normed final residual stream (B, T, model_dim); with a cache, of T new tokens after cache.pos."""
         masks = [long_mask if is_long else short_mask for is_long in long_window_layers(self.num_layers)]
         value_embeds = [ve(input_BT) for ve in self.value_embeds]
         ves = [value_embeds[i] if i is not None else None for i in value_embed_layout(self.num_layers)]
@@ -736,16 +753,39 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             if i >= n:
                 x = x + self.skip_weights[i - n] * skips.pop()
-            x = block(x, ves[i], x0, masks[i])
+            x = block(x, ves[i], x0, masks[i], None if cache is None else cache.layer(i))
             if i < n:
                 skips.append(x)
-        x = norm(x)
+        return norm(x)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Soft-capped fp32 logits over the padded vocabulary."""
+        return softcap(self.lm_head(x).float(), self.model_dim)
+
+    def forward(self, input_seq: Tensor, target_seq: Tensor | None = None,
+                sliding_window_num_blocks: Tensor | int = 1 << 30) -> Tensor:
+        """(B, T) or the record's 1-D (T,) tokens. With targets: mean cross-entropy; without: logits (B, T, V)."""
+        input_BT = input_seq[None] if input_seq.ndim == 1 else input_seq
+        x = self.hidden_states(input_BT, *self.attention_masks(input_BT, sliding_window_num_blocks))
         if target_seq is None or (self.lm_head.use_fp8 and self.training):
-            logits = softcap(self.lm_head(x).float(), self.model_dim)
+            logits = self.logits(x)
             if target_seq is None:
                 return logits
             return F.cross_entropy(logits.view(-1, logits.size(-1)), target_seq.reshape(-1).long())
         return self.loss_fn(x, self.lm_head.weight, target_seq)
+
+    def forward_cached(self, input_BT: Tensor, cache: "KVCache", window_blocks: int) -> Tensor:
+        """Logits (B, T, V) of T new tokens that follow the cache's tokens; their keys and values join the cache.
+
+        Equal to rows cache.pos.. of forward() on the whole sequence (tested), at the cost of the new rows only.
+        """
+        T = input_BT.size(1)
+        cache.tokens[:, cache.pos:cache.pos + T] = input_BT
+        start, long_mask, short_mask = cache.masks(T, window_blocks)
+        cache.key_start = start
+        x = self.hidden_states(input_BT, long_mask, short_mask, cache)
+        cache.pos += T
+        return self.logits(x)
 
 
 def strip_compile_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -1076,6 +1116,35 @@ def evaluate(forward: Any, hp: Hyperparameters, rt: Runtime, window: Tensor | in
     return float(total)
 
 
+@torch.no_grad()
+def token_losses(model: GPT, inputs: Tensor, targets: Tensor, row_len: int, window_blocks: int,
+                 autocast: contextlib.AbstractContextManager | None = None, batch_tokens: int = 8192,
+                 head_chunk: int = 2048) -> Tensor:
+    """Cross-entropy of every target (fp32, shape of targets), the 1-D stream cut into rows of row_len as in
+    training (each row starts without context); a shorter last row is padded to whole blocks and its padding
+    ignored. The lm_head runs over head_chunk positions at a time, so the full fp32 logits of a long batch are
+    never held at once."""
+    n = inputs.numel()
+    rows_per_batch = max(1, batch_tokens // row_len)
+    out = torch.empty(n, dtype=torch.float32, device=inputs.device)
+    model.eval()
+    for start in range(0, n, row_len * rows_per_batch):
+        x = inputs[start:start + row_len * rows_per_batch]
+        rows = [x[i:i + row_len] for i in range(0, x.numel(), row_len)]
+        width = next_multiple_of_n(max(r.numel() for r in rows), n=BLOCK_SIZE)
+        x_BT = torch.stack([F.pad(r.long(), (0, width - r.numel())) for r in rows])  # pad id 0 is never EOT
+        with autocast or contextlib.nullcontext():
+            h = model.hidden_states(x_BT, *model.attention_masks(x_BT, window_blocks))
+        h = torch.cat([h[i, :r.numel()] for i, r in enumerate(rows)])  # (tokens, model_dim), padding dropped
+        y = targets[start:start + h.size(0)].long()
+        for c in range(0, h.size(0), head_chunk):
+            with autocast or contextlib.nullcontext():
+                logits = model.logits(h[c:c + head_chunk])
+            out[start + c:start + c + logits.size(0)] = F.cross_entropy(logits, y[c:c + head_chunk],
+                                                                       reduction="none")
+    return out
+
+
 # -----------------------------------------------------------------------------
 # Tokenizer
 
@@ -1107,6 +1176,41 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode(ids)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.enc.decode_single_token_bytes(token_id)
+
+    def byte_lengths(self, size: int) -> Tensor:
+        """UTF-8 bytes of every id below size; 0 for special tokens, so bits per byte counts text bytes only."""
+        special = set(self.special_ids.values())
+        return torch.tensor([0 if i in special or i >= self.enc.n_vocab else len(self.token_bytes(i))
+                             for i in range(size)], dtype=torch.int64)
+
+
+CHAT_TEMPLATE_VERSION = 1  # bump when render_conversation changes; fine-tuned checkpoints record the version
+CHAT_ROLES = ("system", "user", "assistant")
+CHAT_VOCAB_LIMIT = 50261  # ids a chat model may sample: GPT-2's 50257 and the four chat tokens
+
+
+def render_conversation(tokenizer: "Tokenizer", messages: list[dict[str, str]], *,
+                        add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """Chat template v1 (finetune.py trains on it, chat.py prompts with it): <|endoftext|>, then per message
+    <|role|> content <|end|>; add_generation_prompt appends <|assistant|> for the reply to come.
+
+    Returns (ids, mask): mask[i] = 1 where ids[i] is a training target, i.e. the content of assistant messages
+    and their <|end|> (so the model learns to stop); system and user text and every role token are 0.
+    Content is encoded as plain text: a message spelling "<|assistant|>" cannot forge a special token.
+    """
+    ids, mask = [EOT_ID], [0]
+    for message in messages:
+        content = tokenizer.encode(message["content"])
+        trained = int(message["role"] == "assistant")
+        ids += [CHAT_SPECIAL_TOKENS[f"<|{message['role']}|>"], *content, CHAT_SPECIAL_TOKENS["<|end|>"]]
+        mask += [0] + [trained] * (len(content) + 1)
+    if add_generation_prompt:
+        ids.append(CHAT_SPECIAL_TOKENS["<|assistant|>"])
+        mask.append(0)
+    return ids, mask
 
 
 def get_tokenizer(ranks_file: str | Path | None = None) -> Tokenizer:
@@ -1265,13 +1369,24 @@ def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
     return stale
 
 
-def find_latest_checkpoint(log_dir: str | Path = "logs", run_id: str | None = None) -> Path | None:
-    """Newest complete checkpoint (by modification time, then step) under log_dir or one run; None if none."""
+def checkpoint_kind(path: str | Path) -> str:
+    """'chat' for fine-tuned checkpoints (finetune.py marks them), else 'base'. Reads only the pickle, not the
+    tensors (mmap), so scanning a log directory of large checkpoints is cheap; unreadable files count as None."""
+    try:
+        meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a partial or foreign file is simply not a candidate
+        return "none"
+    return "chat" if isinstance(meta, dict) and meta.get("kind") == "chat" else "base"
+
+
+def find_latest_checkpoint(log_dir: str | Path = "logs", run_id: str | None = None,
+                           kind: str | None = None) -> Path | None:
+    """Newest complete checkpoint (by modification time, then step) under log_dir or one run, optionally only
+    of one kind ('chat' or 'base'); None if none."""
     root = Path(log_dir)
     found = [p for p in root.glob(f"{run_id or '*'}/state_step*.pt") if CHECKPOINT_RE.search(p.name)]
-    if not found:
-        return None
-    return max(found, key=lambda p: (p.stat().st_mtime, int(CHECKPOINT_RE.search(p.name).group(1))))
+    found.sort(key=lambda p: (p.stat().st_mtime, int(CHECKPOINT_RE.search(p.name).group(1))), reverse=True)
+    return next((p for p in found if kind is None or checkpoint_kind(p) == kind), None)
 
 
 def resolve_checkpoint(spec: str, log_dir: str | Path = "logs") -> Path:
@@ -1318,3 +1433,232 @@ def apply_schedules(optimizers: list[torch.optim.Optimizer], step: int, hp: Hype
         if isinstance(opt, Muon):
             for group in opt.param_groups:
                 group["momentum"] = get_muon_momentum(step, hp)
+
+
+# -----------------------------------------------------------------------------
+# Generation
+
+
+def final_window_blocks(hp: Hyperparameters) -> int:
+    """The sliding window the model ends training with, in blocks: the one to use for evaluation and generation."""
+    return get_window_size_blocks(hp.num_iterations, hp)
+
+
+def cached_mask_rows(docs_BT: Tensor, q_start: int, window_blocks: int) -> tuple[int, Tensor]:
+    """Rows q_start.. of dense_attention_mask for a sequence that ends after docs_BT, over the keys that any of
+    them may see: returns (first key position, boolean (B, 1, T - q_start, T - first)).
+
+    The sequence is padded to whole blocks with its last document, which is what a full forward of the padded
+    tokens sees (padding is never <|endoftext|>), so these rows equal the reference's rows.
+    """
+    B, T = docs_BT.shape
+    pad = (-T) % BLOCK_SIZE
+    docs = torch.cat([docs_BT, docs_BT[:, -1:].expand(B, pad)], dim=1)
+    keep_full, keep_partial = block_keep_mask(docs, window_blocks)
+    q = torch.arange(q_start, T, device=docs_BT.device)
+    rows_BQN = (keep_full | keep_partial)[:, q // BLOCK_SIZE]  # (B, Tq, NB): key blocks each query keeps
+    first_block = int(rows_BQN.flatten(0, 1).any(0).nonzero()[0])  # the diagonal block is always kept
+    k = torch.arange(first_block * BLOCK_SIZE, T, device=docs_BT.device)
+    mask = rows_BQN[:, :, k // BLOCK_SIZE] & (k[None, :] <= q[:, None])[None]
+    mask &= docs_BT[:, q, None] == docs_BT[:, None, k]
+    return first_block * BLOCK_SIZE, mask[:, None]
+
+
+class KVCache:
+    """Preallocated keys and values of every attention layer for B sequences of up to `capacity` tokens.
+
+    The model calls layer(i).update() once per attention layer per forward_cached(); pos counts the cached
+    tokens; key_start is the first key position the current chunk's queries may see (the sliding window), so
+    attention reads only the window and decoding costs O(window) per token, not O(context).
+    """
+
+    def __init__(self, model: GPT, batch_size: int, capacity: int):
+        capacity = next_multiple_of_n(capacity, n=BLOCK_SIZE)
+        rotary = next(b.attn.rotary for b in model.blocks if b.attn is not None)
+        rotary.ensure_length(capacity)
+        self.batch_size, self.capacity, self.pos, self.key_start = batch_size, capacity, 0, 0
+        self.tokens = torch.zeros(batch_size, capacity, dtype=torch.long, device=model.embed.weight.device)
+        self.k: list[Tensor | None] = [None] * len(model.blocks)
+        self.v: list[Tensor | None] = [None] * len(model.blocks)
+
+    def layer(self, i: int) -> "LayerCache":
+        return LayerCache(self, i)
+
+    def masks(self, T: int, window_blocks: int) -> tuple[int, Tensor, Tensor]:
+        """(first key position, long-window rows, short-window rows) for T new tokens."""
+        end = self.pos + T
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} tokens; {end} requested")
+        docs = (self.tokens[:, :end] == EOT_ID).cumsum(dim=1)
+        start_long, long_mask = cached_mask_rows(docs, self.pos, window_blocks)
+        start_short, short_mask = cached_mask_rows(docs, self.pos, window_blocks // 2)
+        start = min(start_long, start_short)  # one key range for both: pad the narrower rows on the left
+        return start, F.pad(long_mask, (start_long - start, 0)), F.pad(short_mask, (start_short - start, 0))
+
+    def expand(self, n: int) -> "KVCache":
+        """n copies of a one-sequence cache (several samples from one prefilled prompt)."""
+        out = copy.copy(self)
+        out.batch_size = n
+        out.tokens = self.tokens.expand(n, -1).clone()
+        out.k = [None if t is None else t.expand(n, -1, -1, -1).clone() for t in self.k]
+        out.v = [None if t is None else t.expand(n, -1, -1, -1).clone() for t in self.v]
+        return out
+
+
+@dataclass
+class LayerCache:
+    cache: KVCache
+    index: int
+
+    def update(self, k_BHTD: Tensor, v_BHTD: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this chunk's keys and values; return those of positions key_start .. pos + T."""
+        c, i, T = self.cache, self.index, k_BHTD.size(2)
+        if c.k[i] is None:
+            B, H, _, D = k_BHTD.shape
+            c.k[i] = k_BHTD.new_zeros(B, H, c.capacity, D)
+            c.v[i] = v_BHTD.new_zeros(B, H, c.capacity, D)
+        c.k[i][:, :, c.pos:c.pos + T] = k_BHTD
+        c.v[i][:, :, c.pos:c.pos + T] = v_BHTD
+        return c.k[i][:, :, c.key_start:c.pos + T], c.v[i][:, :, c.key_start:c.pos + T]
+
+
+def reference_logits(model: GPT, tokens_BT: Tensor, window_blocks: int) -> Tensor:
+    """Next-token logits (B, V) from a full forward of the whole context (the path the KV cache must equal)."""
+    B, T = tokens_BT.shape
+    pad = (-T) % BLOCK_SIZE  # padding follows the last token, so causality leaves row T-1 unchanged
+    padded = torch.cat([tokens_BT, tokens_BT.new_zeros(B, pad)], dim=1)
+    next(b.attn.rotary for b in model.blocks if b.attn is not None).ensure_length(T + pad)
+    return model(padded, None, window_blocks)[:, T - 1]
+
+
+def sample_next(logits_BV: Tensor, generator: torch.Generator, temperature: float = 0.0, top_k: int = 0,
+                top_p: float = 1.0) -> Tensor:
+    """One token per row: greedy at temperature 0, else sampled from the top-k and then top-p (nucleus) set."""
+    logits = logits_BV.float()
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(model: GPT, prompt: list[int], *, window_blocks: int, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, num_samples: int = 1,
+             stop_ids: Collection[int] = (EOT_ID,), vocab_limit: int = 50257, use_cache: bool = True,
+             autocast: contextlib.AbstractContextManager | None = None) -> Iterator[list[int | None]]:
+    """Stream num_samples continuations of prompt: one list per step with each sample's new token id, or None
+    once that sample has produced a stop token (stop tokens are not yielded). Ends when every sample stopped
+    or after max_new_tokens steps.
+
+    use_cache=True prefills a KV cache once (shared by all samples) and then feeds one token per step;
+    use_cache=False recomputes the whole context every step (the reference). Ids >= vocab_limit (padding rows,
+    and chat tokens for a base model) are never sampled.
+    """
+    if not prompt:
+        raise ValueError("generate() needs a non-empty prompt (start it with <|endoftext|>)")
+    device = model.embed.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    ctx = autocast or contextlib.nullcontext()
+    prompt_BT = torch.tensor([prompt], dtype=torch.long, device=device)
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    model.eval()
+    with ctx:
+        if use_cache:
+            cache = KVCache(model, 1, len(prompt) + max_new_tokens)
+            logits = model.forward_cached(prompt_BT, cache, window_blocks)[:, -1]
+            if num_samples > 1:
+                cache, logits = cache.expand(num_samples), logits.expand(num_samples, -1)
+        else:
+            tokens = prompt_BT.expand(num_samples, -1)
+            logits = reference_logits(model, tokens, window_blocks)
+    done = torch.zeros(num_samples, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        next_ids = sample_next(logits[:, :vocab_limit], generator, temperature, top_k, top_p)
+        done |= torch.isin(next_ids, stop)
+        if bool(done.all()):
+            return
+        yield [None if d else t for d, t in zip(done.tolist(), next_ids.tolist())]
+        if step == max_new_tokens - 1:
+            return
+        with ctx:
+            if not use_cache:
+                tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
+                logits = reference_logits(model, tokens, window_blocks)
+            elif bool((next_ids == EOT_ID).any()) and cache.pos % BLOCK_SIZE:
+                # a new document starts inside a block: the record's block mask then changes for the earlier
+                # tokens of this block too, so recompute the block (once per <|endoftext|>) to stay exact
+                start = cache.pos - cache.pos % BLOCK_SIZE
+                cache.tokens[:, cache.pos] = next_ids
+                chunk, cache.pos = cache.tokens[:, start:cache.pos + 1].clone(), start
+                logits = model.forward_cached(chunk, cache, window_blocks)[:, -1]
+            else:
+                logits = model.forward_cached(next_ids[:, None], cache, window_blocks)[:, -1]
+
+
+class StreamDecoder:
+    """Token ids to text as they arrive: bytes of a character split across tokens are held until complete."""
+
+    def __init__(self, tokenizer: "Tokenizer"):
+        self.tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token_id: int) -> str:
+        return self._utf8.decode(self.tokenizer.token_bytes(token_id))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+@dataclass
+class InferenceModel:
+    """A checkpoint loaded for eval.py and chat.py, with how to run it."""
+
+    path: Path
+    model: GPT
+    hp: Hyperparameters
+    kind: str  # "chat" (fine-tuned on the chat template) or "base"
+    step: int
+    tokenizer: Tokenizer
+    device: torch.device
+    score_dtype: torch.dtype | None  # autocast for batched scoring
+    decode_dtype: torch.dtype | None  # autocast for token-by-token decoding
+
+    @property
+    def window_blocks(self) -> int:
+        return final_window_blocks(self.hp)
+
+    @property
+    def vocab_limit(self) -> int:
+        return CHAT_VOCAB_LIMIT if self.kind == "chat" else self.hp.vocab_size
+
+    def autocast(self, dtype: torch.dtype | None) -> contextlib.AbstractContextManager | None:
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else None
+
+    def describe(self) -> str:
+        return f"{self.path} (step {self.step}, {self.kind} model, preset {self.hp.preset})"
+
+
+def load_for_inference(spec: str = "latest", log_dir: str | Path = "logs", device: str = "auto",
+                       dtype: str = "auto", prefer_chat: bool = False) -> InferenceModel:
+    """'latest' (the newest chat checkpoint first when prefer_chat) or a path, on the chosen device."""
+    if spec == "latest" and prefer_chat:
+        path = find_latest_checkpoint(log_dir, kind="chat") or resolve_checkpoint("latest", log_dir)
+    else:
+        path = resolve_checkpoint(spec, log_dir)
+    dev = detect_device(device)
+    model, hp, ckpt = load_model(path, dev)
+    score_dtype = pick_autocast_dtype(dtype, dev)
+    # batch-1 decoding is memory-bound: on CPU autocast re-casts every weight for every token (2.7x slower here)
+    decode_dtype = score_dtype if dev.type != "cpu" or dtype == "bf16" else None
+    return InferenceModel(path=path, model=model.eval(), hp=hp, kind="chat" if ckpt.get("kind") == "chat" else "base",
+                          step=int(ckpt.get("step", 0)), tokenizer=get_tokenizer(), device=dev,
+                          score_dtype=score_dtype, decode_dtype=decode_dtype)

@@ -1,0 +1,264 @@
+"""Chat with a trained or fine-tuned checkpoint; replies stream token by token through the KV cache.
+
+    python chat.py                                   # the newest fine-tuned checkpoint, else the newest pretrained
+    python chat.py --checkpoint logs/RUN/state_step000075.pt --system "You are a player in a comedy."
+    python chat.py --prompt "Good morrow"            # answer once and exit
+    printf 'Hello\\nWho art thou?\\n' | python chat.py  # each stdin line a user turn; replies only, blank-line separated
+
+A chat model (finetune.py) is prompted with model.py's chat template. A base model gets a plain-text dialogue in
+the play format of the default corpus (speaker names in capitals, a blank line after each speech), and its reply
+ends at the first blank line, where the next speaker would begin.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from typing import Iterator, TextIO
+
+import model as M
+
+USER_ERRORS = (M.ConfigError, M.DataError, M.CheckpointError, M.TokenizerError)
+HELP = """commands (a line that is exactly one of these):
+  quit, exit          leave (Ctrl-D too)
+  clear               forget the conversation and the system prompt
+  new                 start a new conversation, keeping the system prompt
+  help                this text
+  /system TEXT        set the system prompt
+  /temperature 0.7    /top_k 50    /top_p 0.95    /max_new_tokens 200    /seed 1
+  /settings           show the current settings
+Ctrl-C stops a reply and keeps what was written; Ctrl-C at the prompt does nothing."""
+SETTINGS = {"temperature": float, "top_k": int, "top_p": float, "max_new_tokens": int, "seed": int}
+BASE_SPEAKERS = ("USER.", "ASSISTANT.")  # play format: NAME. on its own line, the speech, a blank line
+BASE_STOP = "\n\n"
+
+
+@dataclass
+class Conversation:
+    system: str = ""
+    turns: list[tuple[str, str]] = field(default_factory=list)  # (user, assistant) pairs
+
+
+@dataclass
+class Settings:
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 0.95
+    max_new_tokens: int = 200
+    seed: int = 0
+
+
+def render(im: M.InferenceModel, conv: Conversation, user: str) -> list[int]:
+    """Prompt ids: the chat template for chat models, the play-format dialogue for base models."""
+    if im.kind == "chat":
+        messages = ([{"role": "system", "content": conv.system}] if conv.system else [])
+        for u, a in conv.turns:
+            messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": user})
+        return M.render_conversation(im.tokenizer, messages, add_generation_prompt=True)[0]
+    you, bot = BASE_SPEAKERS
+    text = f"{conv.system}\n\n" if conv.system else ""
+    text += "".join(f"{you}\n{u}\n\n{bot}\n{a}\n\n" for u, a in conv.turns)
+    return im.tokenizer.encode_document(f"{text}{you}\n{user}\n\n{bot}\n")
+
+
+def fit(im: M.InferenceModel, conv: Conversation, user: str, budget: int) -> tuple[list[int], str]:
+    """Drop the oldest turns (never the system prompt) until the prompt fits; returns (ids, note for the user)."""
+    dropped = 0
+    while True:
+        ids = render(im, conv, user)
+        if len(ids) <= budget or not conv.turns:
+            break
+        conv.turns.pop(0)
+        dropped += 1
+    note = f"[dropped the {dropped} oldest turn(s) to fit the {budget}-token prompt budget]" if dropped else ""
+    if len(ids) > budget:
+        keep = budget - (len(ids) - len(im.tokenizer.encode(user)))
+        if keep < 1:
+            raise M.ConfigError(f"the system prompt alone exceeds the {budget}-token prompt budget; shorten it "
+                                f"or lower /max_new_tokens")
+        user = im.tokenizer.decode(im.tokenizer.encode(user)[-keep:])
+        ids = render(im, conv, user)[-budget:]
+        note = (note + " " if note else "") + f"[your message was cut to its last {keep} tokens]"
+    return ids, note
+
+
+def stream_reply(im: M.InferenceModel, ids: list[int], settings: Settings, seed: int, context: int) -> Iterator[str]:
+    """Text pieces of the reply as they are generated; a base model's reply ends at its first blank line."""
+    stops = (M.CHAT_SPECIAL_TOKENS["<|end|>"], M.EOT_ID) if im.kind == "chat" else (M.EOT_ID,)
+    decoder = M.StreamDecoder(im.tokenizer)
+    steps = M.generate(im.model, ids, window_blocks=im.window_blocks,
+                       max_new_tokens=max(1, min(settings.max_new_tokens, context - len(ids))),
+                       temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, seed=seed,
+                       stop_ids=stops, vocab_limit=im.vocab_limit, autocast=im.autocast(im.decode_dtype))
+    text, shown = "", 0  # trailing newlines are held back until it is clear they do not end the speech
+    for step in steps:
+        text += decoder.add(step[0])
+        body = text.lstrip("\n") if im.kind == "base" else text
+        if im.kind == "base" and BASE_STOP in body:
+            body = body[:body.index(BASE_STOP)]
+            yield body[shown:]
+            return
+        safe = len(body.rstrip("\n")) if im.kind == "base" else len(body)
+        yield body[shown:safe]
+        shown = safe
+    body = (text + decoder.flush()).lstrip("\n") if im.kind == "base" else text + decoder.flush()
+    yield body[shown:].rstrip("\n")
+
+
+class Chat:
+    """The conversation loop, shared by the interactive, piped and one-shot modes."""
+
+    def __init__(self, im: M.InferenceModel, args: argparse.Namespace, out: TextIO, interactive: bool):
+        self.im, self.out, self.interactive = im, out, interactive
+        self.context = args.context or min(max(im.hp.max_seq_len, 1024), 4096)
+        self.conv = Conversation(system=args.system or "")
+        self.settings = Settings(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed)
+        self.replies = 0
+
+    def banner(self) -> str:
+        im = self.im
+        kind = (f"chat model (fine-tuned, chat template v{M.CHAT_TEMPLATE_VERSION})" if im.kind == "chat" else
+                "base model (not fine-tuned): a plain-text play-format dialogue; replies end at the first blank line")
+        return (f"chat.py: {im.path} (step {im.step}, preset {im.hp.preset}, {im.device})\n{kind}\n"
+                f"context {self.context} tokens; type 'help' for commands, Ctrl-C stops a reply, Ctrl-D leaves")
+
+    def reply(self, user: str) -> str:
+        budget = self.context - min(self.settings.max_new_tokens, self.context // 2)
+        ids, note = fit(self.im, self.conv, user, budget)
+        if note and self.interactive:
+            print(note, file=self.out, flush=True)
+        text = ""
+        try:
+            for piece in stream_reply(self.im, ids, self.settings, self.settings.seed + self.replies, self.context):
+                text += piece
+                if self.interactive:
+                    print(piece, end="", file=self.out, flush=True)
+        except KeyboardInterrupt:
+            if self.interactive:
+                print(" [interrupted]", end="", file=self.out)
+        self.replies += 1
+        self.conv.turns.append((user, text.strip()))
+        # piped and one-shot output: only the replies, each followed by a blank line (chat replies may span lines)
+        print("" if self.interactive else text.strip() + "\n", file=self.out, flush=True)
+        return text.strip()
+
+    def command(self, line: str) -> bool | None:
+        """Run line if it is a command: False = leave, True = handled, None = not a command."""
+        word, _, rest = line.strip().partition(" ")
+        name = word.lower().lstrip("/")
+        if name in ("quit", "exit") and not rest:
+            return False
+        if name in ("clear", "new", "help", "settings") and not rest:
+            if name == "clear":
+                self.conv = Conversation()
+            elif name == "new":
+                self.conv = Conversation(system=self.conv.system)
+            self.say({"clear": "[conversation and system prompt cleared]", "new": "[new conversation]",
+                      "help": HELP, "settings": str(self.settings)}[name])
+            return True
+        if word.startswith("/") and name == "system":
+            self.conv.system = rest.strip()
+            self.say(f"[system prompt set: {self.conv.system!r}]")
+            return True
+        if word.startswith("/") and name in SETTINGS:
+            try:
+                value = SETTINGS[name](rest.strip())
+                if value < 0 or (name == "top_p" and not 0 < value <= 1) or (name == "max_new_tokens" and value < 1):
+                    raise ValueError
+            except ValueError:
+                self.say(f"[/{name} needs a valid {SETTINGS[name].__name__}, got {rest.strip()!r}]")
+                return True
+            setattr(self.settings, name, value)
+            self.say(f"[{name} = {value}]")
+            return True
+        if word.startswith("/"):
+            self.say(f"[unknown command {word}; type help]")
+            return True
+        return None
+
+    def say(self, text: str) -> None:
+        if self.interactive:
+            print(text, file=self.out, flush=True)
+
+    def handle(self, line: str) -> bool:
+        """One input line; False when the user leaves."""
+        if not line.strip():
+            return True
+        handled = self.command(line)
+        if handled is not None:
+            return handled
+        self.reply(line)
+        return True
+
+
+def interactive_loop(chat: Chat) -> None:
+    try:
+        import readline  # noqa: F401 - line editing and history for input(), where available
+    except ImportError:
+        pass
+    print(chat.banner(), file=chat.out, flush=True)
+    while True:
+        try:
+            line = input("you> ")
+        except KeyboardInterrupt:
+            print("\n[Ctrl-D or quit to leave]", file=chat.out, flush=True)
+            continue
+        except EOFError:
+            print(file=chat.out)
+            return
+        if not line.strip():
+            continue
+        handled = chat.command(line)
+        if handled is False:
+            return
+        if handled is None:
+            print("bot> ", end="", file=chat.out, flush=True)
+            chat.reply(line)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = M._OneLineParser(prog="chat.py", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--checkpoint", default="latest", help="'latest' (a fine-tuned one first) or a path")
+    p.add_argument("--log-dir", default="logs")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--prompt", help="answer this once and exit")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--context", type=int, default=0, help="tokens of conversation kept (default: the model's "
+                   "row length, at least 1024, at most 4096)")
+    args = p.parse_args(argv)
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
+        p.error("--temperature and --top-k must be >= 0, --top-p in (0, 1], --max-new-tokens >= 1")
+    if args.context and args.context < 2 * M.BLOCK_SIZE:
+        p.error(f"--context={args.context} must be at least {2 * M.BLOCK_SIZE}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    sys.stdin.reconfigure(errors="replace")  # binary or mis-encoded input becomes U+FFFD, not a crash
+    try:
+        im = M.load_for_inference(args.checkpoint, args.log_dir, args.device, args.dtype, prefer_chat=True)
+        if args.prompt is not None:
+            Chat(im, args, sys.stdout, interactive=False).reply(args.prompt)
+        elif sys.stdin.isatty():
+            interactive_loop(Chat(im, args, sys.stdout, interactive=True))
+        else:
+            chat = Chat(im, args, sys.stdout, interactive=False)
+            print(chat.banner(), file=sys.stderr, flush=True)
+            for line in sys.stdin:
+                if not chat.handle(line.rstrip("\n")):
+                    break
+    except USER_ERRORS as e:
+        print(f"chat.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

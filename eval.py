@@ -1,0 +1,265 @@
+"""Evaluate a checkpoint: validation loss, perplexity and bits per byte; generation; multiple-choice accuracy.
+
+    python eval.py                                     # latest checkpoint under logs/: val metrics + samples
+    python eval.py --checkpoint logs/RUN/state_step000075.pt --val-tokens 65536
+    python eval.py --text notes.txt                    # the same metrics on any UTF-8 text file
+    python eval.py --prompt "ROMEO." --num-samples 3 --temperature 0.8 --max-new-tokens 80
+    python eval.py --hellaswag data/hellaswag/hellaswag_val.jsonl     # after `python data/hellaswag.py`
+    python eval.py --json                              # the results as JSON on stdout
+
+Results also go to logs/<run_id>/eval_<step>.json beside the checkpoint, with every setting that produced them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import model as M
+
+USER_ERRORS = (M.ConfigError, M.DataError, M.CheckpointError, M.TokenizerError)
+MAX_ROW = 8192  # the attention mask is O(row^2) without compiled FlexAttention: longer rows (the speedrun's 256k
+# validation rows) are split; the window (<= 1792 tokens) makes the difference small, and the table says so
+PROMPTS = {  # seeded samples when no --prompt is given; the play format is what the default corpus looks like
+    "shakespeare": ["ROMEO.\n", "KING HENRY.\nNow, my lords,", "To be, or not to be"],
+    "web": ["The meaning of life is", "Once upon a time,", "The best way to learn a language is"],
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = M._OneLineParser(prog="eval.py", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--checkpoint", default="latest", help="'latest' (newest under --log-dir) or a path")
+    p.add_argument("--log-dir", default="logs")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) or a torch device")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="autocast for scoring (auto: bf16 where it pays); decoding on CPU runs fp32 unless bf16")
+    p.add_argument("--val-files", help="glob of validation shards (default: the checkpoint's)")
+    p.add_argument("--val-tokens", type=int, help="token budget for the loss (default: the checkpoint's)")
+    p.add_argument("--text", help="UTF-8 text file to score instead of the validation shards")
+    p.add_argument("--hellaswag", help="multiple-choice JSONL (ctx, endings, label per line)")
+    p.add_argument("--limit", type=int, default=0, help="score only the first N multiple-choice examples")
+    p.add_argument("--prompt", action="append", help="prompt to continue (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = no top-k")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus cut")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (one prefill shared)")
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the full context every token (reference)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    args = p.parse_args(argv)
+    for name in ("max_new_tokens", "num_samples", "val_tokens", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name in ("limit", "max_new_tokens") else 1):
+            p.error(f"--{name.replace('_', '-')}={value} must be {'>= 0' if name == 'limit' else 'positive'}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        p.error("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
+    return args
+
+
+def score_tokens(s: M.InferenceModel, inputs: torch.Tensor, targets: torch.Tensor, row: int) -> dict[str, Any]:
+    """Loss, perplexity and bits per byte of targets given inputs (rows of `row` tokens, as in training)."""
+    losses = M.token_losses(s.model, inputs.to(s.device), targets.to(s.device), row, s.window_blocks,
+                            s.autocast(s.score_dtype)).cpu().double()
+    nbytes = s.tokenizer.byte_lengths(s.model.embed.weight.size(0))[targets.long().cpu()]
+    text = nbytes > 0
+    loss = float(losses.mean())
+    return dict(tokens=targets.numel(), row_len=row, loss=loss, perplexity=math.exp(loss),
+                bpb=float(losses[text].sum() / (math.log(2) * nbytes.sum())), bytes=int(nbytes.sum()),
+                special_targets_excluded_from_bpb=int((~text).sum()))
+
+
+def eval_row_len(s: M.InferenceModel, default: int) -> int:
+    return min(default, MAX_ROW)
+
+
+def eval_val(s: M.InferenceModel, args: argparse.Namespace) -> dict[str, Any]:
+    """The checkpoint's validation shards over a fixed budget, batched exactly as training validates."""
+    hp = s.hp
+    files = args.val_files or hp.val_files
+    budget = args.val_tokens or hp.val_tokens
+    pattern = files if Path(files).is_absolute() else str(M.REPO_DIR / files)
+    if budget % hp.val_seq_len:
+        raise M.ConfigError(f"--val-tokens={budget} must be a multiple of the checkpoint's val_seq_len "
+                            f"({hp.val_seq_len})")
+    loader = M.distributed_data_generator(pattern, hp.val_seq_len, 0, 1, cycle=False)
+    batches = [next(loader, None) for _ in range(budget // hp.val_seq_len)]
+    if batches[-1] is None:
+        raise M.DataError(f"validation files {files!r} hold fewer than --val-tokens={budget} tokens")
+    inputs, targets = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    row = eval_row_len(s, hp.row_len or hp.val_seq_len)
+    return dict(files=files, **score_tokens(s, inputs, targets, row))
+
+
+def eval_text(s: M.InferenceModel, path: str, budget: int | None) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise M.DataError(f"{path}: cannot read as UTF-8 text ({e.__class__.__name__}: {e})") from None
+    ids = torch.tensor(s.tokenizer.encode_document(text)[:(budget or 1 << 62) + 1])
+    if ids.numel() < 2:
+        raise M.DataError(f"{path}: no text to score")
+    row = eval_row_len(s, s.hp.row_len or s.hp.val_seq_len)
+    return dict(file=path, **score_tokens(s, ids[:-1], ids[1:], row))
+
+
+def read_choices(path: str, limit: int) -> list[dict[str, Any]]:
+    """HellaSwag-format records, each checked: ctx (str), endings (non-empty list of str), label (valid index)."""
+    records = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise M.DataError(f"{path}: cannot read ({e.__class__.__name__})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise M.DataError(f"{path}:{n}: not JSON ({e.msg})") from None
+        ok = isinstance(r, dict) and isinstance(r.get("ctx"), str) and isinstance(r.get("endings"), list) \
+            and r["endings"] and all(isinstance(e, str) for e in r["endings"]) and isinstance(r.get("label"), int) \
+            and 0 <= r["label"] < len(r["endings"])
+        if not ok:
+            raise M.DataError(f"{path}:{n}: needs ctx (string), endings (list of strings) and label (index)")
+        records.append(r)
+        if limit and len(records) == limit:
+            break
+    if not records:
+        raise M.DataError(f"{path}: no records")
+    return records
+
+
+def eval_choices(s: M.InferenceModel, path: str, limit: int) -> dict[str, Any]:
+    """Accuracy by the summed log-likelihood of each ending, and by it per UTF-8 byte (lm-eval-harness's
+    acc_norm): the ending is scored after <|endoftext|> + ctx, each candidate in its own row."""
+    records = read_choices(path, limit)
+    correct = correct_norm = 0
+    for r in records:
+        ctx = s.tokenizer.encode_document(r["ctx"])
+        scores, scores_norm = [], []
+        for ending in r["endings"]:
+            tail = s.tokenizer.encode(" " + ending.strip())
+            ids = torch.tensor(ctx + tail)
+            losses = M.token_losses(s.model, ids[:-1].to(s.device), ids[1:].to(s.device), ids.numel(), s.window_blocks,
+                                    s.autocast(s.score_dtype))[-len(tail):].double().cpu()
+            scores.append(-float(losses.sum()))
+            scores_norm.append(scores[-1] / max(1, len((" " + ending.strip()).encode())))
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == r["label"])
+        correct_norm += int(max(range(len(scores_norm)), key=scores_norm.__getitem__) == r["label"])
+    return dict(file=path, examples=len(records), acc=correct / len(records), acc_norm=correct_norm / len(records))
+
+
+def eval_samples(s: M.InferenceModel, args: argparse.Namespace, prompts: list[str], out: Any) -> list[dict[str, Any]]:
+    """Streamed continuations (printed as they come when there is one sample per prompt)."""
+    results = []
+    for i, prompt in enumerate(prompts):
+        start = time.perf_counter()
+        decoders = [M.StreamDecoder(s.tokenizer) for _ in range(args.num_samples)]
+        texts = [""] * args.num_samples
+        print(f"--- sample {i + 1}/{len(prompts)} (seed {args.seed + i}) ---\n{prompt}", end="", file=out, flush=True)
+        steps = M.generate(s.model, s.tokenizer.encode_document(prompt), window_blocks=s.window_blocks,
+                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, seed=args.seed + i, num_samples=args.num_samples, vocab_limit=s.vocab_limit,
+                           use_cache=not args.no_kv_cache, autocast=s.autocast(s.decode_dtype))
+        new_tokens = 0
+        for step in steps:
+            for j, token in enumerate(step):
+                if token is not None:
+                    piece = decoders[j].add(token)
+                    texts[j] += piece
+                    new_tokens += 1
+                    if args.num_samples == 1:
+                        print(piece, end="", file=out, flush=True)
+        texts = [t + d.flush() for t, d in zip(texts, decoders)]
+        if args.num_samples > 1:
+            print("\n".join(f"\n[{j + 1}] {prompt}{t}" for j, t in enumerate(texts)), end="", file=out)
+        seconds = time.perf_counter() - start
+        print(f"\n({new_tokens} tokens, {new_tokens / seconds:.1f} tokens/s)", file=out)
+        results.append(dict(prompt=prompt, completions=texts, seed=args.seed + i, new_tokens=new_tokens,
+                            tokens_per_s=new_tokens / seconds))
+    return results
+
+
+def print_table(s: M.InferenceModel, results: dict[str, Any], out: Any) -> None:
+    print(f"checkpoint: {s.describe()}\ndevice: {s.device}, scoring dtype: {s.score_dtype or torch.float32}, "
+          f"attention window: {s.window_blocks * M.BLOCK_SIZE} tokens", file=out)
+    rows = []
+    for name in ("val", "text"):
+        if name in results:
+            r = results[name]
+            what = f"{r['tokens']:,} tokens of {r.get('files') or r.get('file')}, rows of {r['row_len']}"
+            rows += [(f"{name} loss (nats/token)", f"{r['loss']:.4f}", what),
+                     (f"{name} perplexity", f"{r['perplexity']:.2f}", ""),
+                     (f"{name} bits per byte", f"{r['bpb']:.4f}", f"{r['bytes']:,} UTF-8 bytes; "
+                      f"{r['special_targets_excluded_from_bpb']} special-token targets excluded")]
+    if "choices" in results:
+        r = results["choices"]
+        rows += [("multiple-choice acc", f"{r['acc']:.4f}", f"{r['examples']} examples of {r['file']}"),
+                 ("multiple-choice acc_norm", f"{r['acc_norm']:.4f}", "log-likelihood per byte of the ending")]
+    for metric, value, note in rows:
+        print(f"{metric:<28} {value:>10}  {note}".rstrip(), file=out)
+
+
+def write_results(s: M.InferenceModel, results: dict[str, Any]) -> Path | None:
+    """logs/<run_id>/eval_<step>.json beside the checkpoint, written atomically; None if not writable."""
+    path = s.path.parent / f"eval_{s.step}.json"
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        print(f"eval.py: warning: results not saved to {path} ({e.strerror})", file=sys.stderr)
+        tmp.unlink(missing_ok=True)
+        return None
+    return path
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    out = sys.stderr if args.json else sys.stdout
+    s = M.load_for_inference(args.checkpoint, args.log_dir, args.device, args.dtype)
+    results: dict[str, Any] = dict(checkpoint=str(s.path), step=s.step, kind=s.kind, preset=s.hp.preset,
+                                   device=str(s.device), dtype=str(s.score_dtype or torch.float32),
+                                   window_tokens=s.window_blocks * M.BLOCK_SIZE)
+    start = time.perf_counter()
+    default = not (args.text or args.hellaswag or args.prompt)
+    if default:
+        results["val"] = eval_val(s, args)
+    if args.text:
+        results["text"] = eval_text(s, args.text, args.val_tokens)
+    if args.hellaswag:
+        results["choices"] = eval_choices(s, args.hellaswag, args.limit)
+    if "val" in results or "text" in results or "choices" in results:
+        print_table(s, results, out)
+    if default or args.prompt:
+        prompts = args.prompt or PROMPTS["shakespeare" if "shakespeare" in s.hp.train_files else "web"]
+        results["samples"] = eval_samples(s, args, prompts, out)
+        results["sampling"] = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p, kv_cache=not args.no_kv_cache)
+    results["eval_seconds"] = time.perf_counter() - start
+    saved = write_results(s, results)
+    if saved:
+        print(f"results: {saved}", file=out)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except USER_ERRORS as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
