@@ -246,7 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         im = M.load_for_inference(args.checkpoint, args.log_dir, args.device, args.dtype, prefer_chat=True)
         if args.prompt is not None:
-            Chat(im, args, sys.stdout, interactive=False).reply(args.prompt)
+            chat = Chat(im, args, sys.stdout, interactive=False)
+            print(chat.banner(), file=sys.stderr, flush=True)
+            chat.reply(args.prompt)
         elif sys.stdin.isatty():
             interactive_loop(Chat(im, args, sys.stdout, interactive=True))
         else:

@@ -137,23 +137,31 @@ def read_choices(path: str, limit: int) -> list[dict[str, Any]]:
     return records
 
 
+def ending_logprobs(s: M.InferenceModel, ctx: list[int], tails: list[list[int]]) -> list[float]:
+    """Summed log-probability of each tail after ctx, all candidates in one batch (one row each, padded)."""
+    width = max(len(ctx) + len(t) for t in tails) - 1
+    inputs, targets = [], []
+    for tail in tails:
+        ids = ctx + tail
+        pad = [0] * (width - len(ids) + 1)  # after the real tokens, so causality leaves their losses unchanged
+        inputs += ids[:-1] + pad
+        targets += ids[1:] + pad
+    losses = M.token_losses(s.model, torch.tensor(inputs, device=s.device), torch.tensor(targets, device=s.device),
+                            width, s.window_blocks, s.autocast(s.score_dtype)).view(len(tails), width).double().cpu()
+    return [-float(losses[i, len(ctx) - 1:len(ctx) - 1 + len(t)].sum()) for i, t in enumerate(tails)]
+
+
 def eval_choices(s: M.InferenceModel, path: str, limit: int) -> dict[str, Any]:
-    """Accuracy by the summed log-likelihood of each ending, and by it per UTF-8 byte (lm-eval-harness's
-    acc_norm): the ending is scored after <|endoftext|> + ctx, each candidate in its own row."""
+    """Accuracy by the summed log-likelihood of each ending, and by it per UTF-8 byte of the ending
+    (lm-evaluation-harness's acc_norm); the ending is scored after <|endoftext|> + ctx."""
     records = read_choices(path, limit)
     correct = correct_norm = 0
     for r in records:
-        ctx = s.tokenizer.encode_document(r["ctx"])
-        scores, scores_norm = [], []
-        for ending in r["endings"]:
-            tail = s.tokenizer.encode(" " + ending.strip())
-            ids = torch.tensor(ctx + tail)
-            losses = M.token_losses(s.model, ids[:-1].to(s.device), ids[1:].to(s.device), ids.numel(), s.window_blocks,
-                                    s.autocast(s.score_dtype))[-len(tail):].double().cpu()
-            scores.append(-float(losses.sum()))
-            scores_norm.append(scores[-1] / max(1, len((" " + ending.strip()).encode())))
+        endings = [" " + e.strip() for e in r["endings"]]
+        scores = ending_logprobs(s, s.tokenizer.encode_document(r["ctx"]), [s.tokenizer.encode(e) for e in endings])
+        per_byte = [score / max(1, len(e.encode())) for score, e in zip(scores, endings)]
         correct += int(max(range(len(scores)), key=scores.__getitem__) == r["label"])
-        correct_norm += int(max(range(len(scores_norm)), key=scores_norm.__getitem__) == r["label"])
+        correct_norm += int(max(range(len(per_byte)), key=per_byte.__getitem__) == r["label"])
     return dict(file=path, examples=len(records), acc=correct / len(records), acc_norm=correct_norm / len(records))
 
 

@@ -49,6 +49,28 @@ def greedy(model: M.GPT, prompt: list[int], n: int, use_cache: bool, window_bloc
     return [step[0] for step in steps]
 
 
+def reference_choices(model: M.GPT, prompt: list[int], generated: list[int], window_blocks: int = WINDOW,
+                      vocab_limit: int = M.EOT_ID + 1) -> list[int]:
+    """The greedy token the reference path picks after each prefix prompt + generated[:t], t = 0..n-1.
+
+    reference_logits of every prefix in one batch: each row is one prefix padded with zeros to whole blocks, as
+    reference_logits pads it, and only its last real row goes through lm_head (one forward instead of n).
+    """
+    seq = torch.tensor(prompt + generated[:-1])
+    lengths = torch.arange(len(prompt), len(seq) + 1)  # (n,)
+    T = -(-len(seq) // S) * S
+    rows = torch.zeros(len(lengths), T, dtype=torch.long)
+    for r, n in enumerate(lengths.tolist()):
+        rows[r, :n] = seq[:n]
+    with torch.no_grad():
+        x = model.hidden_states(rows, *model.attention_masks(rows, window_blocks))
+        logits = model.logits(x[torch.arange(len(lengths)), lengths - 1])  # (n, V)
+        for r in (0, len(lengths) - 1):  # the batch is the library's reference, row by row
+            expected = M.reference_logits(model, rows[r:r + 1, :int(lengths[r])], window_blocks)
+            torch.testing.assert_close(logits[r:r + 1], expected, atol=1e-5, rtol=0)
+    return logits[:, :vocab_limit].argmax(dim=-1).tolist()
+
+
 def padded_dense_rows(docs_BT: Tensor, window_blocks: int) -> Tensor:
     """dense_attention_mask of docs padded to whole blocks with the last document, cut back to (B, 1, T, T)."""
     B, T = docs_BT.shape
@@ -80,7 +102,7 @@ def test_kv_cache_greedy_equals_reference(model: M.GPT, name: str) -> None:
     prompt = prompt_tokens(n, eots, seed=n)
     cached = greedy(model, prompt, NEW_TOKENS, use_cache=True)
     assert len(cached) == NEW_TOKENS
-    assert cached == greedy(model, prompt, NEW_TOKENS, use_cache=False)
+    assert cached == reference_choices(model, prompt, cached)
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +123,19 @@ def test_kv_cache_equals_reference_when_model_emits_eot_mid_block(eot_model: M.G
     eot_positions = [len(prompt) + i for i, t in enumerate(cached) if t == M.EOT_ID]
     assert 0 < len(eot_positions) < len(cached), "the forced model must emit <|endoftext|> at some steps only"
     assert any(p % S for p in eot_positions), f"no <|endoftext|> mid-block: {eot_positions}"
-    assert cached == greedy(eot_model, prompt, 60, use_cache=False)
+    assert cached == reference_choices(eot_model, prompt, cached)
     # with the default stop_ids the same run ends at the first <|endoftext|>, which is not yielded
     stopped = [s[0] for s in M.generate(eot_model, prompt, window_blocks=WINDOW, max_new_tokens=60)]
     assert stopped == cached[:cached.index(M.EOT_ID)]
+
+
+def test_generate_without_cache_is_the_reference(eot_model: M.GPT) -> None:
+    # use_cache=False is the reference that chat.py and eval.py offer (--no-kv-cache); it must agree with the
+    # cache too, here across a block boundary and with <|endoftext|> generated mid-block.
+    prompt = prompt_tokens(230, [0, 150], seed=3)
+    cached = greedy(eot_model, prompt, 40, use_cache=True)
+    assert any((len(prompt) + i) % S for i, t in enumerate(cached) if t == M.EOT_ID)
+    assert greedy(eot_model, prompt, 40, use_cache=False) == cached
 
 
 # Chunks that end on block boundaries: 128, 256, 128, 128 tokens of a 640-token batch of two rows.
@@ -166,7 +197,7 @@ def test_rotary_ensure_length_keeps_table_and_allows_long_prompts() -> None:
     prompt = prompt_tokens(600, [0, 400], seed=6)
     cached = greedy(m, prompt, 5, use_cache=True)
     assert rotary.cos.size(0) >= 605 and torch.equal(rotary.cos[:256], cos)
-    assert cached == greedy(m, prompt, 5, use_cache=False)
+    assert cached == reference_choices(m, prompt, cached)
 
 
 # -----------------------------------------------------------------------------
@@ -314,7 +345,7 @@ def test_kv_cache_expand_copies_are_independent(model: M.GPT) -> None:
     for i in range(len(model.blocks)):
         assert torch.equal(cache.k[i], k0[i]) and torch.equal(cache.v[i], v0[i])
         assert torch.equal(b.k[i], k0[i].expand(3, -1, -1, -1)) and torch.equal(b.v[i], v0[i].expand(3, -1, -1, -1))
-        assert torch.equal(a.k[i][:, :, :100], k0[i].expand(3, -1, -1, -1))  # the shared prompt is unchanged
+        assert torch.equal(a.k[i][:, :, :100], k0[i][:, :, :100].expand(3, -1, -1, -1))  # shared prompt unchanged
         rows = a.k[i][:, :, 100]
         assert not torch.equal(rows[0], rows[1]) and not torch.equal(rows[1], rows[2])
     for r in range(3):  # each row is what a single-sequence cache computes for its token

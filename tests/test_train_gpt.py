@@ -66,10 +66,11 @@ def test_import_does_no_work(tmp_path: Path) -> None:
 
 
 def test_sections_follow_model_py_order() -> None:
-    """The banners of train_gpt.py are model.py's, in model.py's order (tokenizer excepted), then training."""
+    """The banners of train_gpt.py are model.py's, in model.py's order (tokenizer and generation excepted: training
+    needs neither), then training."""
     banner = re.compile(r"^# -{77}\n# (\w[\w ]*)$", re.MULTILINE)
     ours = banner.findall(SOURCE)
-    lib = [s for s in banner.findall((REPO_DIR / "model.py").read_text()) if s != "Tokenizer"]
+    lib = [s for s in banner.findall((REPO_DIR / "model.py").read_text()) if s not in ("Tokenizer", "Generation")]
     assert ours == lib + ["Training"], ours
 
 
@@ -316,6 +317,24 @@ def test_checkpoint_loads_in_library_and_resumes_in_pretraining(parity_runs: Pat
     assert result.returncode == 0, result.stderr
     ours = checkpoint(resumed_dir, PARITY_STEPS)["model"]
     assert all(torch.equal(ours[k], final[k]) for k in final)
+
+
+@pytest.mark.slow
+def test_checkpoint_loads_in_eval_and_chat(parity_runs: Path, tmp_path: Path) -> None:
+    """eval.py and chat.py find train_gpt.py's checkpoint in a log dir by themselves; eval's val loss on the same
+    budget equals the one train_gpt.py logged."""
+    (tmp_path / "single").symlink_to(parity_runs / "single", target_is_directory=True)
+    result = run([sys.executable, "eval.py", "--log-dir", str(tmp_path), "--max-new-tokens", "5", "--json"])
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["checkpoint"].endswith(f"single/state_step{PARITY_STEPS:06d}.pt") and report["step"] == PARITY_STEPS
+    assert report["val"]["tokens"] == 2048
+    assert report["val"]["loss"] == pytest.approx(read_metrics(parity_runs / "single")[1][-1], abs=1e-3)
+    assert len(report["samples"]) == 3 and all(s["completions"][0] for s in report["samples"])
+    chat = run([sys.executable, "chat.py", "--log-dir", str(tmp_path), "--prompt", "Good morrow",
+                "--max-new-tokens", "8"])
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
+    assert f"single/state_step{PARITY_STEPS:06d}.pt" in chat.stderr and "base model" in chat.stderr
 
 
 @pytest.mark.slow
