@@ -72,13 +72,17 @@ def fit(im: M.InferenceModel, conv: Conversation, user: str, budget: int) -> tup
         conv.turns.pop(0)
         dropped += 1
     note = f"[dropped the {dropped} oldest turn(s) to fit the {budget}-token prompt budget]" if dropped else ""
-    if len(ids) > budget:
-        keep = budget - (len(ids) - len(im.tokenizer.encode(user)))
+    if len(ids) > budget:  # the message alone is too long: keep its end, re-rendered until the prompt fits
+        tokens = im.tokenizer.encode(user)
+        keep = budget - (len(ids) - len(tokens))
+        while keep >= 1:
+            ids = render(im, conv, im.tokenizer.decode(tokens[-keep:]))
+            if len(ids) <= budget:
+                break
+            keep -= len(ids) - budget  # text re-tokenises differently where it was cut
         if keep < 1:
             raise M.ConfigError(f"the system prompt alone exceeds the {budget}-token prompt budget; shorten it "
                                 f"or lower /max_new_tokens")
-        user = im.tokenizer.decode(im.tokenizer.encode(user)[-keep:])
-        ids = render(im, conv, user)[-budget:]
         note = (note + " " if note else "") + f"[your message was cut to its last {keep} tokens]"
     return ids, note
 
@@ -125,7 +129,13 @@ class Chat:
 
     def reply(self, user: str) -> str:
         budget = self.context - min(self.settings.max_new_tokens, self.context // 2)
-        ids, note = fit(self.im, self.conv, user, budget)
+        try:
+            ids, note = fit(self.im, self.conv, user, budget)
+        except M.ConfigError as e:
+            if not self.interactive:
+                raise
+            print(f"[{e}]", file=self.out, flush=True)
+            return ""
         if note and self.interactive:
             print(note, file=self.out, flush=True)
         text = ""

@@ -758,6 +758,13 @@ class GPT(nn.Module):
                 skips.append(x)
         return norm(x)
 
+    def ensure_positions(self, length: int) -> None:
+        """Let the rotary table cover `length` positions (evaluation and generation may exceed training rows)."""
+        for block in self.blocks:  # one table shared by every layer
+            if block.attn is not None:
+                block.attn.rotary.ensure_length(length)
+                return
+
     def logits(self, x: Tensor) -> Tensor:
         """Soft-capped fp32 logits over the padded vocabulary."""
         return softcap(self.lm_head(x).float(), self.model_dim)
@@ -1132,6 +1139,7 @@ def token_losses(model: GPT, inputs: Tensor, targets: Tensor, row_len: int, wind
         x = inputs[start:start + row_len * rows_per_batch]
         rows = [x[i:i + row_len] for i in range(0, x.numel(), row_len)]
         width = next_multiple_of_n(max(r.numel() for r in rows), n=BLOCK_SIZE)
+        model.ensure_positions(width)
         x_BT = torch.stack([F.pad(r.long(), (0, width - r.numel())) for r in rows])  # pad id 0 is never EOT
         with autocast or contextlib.nullcontext():
             h = model.hidden_states(x_BT, *model.attention_masks(x_BT, window_blocks))
@@ -1474,8 +1482,7 @@ class KVCache:
 
     def __init__(self, model: GPT, batch_size: int, capacity: int):
         capacity = next_multiple_of_n(capacity, n=BLOCK_SIZE)
-        rotary = next(b.attn.rotary for b in model.blocks if b.attn is not None)
-        rotary.ensure_length(capacity)
+        model.ensure_positions(capacity)
         self.batch_size, self.capacity, self.pos, self.key_start = batch_size, capacity, 0, 0
         self.tokens = torch.zeros(batch_size, capacity, dtype=torch.long, device=model.embed.weight.device)
         self.k: list[Tensor | None] = [None] * len(model.blocks)
@@ -1527,7 +1534,7 @@ def reference_logits(model: GPT, tokens_BT: Tensor, window_blocks: int) -> Tenso
     B, T = tokens_BT.shape
     pad = (-T) % BLOCK_SIZE  # padding follows the last token, so causality leaves row T-1 unchanged
     padded = torch.cat([tokens_BT, tokens_BT.new_zeros(B, pad)], dim=1)
-    next(b.attn.rotary for b in model.blocks if b.attn is not None).ensure_length(T + pad)
+    model.ensure_positions(T + pad)
     return model(padded, None, window_blocks)[:, T - 1]
 
 
