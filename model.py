@@ -787,6 +787,8 @@ class GPT(nn.Module):
         Equal to rows cache.pos.. of forward() on the whole sequence (tested), at the cost of the new rows only.
         """
         T = input_BT.size(1)
+        if cache.pos + T > cache.capacity:
+            raise ValueError(f"KV cache holds {cache.capacity} tokens; {cache.pos + T} requested")
         cache.tokens[:, cache.pos:cache.pos + T] = input_BT
         start, long_mask, short_mask = cache.masks(T, window_blocks)
         cache.key_start = start
@@ -1211,6 +1213,8 @@ def render_conversation(tokenizer: "Tokenizer", messages: list[dict[str, str]], 
     """
     ids, mask = [EOT_ID], [0]
     for message in messages:
+        if message.get("role") not in CHAT_ROLES or not isinstance(message.get("content"), str):
+            raise ValueError(f"a message needs a role in {CHAT_ROLES} and string content, got {message!r:.80}")
         content = tokenizer.encode(message["content"])
         trained = int(message["role"] == "assistant")
         ids += [CHAT_SPECIAL_TOKENS[f"<|{message['role']}|>"], *content, CHAT_SPECIAL_TOKENS["<|end|>"]]
@@ -1379,7 +1383,7 @@ def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
 
 def checkpoint_kind(path: str | Path) -> str:
     """'chat' for fine-tuned checkpoints (finetune.py marks them), else 'base'. Reads only the pickle, not the
-    tensors (mmap), so scanning a log directory of large checkpoints is cheap; unreadable files count as None."""
+    tensors (mmap), so scanning a log directory of large checkpoints is cheap; unreadable files are 'none'."""
     try:
         meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - a partial or foreign file is simply not a candidate
@@ -1456,8 +1460,10 @@ def cached_mask_rows(docs_BT: Tensor, q_start: int, window_blocks: int) -> tuple
     """Rows q_start.. of dense_attention_mask for a sequence that ends after docs_BT, over the keys that any of
     them may see: returns (first key position, boolean (B, 1, T - q_start, T - first)).
 
-    The sequence is padded to whole blocks with its last document, which is what a full forward of the padded
-    tokens sees (padding is never <|endoftext|>), so these rows equal the reference's rows.
+    The sequence is padded to whole blocks with its last document, as a full forward of tokens padded with
+    non-<|endoftext|> ids sees it. The record's block mask is causal: a query block keeps the window_blocks most
+    recent blocks that share the document of its *first* token (block_keep_mask works out to that), so tokens
+    appended later, <|endoftext|> included, never change rows already computed and cached keys stay valid.
     """
     B, T = docs_BT.shape
     pad = (-T) % BLOCK_SIZE
@@ -1552,6 +1558,7 @@ def sample_next(logits_BV: Tensor, generator: torch.Generator, temperature: floa
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         outside = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
+        outside[:, 0] = False  # the most likely token always stays (top_p -> 0 is greedy)
         sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
@@ -1600,13 +1607,6 @@ def generate(model: GPT, prompt: list[int], *, window_blocks: int, max_new_token
             if not use_cache:
                 tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
                 logits = reference_logits(model, tokens, window_blocks)
-            elif bool((next_ids == EOT_ID).any()) and cache.pos % BLOCK_SIZE:
-                # a new document starts inside a block: the record's block mask then changes for the earlier
-                # tokens of this block too, so recompute the block (once per <|endoftext|>) to stay exact
-                start = cache.pos - cache.pos % BLOCK_SIZE
-                cache.tokens[:, cache.pos] = next_ids
-                chunk, cache.pos = cache.tokens[:, start:cache.pos + 1].clone(), start
-                logits = model.forward_cached(chunk, cache, window_blocks)[:, -1]
             else:
                 logits = model.forward_cached(next_ids[:, None], cache, window_blocks)[:, -1]
 
