@@ -89,3 +89,15 @@ def test_compiled_training_steps_lower_the_loss() -> None:
         raw.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_kv_cache_generation_matches_reference_on_gpu() -> None:
+    """The cached decode path on CUDA (SDPA with boolean masks) picks the reference's greedy tokens."""
+    hp = tiny_hparams(row_len=256)
+    torch.manual_seed(0)
+    model = M.GPT.from_hparams(hp).cuda().eval()
+    torch.nn.init.normal_(model.lm_head.weight, std=0.02)
+    prompt = doc_tokens(1, 300, "cpu")[0].tolist()
+    kv = [s[0] for s in M.generate(model, prompt, window_blocks=2, max_new_tokens=40, stop_ids=())]
+    ref = [s[0] for s in M.generate(model, prompt, window_blocks=2, max_new_tokens=40, stop_ids=(), use_cache=False)]
+    assert kv == ref
