@@ -87,14 +87,16 @@ def fit(im: M.InferenceModel, conv: Conversation, user: str, budget: int) -> tup
     return ids, note
 
 
-def stream_reply(im: M.InferenceModel, ids: list[int], settings: Settings, seed: int, context: int) -> Iterator[str]:
+def stream_reply(im: M.InferenceModel, ids: list[int], settings: Settings, seed: int, context: int,
+                 use_cache: bool = True) -> Iterator[str]:
     """Text pieces of the reply as they are generated; a base model's reply ends at its first blank line."""
     stops = (M.CHAT_SPECIAL_TOKENS["<|end|>"], M.EOT_ID) if im.kind == "chat" else (M.EOT_ID,)
     decoder = M.StreamDecoder(im.tokenizer)
     steps = M.generate(im.model, ids, window_blocks=im.window_blocks,
                        max_new_tokens=max(1, min(settings.max_new_tokens, context - len(ids))),
                        temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, seed=seed,
-                       stop_ids=stops, vocab_limit=im.vocab_limit, autocast=im.autocast(im.decode_dtype))
+                       stop_ids=stops, vocab_limit=im.vocab_limit, use_cache=use_cache,
+                       autocast=im.autocast(im.decode_dtype))
     text, shown = "", 0  # trailing newlines are held back until it is clear they do not end the speech
     for step in steps:
         text += decoder.add(step[0])
@@ -119,6 +121,7 @@ class Chat:
         self.conv = Conversation(system=args.system or "")
         self.settings = Settings(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed)
         self.replies = 0
+        self.use_cache = not args.no_kv_cache
 
     def banner(self) -> str:
         im = self.im
@@ -140,7 +143,8 @@ class Chat:
             print(note, file=self.out, flush=True)
         text = ""
         try:
-            for piece in stream_reply(self.im, ids, self.settings, self.settings.seed + self.replies, self.context):
+            for piece in stream_reply(self.im, ids, self.settings, self.settings.seed + self.replies, self.context,
+                                      self.use_cache):
                 text += piece
                 if self.interactive:
                     print(piece, end="", file=self.out, flush=True)
@@ -240,6 +244,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the full context every token (reference)")
     p.add_argument("--context", type=int, default=0, help="tokens of conversation kept (default: the model's "
                    "row length, at least 1024, at most 4096)")
     args = p.parse_args(argv)

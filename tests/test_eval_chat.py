@@ -506,3 +506,14 @@ def test_pretraining_checkpoint_loads_in_both(shard_dir: Path, tmp_path: Path, s
     r = script("chat.py", "--log-dir", str(logs), "--prompt", "hi", "--max-new-tokens", "5")
     assert r.returncode == 0, r.stderr
     assert re.fullmatch(r"[^\n]*(\n[^\n]+)*\n\n", r.stdout), repr(r.stdout)  # one reply (no blank line inside)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["base", "chat"])
+def test_chat_reference_path_gives_the_same_reply(long_logs: dict[str, Path], kind: str) -> None:
+    """chat.py --no-kv-cache (full recompute every token) writes the same greedy reply as the cached path."""
+    args = ("--checkpoint", str(long_logs[kind]), *CPU, "--prompt", "Good morrow", "--temperature", "0",
+            "--max-new-tokens", "40")
+    cached, reference = script("chat.py", *args), script("chat.py", *args, "--no-kv-cache")
+    assert cached.returncode == reference.returncode == 0, cached.stderr + reference.stderr
+    assert cached.stdout.strip() and cached.stdout == reference.stdout
