@@ -3,7 +3,7 @@
     python chat.py                                   # the newest fine-tuned checkpoint, else the newest pretrained
     python chat.py --checkpoint logs/RUN/state_step000075.pt --system "You are a player in a comedy."
     python chat.py --prompt "Good morrow"            # answer once and exit
-    printf 'Hello\\nWho art thou?\\n' | python chat.py  # each stdin line a user turn; replies only, blank-line separated
+    printf 'Hello\\nWho art thou?\\n' | python chat.py  # stdin lines are user turns; replies blank-line separated
 
 A chat model (finetune.py) is prompted with model.py's chat template. A base model gets a plain-text dialogue in
 the play format of the default corpus (speaker names in capitals, a blank line after each speech), and its reply

@@ -175,7 +175,8 @@ def eval_samples(s: M.InferenceModel, args: argparse.Namespace, prompts: list[st
         print(f"--- sample {i + 1}/{len(prompts)} (seed {args.seed + i}) ---\n{prompt}", end="", file=out, flush=True)
         steps = M.generate(s.model, s.tokenizer.encode_document(prompt), window_blocks=s.window_blocks,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, seed=args.seed + i, num_samples=args.num_samples, vocab_limit=s.vocab_limit,
+                           top_p=args.top_p, seed=args.seed + i, num_samples=args.num_samples,
+                           vocab_limit=s.vocab_limit,
                            use_cache=not args.no_kv_cache, autocast=s.autocast(s.decode_dtype))
         new_tokens = 0
         for step in steps:

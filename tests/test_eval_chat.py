@@ -212,7 +212,8 @@ def test_text_metrics_equal_hand_computation(base_ckpt: Path, hp: M.Hyperparamet
                                              tmp_path: Path) -> None:
     """--text: every UTF-8 byte of the file counts (the first target is the first text token after
     <|endoftext|>); more than one row of 128 tokens, the last one short."""
-    text = "Ünïcödé façade — naïve café; 日本語のテキスト; emoji 🎭🌹, Ελληνικά.\nROMEO. Wherefore art thou?\n" * 3
+    text = ("Ünïcödé façade — naïve café; 日本語のテキスト; emoji 🎭🌹, Ελληνικά.\n"
+            "ROMEO. Wherefore art thou?\n") * 3
     path = tmp_path / "notes.txt"
     path.write_text(text, encoding="utf-8")
     out = eval_json("--checkpoint", str(base_ckpt), "--dtype", "fp32", "--text", str(path))
