@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, field
-from typing import Iterator, TextIO
+from typing import TextIO
 
 import model as M
 
@@ -29,8 +29,6 @@ HELP = """commands (a line that is exactly one of these):
   /settings           show the current settings
 Ctrl-C stops a reply and keeps what was written; Ctrl-C at the prompt does nothing."""
 SETTINGS = {"temperature": float, "top_k": int, "top_p": float, "max_new_tokens": int, "seed": int}
-BASE_SPEAKERS = ("USER.", "ASSISTANT.")  # play format: NAME. on its own line, the speech, a blank line
-BASE_STOP = "\n\n"
 
 
 @dataclass
@@ -49,17 +47,11 @@ class Settings:
 
 
 def render(im: M.InferenceModel, conv: Conversation, user: str) -> list[int]:
-    """Prompt ids: the chat template for chat models, the play-format dialogue for base models."""
-    if im.kind == "chat":
-        messages = ([{"role": "system", "content": conv.system}] if conv.system else [])
-        for u, a in conv.turns:
-            messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
-        messages.append({"role": "user", "content": user})
-        return M.render_conversation(im.tokenizer, messages, add_generation_prompt=True)[0]
-    you, bot = BASE_SPEAKERS
-    text = f"{conv.system}\n\n" if conv.system else ""
-    text += "".join(f"{you}\n{u}\n\n{bot}\n{a}\n\n" for u, a in conv.turns)
-    return im.tokenizer.encode_document(f"{text}{you}\n{user}\n\n{bot}\n")
+    """Prompt ids for the reply to `user` after the conversation so far."""
+    messages = [{"role": "system", "content": conv.system}] if conv.system else []
+    for u, a in conv.turns:
+        messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+    return M.render_prompt(im.tokenizer, im.kind, messages + [{"role": "user", "content": user}])
 
 
 def fit(im: M.InferenceModel, conv: Conversation, user: str, budget: int) -> tuple[list[int], str]:
@@ -85,31 +77,6 @@ def fit(im: M.InferenceModel, conv: Conversation, user: str, budget: int) -> tup
                                 f"or lower /max_new_tokens")
         note = (note + " " if note else "") + f"[your message was cut to its last {keep} tokens]"
     return ids, note
-
-
-def stream_reply(im: M.InferenceModel, ids: list[int], settings: Settings, seed: int, context: int,
-                 use_cache: bool = True) -> Iterator[str]:
-    """Text pieces of the reply as they are generated; a base model's reply ends at its first blank line."""
-    stops = (M.CHAT_SPECIAL_TOKENS["<|end|>"], M.EOT_ID) if im.kind == "chat" else (M.EOT_ID,)
-    decoder = M.StreamDecoder(im.tokenizer)
-    steps = M.generate(im.model, ids, window_blocks=im.window_blocks,
-                       max_new_tokens=max(1, min(settings.max_new_tokens, context - len(ids))),
-                       temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, seed=seed,
-                       stop_ids=stops, vocab_limit=im.vocab_limit, use_cache=use_cache,
-                       autocast=im.autocast(im.decode_dtype))
-    text, shown = "", 0  # trailing newlines are held back until it is clear they do not end the speech
-    for step in steps:
-        text += decoder.add(step[0])
-        body = text.lstrip("\n") if im.kind == "base" else text
-        if im.kind == "base" and BASE_STOP in body:
-            body = body[:body.index(BASE_STOP)]
-            yield body[shown:]
-            return
-        safe = len(body.rstrip("\n")) if im.kind == "base" else len(body)
-        yield body[shown:safe]
-        shown = safe
-    body = (text + decoder.flush()).lstrip("\n") if im.kind == "base" else text + decoder.flush()
-    yield body[shown:].rstrip("\n")
 
 
 class Chat:
@@ -143,8 +110,10 @@ class Chat:
             print(note, file=self.out, flush=True)
         text = ""
         try:
-            for piece in stream_reply(self.im, ids, self.settings, self.settings.seed + self.replies, self.context,
-                                      self.use_cache):
+            s, room = self.settings, self.context - len(ids)
+            for piece in M.stream_reply(self.im, ids, max_new_tokens=max(1, min(s.max_new_tokens, room)),
+                                        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                        seed=s.seed + self.replies, use_cache=self.use_cache):
                 text += piece
                 if self.interactive:
                     print(piece, end="", file=self.out, flush=True)

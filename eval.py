@@ -5,6 +5,7 @@
     python eval.py --text notes.txt                    # the same metrics on any UTF-8 text file
     python eval.py --prompt "ROMEO." --num-samples 3 --temperature 0.8 --max-new-tokens 80
     python eval.py --hellaswag data/hellaswag/hellaswag_val.jsonl     # after `python data/hellaswag.py`
+    python eval.py --chat-eval data/chat_tasks/heldout.json     # exact match of chat replies + assistant loss
     python eval.py --json                              # the results as JSON on stdout
 
 Results also go to logs/<run_id>/eval_<step>.json beside the checkpoint, with every setting that produced them.
@@ -44,7 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--val-tokens", type=int, help="token budget for the loss (default: the checkpoint's)")
     p.add_argument("--text", help="UTF-8 text file to score instead of the validation shards")
     p.add_argument("--hellaswag", help="multiple-choice JSONL (ctx, endings, label per line)")
-    p.add_argument("--limit", type=int, default=0, help="score only the first N multiple-choice examples")
+    p.add_argument("--chat-eval", help="held-out conversations (finetune.py's format): exact match of the generated "
+                   "last assistant reply, and the loss on assistant tokens")
+    p.add_argument("--limit", type=int, default=0, help="score only the first N multiple-choice / chat examples")
     p.add_argument("--prompt", action="append", help="prompt to continue (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -165,6 +168,35 @@ def eval_choices(s: M.InferenceModel, path: str, limit: int) -> dict[str, Any]:
     return dict(file=path, examples=len(records), acc=correct / len(records), acc_norm=correct_norm / len(records))
 
 
+def eval_chat(s: M.InferenceModel, path: str, limit: int) -> dict[str, Any]:
+    """Greedy chat.py-style reply to each conversation's last user turn vs its last assistant message (exact match
+    after stripping whitespace, overall and per "task" when records carry one), and the mean loss on assistant
+    tokens under chat template v1 (what finetune.py trains)."""
+    records = M.load_conversations(path)[0][:limit or None]
+    hits: dict[str, list[int]] = {}
+    loss_sum, loss_count = 0.0, 0
+    for n, r in enumerate(records, 1):
+        messages = r["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        if last == 0 or messages[last - 1]["role"] != "user":
+            raise M.DataError(f"{path}: record {n}: the last assistant message must answer a user message")
+        reference = messages[last]["content"].strip()
+        prompt = M.render_prompt(s.tokenizer, s.kind, messages[:last])
+        budget = len(s.tokenizer.encode(reference)) + 16  # room to stop; a reply that does not is wrong anyway
+        reply = "".join(M.stream_reply(s, prompt, max_new_tokens=budget)).strip()
+        hits.setdefault(str(r.get("task", "all")), []).append(int(reply == reference))
+        ids, mask = M.render_conversation(s.tokenizer, messages[:last + 1])
+        x, y = torch.tensor(ids[:-1], device=s.device), torch.tensor(ids[1:], device=s.device)
+        losses = M.token_losses(s.model, x, y, len(ids) - 1, s.window_blocks, s.autocast(s.score_dtype))
+        trained = torch.tensor(mask[1:], dtype=torch.bool, device=s.device)
+        loss_sum += float(losses[trained].double().sum())
+        loss_count += int(trained.sum())
+    everything = [h for task in hits.values() for h in task]
+    return dict(file=path, conversations=len(records), exact_match=sum(everything) / len(everything),
+                by_task={task: sum(h) / len(h) for task, h in sorted(hits.items())},
+                assistant_loss=loss_sum / loss_count, assistant_tokens=loss_count)
+
+
 def eval_samples(s: M.InferenceModel, args: argparse.Namespace, prompts: list[str], out: Any) -> list[dict[str, Any]]:
     """Streamed continuations (printed as they come when there is one sample per prompt)."""
     results = []
@@ -209,6 +241,13 @@ def print_table(s: M.InferenceModel, results: dict[str, Any], out: Any) -> None:
                      (f"{name} perplexity", f"{r['perplexity']:.2f}", ""),
                      (f"{name} bits per byte", f"{r['bpb']:.4f}", f"{r['bytes']:,} UTF-8 bytes; "
                       f"{r['special_targets_excluded_from_bpb']} special-token targets excluded")]
+    if "chat" in results:
+        r = results["chat"]
+        tasks = ", ".join(f"{t} {a:.2f}" for t, a in r["by_task"].items())
+        rows += [("chat exact match", f"{r['exact_match']:.4f}", f"{r['conversations']} conversations of {r['file']}"
+                  + (f" ({tasks})" if len(r["by_task"]) > 1 else "")),
+                 ("chat assistant loss", f"{r['assistant_loss']:.4f}", f"{r['assistant_tokens']:,} assistant tokens, "
+                  f"chat template v{M.CHAT_TEMPLATE_VERSION}")]
     if "choices" in results:
         r = results["choices"]
         rows += [("multiple-choice acc", f"{r['acc']:.4f}", f"{r['examples']} examples of {r['file']}"),
@@ -238,14 +277,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                    device=str(s.device), dtype=str(s.score_dtype or torch.float32),
                                    window_tokens=s.window_blocks * M.BLOCK_SIZE)
     start = time.perf_counter()
-    default = not (args.text or args.hellaswag or args.prompt)
+    default = not (args.text or args.hellaswag or args.prompt or args.chat_eval)
     if default:
         results["val"] = eval_val(s, args)
     if args.text:
         results["text"] = eval_text(s, args.text, args.val_tokens)
     if args.hellaswag:
         results["choices"] = eval_choices(s, args.hellaswag, args.limit)
-    if "val" in results or "text" in results or "choices" in results:
+    if args.chat_eval:
+        results["chat"] = eval_chat(s, args.chat_eval, args.limit)
+    if any(k in results for k in ("val", "text", "choices", "chat")):
         print_table(s, results, out)
     if default or args.prompt:
         prompts = args.prompt or PROMPTS["shakespeare" if "shakespeare" in s.hp.train_files else "web"]

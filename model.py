@@ -261,16 +261,20 @@ def default_preset() -> str:
 
 
 def explicit_overrides(argv: list[str] | None = None, prog: str = "pretraining.py",
-                       env: dict[str, str] | None = None, dotenv_path: str | None = ".env") -> dict[str, Any]:
-    """Values the user set (CLI over process environment over .env), typed; 'preset' included when given."""
+                       env: dict[str, str] | None = None, dotenv_path: str | None = ".env",
+                       parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:
+    """Values the user set (CLI over process environment over .env), typed; 'preset' included when given.
+
+    parser: build_arg_parser(prog) with a script's own flags added (finetune.py); those are left out here."""
     from dotenv import dotenv_values
 
-    args = vars(build_arg_parser(prog).parse_args(argv))
+    known = {f.name for f in dataclasses.fields(Hyperparameters)}
+    args = vars((parser or build_arg_parser(prog)).parse_args(argv))
+    args = {k: v for k, v in args.items() if k in known}
     merged_env: dict[str, str] = {}
     if dotenv_path and Path(dotenv_path).is_file():
         merged_env.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
     merged_env.update(os.environ if env is None else env)
-    known = {f.name for f in dataclasses.fields(Hyperparameters)}
     values: dict[str, Any] = {}
     for key, raw in merged_env.items():
         if not key.startswith(ENV_PREFIX) or key == "NANOGPT_RANKS_FILE":
@@ -1225,6 +1229,76 @@ def render_conversation(tokenizer: "Tokenizer", messages: list[dict[str, str]], 
     return ids, mask
 
 
+def conversation_error(record: Any) -> str | None:
+    """Why a {"messages": [...]} record cannot be trained on, naming the field; None when it is valid."""
+    if not isinstance(record, dict):
+        return f"must be an object with 'messages', not {type(record).__name__}"
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list"
+    for j, m in enumerate(messages, 1):
+        if not isinstance(m, dict):
+            return f"message {j} must be an object with 'role' and 'content'"
+        if "role" not in m:
+            return f"message {j}: missing 'role'"
+        if m["role"] not in CHAT_ROLES:
+            return f"message {j}: unknown role {m['role']!r:.40} (expected system, user or assistant)"
+        if m["role"] == "system" and j != 1:
+            return f"message {j}: a system message may only come first"
+        if "content" not in m:
+            return f"message {j}: missing 'content'"
+        if not isinstance(m["content"], str):
+            return f"message {j}: 'content' must be a string, not {type(m['content']).__name__}"
+        if not m["content"].strip():
+            return f"message {j}: empty 'content'"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant message (nothing to train on)"
+    return None
+
+
+def load_conversations(path: str | Path, skip_invalid: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+    """Records from {"conversations": [{"messages": [...]}, ...]} JSON or JSONL with one {"messages": [...]} per
+    line, all validated before anything else happens. Raises DataError naming the file, record and field for the
+    first bad record, or with skip_invalid returns (valid records, one message per skipped record)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    numbered: list[tuple[str, Any]] = []
+    line_no = 0
+    try:
+        if path.suffix == ".jsonl":
+            for line_no, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    numbered.append((f"line {line_no}", json.loads(line)))
+        else:
+            data = json.loads(text)
+            if not isinstance(data, dict) or not isinstance(data.get("conversations"), list):
+                raise DataError(f"{path}: expected an object with a 'conversations' list (or a .jsonl file with one "
+                                f"{{\"messages\": [...]}} object per line)")
+            numbered = [(f"record {i}", r) for i, r in enumerate(data["conversations"], 1)]
+    except json.JSONDecodeError as e:
+        where = f"line {line_no}: " if path.suffix == ".jsonl" else f"line {e.lineno} column {e.colno}: "
+        raise DataError(f"{path}: not valid JSON ({where}{e.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
+    valid, skipped = [], []
+    for where, record in numbered:
+        problem = conversation_error(record)
+        if problem is None:
+            valid.append(record)
+        elif skip_invalid:
+            skipped.append(f"{where}: {problem}")
+        else:
+            raise DataError(f"{path}: {where}: {problem} (fix it, or pass --skip-invalid to skip such records)")
+    if not valid:
+        raise DataError(f"{path}: no valid conversations")
+    return valid, skipped
+
+
 def get_tokenizer(ranks_file: str | Path | None = None) -> Tokenizer:
     """The local ranks file first (offline), then tiktoken's own download; a clear error if neither works."""
     import base64
@@ -1669,3 +1743,42 @@ def load_for_inference(spec: str = "latest", log_dir: str | Path = "logs", devic
     return InferenceModel(path=path, model=model.eval(), hp=hp, kind="chat" if ckpt.get("kind") == "chat" else "base",
                           step=int(ckpt.get("step", 0)), tokenizer=get_tokenizer(), device=dev,
                           score_dtype=score_dtype, decode_dtype=decode_dtype)
+
+
+BASE_SPEAKERS = ("USER.", "ASSISTANT.")  # play format of the default corpus: NAME. on its own line, then the speech
+BASE_STOP = "\n\n"  # a speech ends at a blank line, where the next speaker would begin
+
+
+def render_prompt(tokenizer: Tokenizer, kind: str, messages: list[dict[str, str]]) -> list[int]:
+    """Prompt ids for the reply to a conversation that ends with a user message: chat template v1 for chat models,
+    a plain-text play-format dialogue for base models (which never saw the chat tokens)."""
+    if kind == "chat":
+        return render_conversation(tokenizer, messages, add_generation_prompt=True)[0]
+    you, bot = BASE_SPEAKERS
+    text = "".join(f"{m['content']}\n\n" if m["role"] == "system" else
+                   f"{you if m['role'] == 'user' else bot}\n{m['content']}\n\n" for m in messages)
+    return tokenizer.encode_document(f"{text}{bot}\n")
+
+
+def stream_reply(im: InferenceModel, ids: list[int], *, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True) -> Iterator[str]:
+    """Text of the reply as it is generated. A chat model stops at <|end|>; a base model's reply ends at its first
+    blank line (trailing newlines are held back until it is clear they do not end the speech)."""
+    stops = (CHAT_SPECIAL_TOKENS["<|end|>"], EOT_ID) if im.kind == "chat" else (EOT_ID,)
+    decoder = StreamDecoder(im.tokenizer)
+    steps = generate(im.model, ids, window_blocks=im.window_blocks, max_new_tokens=max_new_tokens,
+                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=stops,
+                     vocab_limit=im.vocab_limit, use_cache=use_cache, autocast=im.autocast(im.decode_dtype))
+    base = im.kind == "base"
+    text, shown = "", 0
+    for step in steps:
+        text += decoder.add(step[0])
+        body = text.lstrip("\n") if base else text
+        if base and BASE_STOP in body:
+            yield body[shown:body.index(BASE_STOP)]
+            return
+        safe = len(body.rstrip("\n")) if base else len(body)
+        yield body[shown:safe]
+        shown = safe
+    body = (text + decoder.flush()).lstrip("\n") if base else text + decoder.flush()
+    yield body[shown:].rstrip("\n")

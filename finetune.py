@@ -1,0 +1,351 @@
+"""Supervised fine-tuning of a pretrained checkpoint on JSON conversations, into a chat model for chat.py.
+
+    python finetune.py                                            # data/finetune_data.json on the newest pretrained run
+    python data/chat_tasks.py && python finetune.py --data data/chat_tasks/train.json \\
+        --val-data data/chat_tasks/heldout.json                   # the demo task (README: before/after accuracy)
+    python finetune.py --checkpoint logs/RUN/state_step000075.pt --num-iterations 50 --optimizer adam
+    torchrun --nproc_per_node=2 finetune.py --device cpu          # data parallel, same trajectory
+    python finetune.py --resume latest                             # continue the newest fine-tuning run
+
+Input: {"conversations": [{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]}]} or JSONL with
+one {"messages": [...]} per line; every record is validated before anything is written. Conversations are
+rendered with model.py's chat template v1 and packed into the parent's rows: each starts with <|endoftext|>, so
+the document mask keeps them from attending to each other and no token is spent on padding but a row's tail. The
+loss covers assistant content and its <|end|> only. Checkpoints go to logs/<run_id>/, marked as chat models.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+import model as M
+import pretraining as P
+from model import Hyperparameters, Runtime
+
+USER_ERRORS = P.USER_ERRORS
+IGNORE = -100  # F.cross_entropy's ignore_index: targets the loss skips
+# Fine-tuning settings on top of the parent's config, chosen on the chat_tasks demo (README, "Fine-tuning").
+FINETUNE_DEFAULTS: dict[str, Any] = dict(num_iterations=60, val_loss_every=20, cooldown_frac=0.5,
+                                         muon_momentum_warmup=1, save_every=0, shuffle_rows=False)
+LR_SCALE = 0.5  # Muon and Adam LRs as a fraction of the parent's (measured, README)
+
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = M.build_arg_parser("finetune.py", __doc__.split("\n")[0])
+    own = parser.add_argument_group("fine-tuning")
+    own.add_argument("--data", default="data/finetune_data.json", help="training conversations (.json or .jsonl)")
+    own.add_argument("--val-data", help="held-out conversations; default: --val-fraction of --data")
+    own.add_argument("--val-fraction", type=float, default=0.1, help="share of --data held out when no --val-data")
+    own.add_argument("--checkpoint", default="latest", help="pretrained parent: 'latest' (newest base model) or PATH")
+    own.add_argument("--skip-invalid", action="store_true", help="skip invalid records (counted) instead of stopping")
+    own.add_argument("--optimizer", choices=["muon", "adam"], default="muon",
+                     help="muon: Muon + Adam as in pretraining at --lr-scale of the parent's LRs; adam: Adam on all")
+    own.add_argument("--lr-scale", type=float, default=LR_SCALE, help="fraction of the parent's LRs (muon)")
+    own.add_argument("--adam-lr", type=float, default=1e-4, help="LR of --optimizer adam")
+    return parser
+
+
+def resolve(argv: list[str] | None) -> tuple[Hyperparameters, argparse.Namespace, Path, dict, dict | None]:
+    """(config, own flags, parent path, parent checkpoint, own checkpoint when resuming)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    explicit = M.explicit_overrides(argv, prog="finetune.py", parser=parser)
+    explicit.pop("preset", None)
+    resumed = None
+    if explicit.get("resume"):
+        path = M.resolve_checkpoint(explicit["resume"], explicit.get("log_dir", "logs"))
+        resumed = M.load_checkpoint(path)
+        if resumed.get("kind") != "chat" or "finetune" not in resumed:
+            raise M.CheckpointError(f"{path}: not a fine-tuning checkpoint (resume pretraining with pretraining.py)")
+        saved = resumed["finetune"]
+        for key, value in saved["args"].items():  # the run's own flags, unless given again now
+            if getattr(args, key, None) == parser.get_default(key):
+                setattr(args, key, value)
+        base = Hyperparameters.from_dict(resumed["hyperparameters"])
+        values = {**base.to_dict(), **explicit, "resume": str(path), "run_id": path.parent.name,
+                  "log_dir": explicit.get("log_dir", str(path.parent.parent))}
+        parent_path = Path(saved["parent"])
+        return Hyperparameters(**values), args, parent_path, {}, resumed
+    log_dir = explicit.get("log_dir", "logs")
+    if args.checkpoint == "latest":
+        parent_path = M.find_latest_checkpoint(log_dir, kind="base")
+        if parent_path is None:
+            raise M.CheckpointError(f"no pretrained checkpoint under {log_dir}/ (run pretraining.py first)")
+    else:
+        parent_path = M.resolve_checkpoint(args.checkpoint, log_dir)
+    parent = M.load_checkpoint(parent_path)
+    base = (Hyperparameters.from_dict(parent["hyperparameters"]) if "hyperparameters" in parent
+            else M.infer_hparams(parent["model"]))
+    scaled = {name: getattr(base, name) * args.lr_scale for name in ("muon_lr", "head_lr", "embed_lr", "scalar_lr")}
+    values = {**base.to_dict(), **FINETUNE_DEFAULTS, **scaled, "run_id": "", "resume": "", **explicit}
+    return Hyperparameters(**values), args, parent_path, parent, None
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+@dataclasses.dataclass
+class Example:
+    inputs: list[int]
+    targets: list[int]  # IGNORE where the token is not trained
+
+    @property
+    def trained(self) -> int:
+        return sum(t != IGNORE for t in self.targets)
+
+
+def render_examples(tok: M.Tokenizer, records: list[dict], context: int) -> tuple[list[Example], int, int]:
+    """Chat-template examples; a conversation longer than the context keeps its longest prefix that ends with an
+    assistant message (a turn boundary), or is dropped. Returns (examples, truncated, dropped)."""
+    examples, truncated, dropped = [], 0, 0
+    for record in records:
+        messages = record["messages"]
+        ids, mask = M.render_conversation(tok, messages)
+        cut = len(messages)
+        while len(ids) - 1 > context and cut > 1:
+            cut -= 1
+            while cut > 0 and messages[cut - 1]["role"] != "assistant":
+                cut -= 1
+            ids, mask = M.render_conversation(tok, messages[:cut]) if cut else ([], [])
+        if cut == 0 or len(ids) - 1 > context:
+            dropped += 1
+            continue
+        truncated += cut < len(messages)
+        examples.append(Example(ids[:-1], [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]))
+    return examples, truncated, dropped
+
+
+def pack(examples: list[Example], row_len: int, order: list[int]) -> list[Example]:
+    """Rows of row_len: whole conversations in the given order, first fit; a row's tail is <|endoftext|> padding
+    that is not trained (each conversation starts with <|endoftext|>, so none attends to another)."""
+    rows: list[Example] = []
+    current = Example([], [])
+    for i in order:
+        ex = examples[i]
+        if len(current.inputs) + len(ex.inputs) > row_len:
+            rows.append(current)
+            current = Example([], [])
+        current.inputs += ex.inputs
+        current.targets += ex.targets
+    rows.append(current)
+    for row in rows:
+        pad = row_len - len(row.inputs)
+        row.inputs += [M.EOT_ID] * pad
+        row.targets += [IGNORE] * pad
+    return rows
+
+
+def row_stream(examples: list[Example], row_len: int, seed: int, start: dict[str, int] | None
+               ) -> Iterator[tuple[Example, dict[str, int]]]:
+    """Packed rows, repacked in a new seeded order every epoch; the position resumes exactly."""
+    pos = dict(epoch=0, row=0) if start is None else dict(start)
+    while True:
+        order = list(range(len(examples)))
+        random.Random(seed * 1_000_003 + pos["epoch"]).shuffle(order)
+        rows = pack(examples, row_len, order)
+        while pos["row"] < len(rows):
+            pos["row"] += 1
+            yield rows[pos["row"] - 1], dict(pos)
+        pos = dict(epoch=pos["epoch"] + 1, row=0)
+
+
+def to_batch(rows: list[Example], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.tensor([r.inputs for r in rows], dtype=torch.int32, device=device)
+    y = torch.tensor([r.targets for r in rows], dtype=torch.int64, device=device)
+    return x, y
+
+
+def load_data(hp: Hyperparameters, args: argparse.Namespace, tok: M.Tokenizer, rt: Runtime) -> dict[str, Any]:
+    """Validated, rendered train and held-out examples plus what was skipped, cut or dropped."""
+    records, skipped = M.load_conversations(args.data, args.skip_invalid)
+    if args.val_data:
+        val_records, val_skipped = M.load_conversations(args.val_data, args.skip_invalid)
+        skipped += [f"{args.val_data}: {s}" for s in val_skipped]
+    else:
+        if not 0 < args.val_fraction < 1:
+            raise M.ConfigError(f"--val-fraction={args.val_fraction} must be in (0, 1) when there is no --val-data")
+        shuffled = records[:]
+        random.Random(hp.seed).shuffle(shuffled)
+        n_val = max(1, round(len(shuffled) * args.val_fraction))
+        if n_val >= len(shuffled):
+            raise M.DataError(f"{args.data}: {len(records)} conversation(s) cannot be split for validation; "
+                              f"pass --val-data")
+        val_records, records = shuffled[:n_val], shuffled[n_val:]
+    row = hp.row_len or hp.train_seq_len
+    train, truncated, dropped = render_examples(tok, records, row)
+    val, val_truncated, val_dropped = render_examples(tok, val_records, row)
+    if not train or not val:
+        raise M.DataError(f"no conversation fits the {row}-token context ({'train' if not train else 'held-out'})")
+    return dict(train=train, val=val, skipped=skipped, truncated=truncated + val_truncated,
+                dropped=dropped + val_dropped)
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def make_optimizers(raw: M.GPT, hp: Hyperparameters, args: argparse.Namespace, rt: Runtime) -> list:
+    if args.optimizer == "muon":
+        return M.setup_optimizers(raw, hp, rt.rank, rt.world_size, compile_ns=rt.compile)
+    adam = torch.optim.Adam(raw.parameters(), lr=args.adam_lr, betas=(0.9, 0.95), eps=1e-8,
+                            fused=rt.device.type == "cuda")
+    for group in adam.param_groups:
+        group["initial_lr"] = group["lr"]
+    return [adam]
+
+
+def train_step(forward, raw, optimizers, rows: list[Example], step: int, hp: Hyperparameters, rt: Runtime,
+               window: int) -> tuple[float, int]:
+    """Loss averaged over every trained token of the step on all ranks; returns (mean loss, trained tokens)."""
+    accum = hp.rank_equivalents // rt.world_size
+    per_micro = len(rows) // accum
+    micro = [to_batch(rows[j * per_micro:(j + 1) * per_micro], rt.device) for j in range(accum)]
+    counts = torch.tensor([int((y != IGNORE).sum()) for _, y in micro], dtype=torch.float64)
+    total = counts.sum().to(rt.device)
+    if rt.distributed:
+        dist.all_reduce(total)
+    if float(total) == 0:
+        raise M.DataError(f"step {step}: the batch has no assistant tokens to train on (loss mask empty)")
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for (x, y), n in zip(micro, counts):
+        if n == 0:
+            continue
+        with rt.autocast():
+            loss = forward(x, y, window)
+        (loss * float(n * rt.world_size / total)).backward()  # gradients are then averaged over ranks
+        loss_sum += loss.detach().double().cpu() * n
+    M.all_reduce_gradients(raw, rt.world_size)
+    M.apply_schedules(optimizers, step, hp)
+    for opt in optimizers:
+        opt.step()
+    raw.zero_grad(set_to_none=True)
+    if rt.distributed:
+        loss_sum = loss_sum.to(rt.device)
+        dist.all_reduce(loss_sum)
+    return float(loss_sum) / float(total), int(total)
+
+
+@torch.no_grad()
+def validate(forward, val: list[Example], hp: Hyperparameters, rt: Runtime, window: int) -> float:
+    """Mean loss over every held-out assistant token (each rank computes all of it: no collective needed)."""
+    row = hp.row_len or hp.train_seq_len
+    rows = pack(val, row, list(range(len(val))))
+    per_batch = max(1, hp.train_seq_len // row)
+    total, count = 0.0, 0
+    was_training = forward.training
+    forward.eval()
+    for i in range(0, len(rows), per_batch):
+        x, y = to_batch(rows[i:i + per_batch], rt.device)
+        n = int((y != IGNORE).sum())
+        if n:
+            with rt.autocast():
+                total += float(forward(x, y, window)) * n
+            count += n
+    forward.train(was_training)
+    return total / count
+
+
+def save(rt: Runtime, run_dir: Path, step: int, raw, optimizers, hp, code, data_pos, val_loss, extra) -> None:
+    if rt.master and hp.save_checkpoint:
+        M.save_checkpoint(M.checkpoint_path(hp.log_dir, hp.run_id, step), step=step, model=raw,
+                          optimizers=optimizers, hp=hp, code=code, data_position=data_pos, val_loss=val_loss,
+                          extra=extra)
+        M.prune_checkpoints(run_dir, hp.keep_checkpoints)
+
+
+def train(hp: Hyperparameters, args: argparse.Namespace, rt: Runtime, parent_path: Path, parent: dict,
+          resumed: dict | None) -> float:
+    tok = M.get_tokenizer()
+    data = load_data(hp, args, tok, rt)  # every record is checked before anything is written
+    code = {name: (M.REPO_DIR / name).read_text() for name in ("finetune.py", "model.py")}
+    run_dir = P.open_run_dir(hp, rt, resuming=resumed is not None)
+    logfile = run_dir / "log.txt"
+    P.log_header(rt, logfile, hp, code)
+    M.seed_everything(hp.seed)
+    raw, forward = M.build_model(hp, rt)
+    M.load_state_into(raw, (resumed or parent)["model"], str(parent_path))
+    optimizers = make_optimizers(raw, hp, args, rt)
+    start_step, data_pos, val_loss = 0, None, None
+    if resumed is not None:
+        start_step, data_pos, val_loss = P.restore(resumed, hp, raw, optimizers)
+    extra = dict(kind="chat", chat_template=M.CHAT_TEMPLATE_VERSION,
+                 finetune=dict(parent=str(parent_path), args=vars(args)))
+    window = M.final_window_blocks(hp)
+    rows_per_step = hp.tokens_per_step // (hp.row_len or hp.train_seq_len)
+    n_train = sum(e.trained for e in data["train"])
+    M.print0(rt, f"fine-tuning {parent_path} -> {run_dir} ({'resumed at step ' + str(start_step) if resumed else 'new'})"
+                 f" device:{rt.device} world_size:{rt.world_size} optimizer:{args.optimizer}", logfile)
+    M.print0(rt, f"data: {len(data['train'])} train / {len(data['val'])} held-out conversations ({n_train:,} trained "
+                 f"tokens per epoch), {len(data['skipped'])} invalid skipped, {data['truncated']} truncated at a turn "
+                 f"boundary, {data['dropped']} dropped (longer than the {hp.row_len or hp.train_seq_len}-token "
+                 f"context); packed {rows_per_step} rows per step", logfile)
+    for line in data["skipped"][:5]:
+        M.print0(rt, f"  skipped {line}", logfile)
+    stream = row_stream(data["train"], hp.row_len or hp.train_seq_len, hp.seed, data_pos)
+    metrics = open(run_dir / "metrics.jsonl", "a") if rt.master else None
+    elapsed_ms, t0 = 0.0, time.perf_counter()
+    for step in range(start_step, hp.num_iterations + 1):
+        last = step == hp.num_iterations
+        if last or (hp.val_loss_every and step % hp.val_loss_every == 0):
+            elapsed_ms += 1000 * (time.perf_counter() - t0)
+            if step > start_step:
+                save(rt, run_dir, step, raw, optimizers, hp, code, data_pos, val_loss, extra)
+            val_loss = validate(forward, data["val"], hp, rt, window)
+            M.print0(rt, f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} train_time:{elapsed_ms:.0f}ms",
+                     logfile)
+            if metrics:
+                metrics.write(json.dumps(dict(step=step, val_loss=val_loss, train_time_ms=elapsed_ms)) + "\n")
+                metrics.flush()
+            if last and step > start_step:
+                save(rt, run_dir, step, raw, optimizers, hp, code, data_pos, val_loss, extra)
+            t0 = time.perf_counter()
+        if last:
+            break
+        picked = [next(stream) for _ in range(rows_per_step)]
+        data_pos = picked[-1][1]
+        mine = [r for r, _ in picked][rt.rank::rt.world_size]
+        loss, trained = train_step(forward, raw, optimizers, mine, step, hp, rt, window)
+        ms = elapsed_ms + 1000 * (time.perf_counter() - t0)
+        M.print0(rt, f"step:{step + 1}/{hp.num_iterations} train_loss:{loss:.4f} trained_tokens:{trained} "
+                     f"train_time:{ms:.0f}ms step_avg:{ms / (step + 1 - start_step):.2f}ms", logfile)
+        if metrics:
+            metrics.write(json.dumps(dict(step=step + 1, train_loss=loss, trained_tokens=trained,
+                                          train_time_ms=ms)) + "\n")
+    if metrics:
+        metrics.close()
+    M.print0(rt, f"chat model: {M.checkpoint_path(hp.log_dir, hp.run_id, hp.num_iterations)} "
+                 f"(python chat.py loads it)", logfile)
+    return val_loss
+
+
+def main(argv: list[str] | None = None) -> None:
+    rt = None
+    try:
+        hp, args, parent_path, parent, resumed = resolve(argv)
+        rt = M.init_runtime(hp)
+        hp.validate(rt.world_size)
+        train(hp, args, rt, parent_path, parent, resumed)
+    except USER_ERRORS as e:
+        print(f"finetune.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if rt is not None:
+            M.shutdown_runtime(rt)
+
+
+if __name__ == "__main__":
+    main()
