@@ -66,7 +66,11 @@ def resolve(argv: list[str] | None) -> tuple[Hyperparameters, argparse.Namespace
     explicit.pop("preset", None)
     resumed = None
     if explicit.get("resume"):
-        path = M.resolve_checkpoint(explicit["resume"], explicit.get("log_dir", "logs"))
+        log_dir = explicit.get("log_dir", "logs")
+        path = (M.find_latest_checkpoint(log_dir, kind="chat") if explicit["resume"] == "latest"
+                else M.resolve_checkpoint(explicit["resume"], log_dir))
+        if path is None:
+            raise M.CheckpointError(f"no fine-tuning checkpoint under {log_dir}/ to resume")
         resumed = M.load_checkpoint(path)
         if resumed.get("kind") != "chat" or "finetune" not in resumed:
             raise M.CheckpointError(f"{path}: not a fine-tuning checkpoint (resume pretraining with pretraining.py)")
@@ -169,11 +173,17 @@ def to_batch(rows: list[Example], device: torch.device) -> tuple[torch.Tensor, t
     return x, y
 
 
+def data_path(name: str) -> Path:
+    """A relative path from the working directory, else from the repository (so the default works anywhere)."""
+    path = Path(name)
+    return path if path.is_absolute() or path.exists() else M.REPO_DIR / path
+
+
 def load_data(hp: Hyperparameters, args: argparse.Namespace, tok: M.Tokenizer, rt: Runtime) -> dict[str, Any]:
     """Validated, rendered train and held-out examples plus what was skipped, cut or dropped."""
-    records, skipped = M.load_conversations(args.data, args.skip_invalid)
+    records, skipped = M.load_conversations(data_path(args.data), args.skip_invalid)
     if args.val_data:
-        val_records, val_skipped = M.load_conversations(args.val_data, args.skip_invalid)
+        val_records, val_skipped = M.load_conversations(data_path(args.val_data), args.skip_invalid)
         skipped += [f"{args.val_data}: {s}" for s in val_skipped]
     else:
         if not 0 < args.val_fraction < 1:

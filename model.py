@@ -1262,7 +1262,7 @@ def load_conversations(path: str | Path, skip_invalid: bool = False) -> tuple[li
     first bad record, or with skip_invalid returns (valid records, one message per skipped record)."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark, as some editors write, is fine
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
@@ -1371,6 +1371,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic != b"PK" and magic[:1] != b"\x80":  # torch.save writes a zip archive (legacy: a pickle)
+        raise CheckpointError(f"{path}: not a loadable checkpoint: not a file written by torch.save")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zips, pickles, wrong files all end here
