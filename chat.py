@@ -18,7 +18,6 @@ from typing import TextIO
 
 import model as M
 
-USER_ERRORS = (M.ConfigError, M.DataError, M.CheckpointError, M.TokenizerError)
 HELP = """commands (a line that is exactly one of these):
   quit, exit          leave (Ctrl-D too)
   clear               forget the conversation and the system prompt
@@ -241,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
             for line in sys.stdin:
                 if not chat.handle(line.rstrip("\n")):
                     break
-    except USER_ERRORS as e:
+    except M.USER_ERRORS as e:
         print(f"chat.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -25,7 +25,6 @@ import torch
 
 import model as M
 
-USER_ERRORS = (M.ConfigError, M.DataError, M.CheckpointError, M.TokenizerError)
 MAX_ROW = 8192  # the attention mask is O(row^2) without compiled FlexAttention: longer rows (the speedrun's 256k
 # validation rows) are split; the window (<= 1792 tokens) makes the difference small, and the table says so
 PROMPTS = {  # seeded samples when no --prompt is given; the play format is what the default corpus looks like
@@ -306,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         run(args)
-    except USER_ERRORS as e:
+    except M.USER_ERRORS as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -28,10 +28,8 @@ import torch
 import torch.distributed as dist
 
 import model as M
-import pretraining as P
 from model import Hyperparameters, Runtime
 
-USER_ERRORS = P.USER_ERRORS
 IGNORE = -100  # F.cross_entropy's ignore_index: targets the loss skips
 # Fine-tuning settings on top of the parent's config, chosen on the chat_tasks demo (README, "Fine-tuning").
 FINETUNE_DEFAULTS: dict[str, Any] = dict(num_iterations=60, val_loss_every=20, cooldown_frac=0.5,
@@ -282,16 +280,16 @@ def train(hp: Hyperparameters, args: argparse.Namespace, rt: Runtime, parent_pat
     tok = M.get_tokenizer()
     data = load_data(hp, args, tok, rt)  # every record is checked before anything is written
     code = {name: (M.REPO_DIR / name).read_text() for name in ("finetune.py", "model.py")}
-    run_dir = P.open_run_dir(hp, rt, resuming=resumed is not None)
+    run_dir = M.open_run_dir(hp, rt, resuming=resumed is not None)
     logfile = run_dir / "log.txt"
-    P.log_header(rt, logfile, hp, code)
+    M.log_header(rt, logfile, hp, code)
     M.seed_everything(hp.seed)
     raw, forward = M.build_model(hp, rt)
     M.load_state_into(raw, (resumed or parent)["model"], str(parent_path))
     optimizers = make_optimizers(raw, hp, args, rt)
     start_step, data_pos, val_loss = 0, None, None
     if resumed is not None:
-        start_step, data_pos, val_loss = P.restore(resumed, hp, raw, optimizers)
+        start_step, data_pos, val_loss = M.restore(resumed, hp, raw, optimizers)
     extra = dict(kind="chat", chat_template=M.CHAT_TEMPLATE_VERSION,
                  finetune=dict(parent=str(parent_path), args=vars(args)))
     window = M.final_window_blocks(hp)
@@ -350,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
         rt = M.init_runtime(hp)
         hp.validate(rt.world_size)
         train(hp, args, rt, parent_path, parent, resumed)
-    except USER_ERRORS as e:
+    except M.USER_ERRORS as e:
         print(f"finetune.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:

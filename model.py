@@ -19,10 +19,12 @@ import glob
 import json
 import math
 import os
+import platform
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Iterator
 
@@ -1490,6 +1492,54 @@ def resolve_checkpoint(spec: str, log_dir: str | Path = "logs") -> Path:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     return path
+
+
+def new_run_dir(hp: Hyperparameters) -> Path:
+    """A fresh run directory; two runs started at once never share one (mkdir fails if it exists)."""
+    run_id = hp.run_id or time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    run_dir = Path(hp.log_dir) / run_id
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        raise ConfigError(f"run directory {run_dir} already exists; pick another --run-id or --resume") from None
+    except OSError as e:
+        raise ConfigError(f"cannot create run directory {run_dir}: {e.strerror}") from None
+    hp.run_id = run_id
+    return run_dir
+
+
+def log_header(rt: Runtime, logfile: Path, hp: Hyperparameters, code: dict[str, str]) -> None:
+    """The code that ran, the versions and the config first, as the record's logs begin."""
+    for name, src in code.items():
+        print0(rt, f"==> {name} <==\n{src}", logfile, console=False)
+    print0(rt, "=" * 100, logfile, console=False)
+    print0(rt, f"Running Python {sys.version.split()[0]} on {platform.platform()}", logfile, console=False)
+    print0(rt, f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}", logfile, console=False)
+    print0(rt, "config: " + json.dumps(hp.to_dict()), logfile, console=False)
+    print0(rt, "=" * 100, logfile, console=False)
+
+
+def open_run_dir(hp: Hyperparameters, rt: Runtime, resuming: bool) -> Path:
+    """The run directory: the checkpoint's on resume, else a new one that rank 0 creates and broadcasts."""
+    run_dir = Path(hp.log_dir) / hp.run_id if resuming else new_run_dir(hp) if rt.master else None
+    if rt.distributed:
+        ids = [hp.run_id]
+        dist.broadcast_object_list(ids, src=0)
+        hp.run_id, run_dir = ids[0], Path(hp.log_dir) / ids[0]
+    return run_dir
+
+
+def restore(ckpt: dict, hp: Hyperparameters, raw_model: nn.Module,
+            optimizers: list[torch.optim.Optimizer]) -> tuple[int, dict | None, float | None]:
+    """Weights, full optimizer state and RNG from a checkpoint; returns (step, data position, last val loss)."""
+    load_state_into(raw_model, ckpt["model"], hp.resume)
+    for opt, state in zip(optimizers, ckpt["optimizers"]):
+        opt.load_state_dict(state)
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    return ckpt["step"], ckpt["data_position"] or None, ckpt.get("val_loss")
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError)  # one line and exit 2 in every script
 
 
 # -----------------------------------------------------------------------------

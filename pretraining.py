@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import torch
@@ -23,7 +21,6 @@ import torch.distributed as dist
 import model as M
 from model import Hyperparameters, Runtime
 
-USER_ERRORS = (M.ConfigError, M.DataError, M.CheckpointError, M.TokenizerError)
 DEFAULT_REASON = {"speedrun": "CUDA and FineWeb shards found", "shakespeare": "no CUDA or no FineWeb shards"}
 
 
@@ -70,30 +67,6 @@ def ensure_data(hp: Hyperparameters, rt: Runtime) -> None:
 def _repo_path(pattern: str) -> str:
     """Relative data paths resolve against the repository, so the script runs from any directory."""
     return pattern if Path(pattern).is_absolute() else str(M.REPO_DIR / pattern)
-
-
-def new_run_dir(hp: Hyperparameters) -> Path:
-    """A fresh run directory; two runs started at once never share one (mkdir fails if it exists)."""
-    run_id = hp.run_id or time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    run_dir = Path(hp.log_dir) / run_id
-    try:
-        run_dir.mkdir(parents=True, exist_ok=False)
-    except FileExistsError:
-        raise M.ConfigError(f"run directory {run_dir} already exists; pick another --run-id or --resume") from None
-    except OSError as e:
-        raise M.ConfigError(f"cannot create run directory {run_dir}: {e.strerror}") from None
-    hp.run_id = run_id
-    return run_dir
-
-
-def log_header(rt: Runtime, logfile: Path, hp: Hyperparameters, code: dict[str, str]) -> None:
-    for name, src in code.items():
-        M.print0(rt, f"==> {name} <==\n{src}", logfile, console=False)
-    M.print0(rt, "=" * 100, logfile, console=False)
-    M.print0(rt, f"Running Python {sys.version.split()[0]} on {platform.platform()}", logfile, console=False)
-    M.print0(rt, f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}", logfile, console=False)
-    M.print0(rt, "config: " + json.dumps(hp.to_dict()), logfile, console=False)
-    M.print0(rt, "=" * 100, logfile, console=False)
 
 
 def train_micro_batches(forward, batch: tuple, hp: Hyperparameters, rt: Runtime, window: torch.Tensor) -> float:
@@ -161,25 +134,6 @@ def save(rt: Runtime, run_dir: Path, step: int, raw_model, optimizers, hp, code,
         M.prune_checkpoints(run_dir, hp.keep_checkpoints)  # only after the new one is safely in place
 
 
-def open_run_dir(hp: Hyperparameters, rt: Runtime, resuming: bool) -> Path:
-    """The run directory: the checkpoint's on resume, else a new one that rank 0 creates and broadcasts."""
-    run_dir = Path(hp.log_dir) / hp.run_id if resuming else new_run_dir(hp) if rt.master else None
-    if rt.distributed:
-        ids = [hp.run_id]
-        dist.broadcast_object_list(ids, src=0)
-        hp.run_id, run_dir = ids[0], Path(hp.log_dir) / ids[0]
-    return run_dir
-
-
-def restore(ckpt: dict, hp: Hyperparameters, raw_model, optimizers) -> tuple[int, dict | None, float | None]:
-    """Weights, full optimizer state and RNG from a checkpoint; returns (step, data position, last val loss)."""
-    M.load_state_into(raw_model, ckpt["model"], hp.resume)
-    for opt, state in zip(optimizers, ckpt["optimizers"]):
-        opt.load_state_dict(state)
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    return ckpt["step"], ckpt["data_position"] or None, ckpt.get("val_loss")
-
-
 def log_summary(rt: Runtime, logfile: Path, hp: Hyperparameters, raw_model, run_dir: Path, preset_given: bool,
                 start_step: int | None) -> None:
     counts = M.param_counts(raw_model)
@@ -197,15 +151,15 @@ def log_summary(rt: Runtime, logfile: Path, hp: Hyperparameters, raw_model, run_
 def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None, preset_given: bool = True) -> float:
     code = read_code()
     ensure_data(hp, rt)
-    run_dir = open_run_dir(hp, rt, resuming=ckpt is not None)
+    run_dir = M.open_run_dir(hp, rt, resuming=ckpt is not None)
     logfile = run_dir / "log.txt"
-    log_header(rt, logfile, hp, code)
+    M.log_header(rt, logfile, hp, code)
     M.seed_everything(hp.seed)
     raw_model, forward = M.build_model(hp, rt)
     optimizers = M.setup_optimizers(raw_model, hp, rt.rank, rt.world_size, compile_ns=rt.compile)
     start_step, data_pos, val_loss = 0, None, None
     if ckpt is not None:
-        start_step, data_pos, val_loss = restore(ckpt, hp, raw_model, optimizers)
+        start_step, data_pos, val_loss = M.restore(ckpt, hp, raw_model, optimizers)
     log_summary(rt, logfile, hp, raw_model, run_dir, preset_given, start_step if ckpt else None)
     step_tokens = hp.tokens_per_step
     window = torch.zeros((), dtype=torch.int32, device=rt.device)  # a tensor, so compile does not recompile
@@ -265,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         rt = M.init_runtime(hp)
         hp.validate(rt.world_size)
         train(hp, rt, ckpt, preset_given)
-    except USER_ERRORS as e:
+    except M.USER_ERRORS as e:
         print(f"pretraining.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
