@@ -96,8 +96,8 @@ def eval_val(s: M.InferenceModel, args: argparse.Namespace) -> dict[str, Any]:
     if batches[-1] is None:
         raise M.DataError(f"validation files {files!r} hold fewer than --val-tokens={budget} tokens")
     inputs, targets = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-    row = eval_row_len(s, hp.row_len or hp.val_seq_len)
-    return dict(files=files, **score_tokens(s, inputs, targets, row))
+    native = hp.row_len or hp.val_seq_len
+    return dict(files=files, trained_row_len=native, **score_tokens(s, inputs, targets, eval_row_len(s, native)))
 
 
 def eval_text(s: M.InferenceModel, path: str, budget: int | None) -> dict[str, Any]:
@@ -236,6 +236,8 @@ def print_table(s: M.InferenceModel, results: dict[str, Any], out: Any) -> None:
         if name in results:
             r = results[name]
             what = f"{r['tokens']:,} tokens of {r.get('files') or r.get('file')}, rows of {r['row_len']}"
+            if r.get("trained_row_len", r["row_len"]) != r["row_len"]:
+                what += f" (split from the checkpoint's {r['trained_row_len']:,}-token validation rows)"
             rows += [(f"{name} loss (nats/token)", f"{r['loss']:.4f}", what),
                      (f"{name} perplexity", f"{r['perplexity']:.2f}", ""),
                      (f"{name} bits per byte", f"{r['bpb']:.4f}", f"{r['bytes']:,} UTF-8 bytes; "
