@@ -1617,7 +1617,7 @@ class KVCache:
     def __init__(self, model: GPT, batch_size: int, capacity: int):
         capacity = next_multiple_of_n(capacity, n=BLOCK_SIZE)
         model.ensure_positions(capacity)
-        self.batch_size, self.capacity, self.pos, self.key_start = batch_size, capacity, 0, 0
+        self.capacity, self.pos, self.key_start = capacity, 0, 0
         self.tokens = torch.zeros(batch_size, capacity, dtype=torch.long, device=model.embed.weight.device)
         self.k: list[Tensor | None] = [None] * len(model.blocks)
         self.v: list[Tensor | None] = [None] * len(model.blocks)
@@ -1639,7 +1639,6 @@ class KVCache:
     def expand(self, n: int) -> "KVCache":
         """n copies of a one-sequence cache (several samples from one prefilled prompt)."""
         out = copy.copy(self)
-        out.batch_size = n
         out.tokens = self.tokens.expand(n, -1).clone()
         out.k = [None if t is None else t.expand(n, -1, -1, -1).clone() for t in self.k]
         out.v = [None if t is None else t.expand(n, -1, -1, -1).clone() for t in self.v]
