@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import random
 import sys
 import time
@@ -56,31 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve(argv: list[str] | None) -> tuple[Hyperparameters, argparse.Namespace, Path, dict, dict | None]:
-    """(config, own flags, parent path, parent checkpoint, own checkpoint when resuming)."""
+def resolve(argv: list[str] | None) -> tuple[Hyperparameters, argparse.Namespace, Path, dict, dict | None, bool]:
+    """(config, own flags, parent path, parent checkpoint, own checkpoint when resuming, resuming)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     explicit = M.explicit_overrides(argv, prog="finetune.py", parser=parser)
     explicit.pop("preset", None)
-    resumed = None
     if explicit.get("resume"):
-        log_dir = explicit.get("log_dir", "logs")
-        path = (M.find_latest_checkpoint(log_dir, kind="chat") if explicit["resume"] == "latest"
-                else M.resolve_checkpoint(explicit["resume"], log_dir))
-        if path is None:
-            raise M.CheckpointError(f"no fine-tuning checkpoint under {log_dir}/ to resume")
-        resumed = M.load_checkpoint(path)
-        if resumed.get("kind") != "chat" or "finetune" not in resumed:
-            raise M.CheckpointError(f"{path}: not a fine-tuning checkpoint (resume pretraining with pretraining.py)")
-        saved = resumed["finetune"]
-        for key, value in saved["args"].items():  # the run's own flags, unless given again now
-            if getattr(args, key, None) == parser.get_default(key):
-                setattr(args, key, value)
-        base = Hyperparameters.from_dict(resumed["hyperparameters"])
-        values = {**base.to_dict(), **explicit, "resume": str(path), "run_id": path.parent.name,
-                  "log_dir": explicit.get("log_dir", str(path.parent.parent))}
-        parent_path = Path(saved["parent"])
-        return Hyperparameters(**values), args, parent_path, {}, resumed
+        return resume_config(explicit, args, parser)
     log_dir = explicit.get("log_dir", "logs")
     if args.checkpoint == "latest":
         parent_path = M.find_latest_checkpoint(log_dir, kind="base")
@@ -93,7 +77,31 @@ def resolve(argv: list[str] | None) -> tuple[Hyperparameters, argparse.Namespace
             else M.infer_hparams(parent["model"]))
     scaled = {name: getattr(base, name) * args.lr_scale for name in ("muon_lr", "head_lr", "embed_lr", "scalar_lr")}
     values = {**base.to_dict(), **FINETUNE_DEFAULTS, **scaled, "run_id": "", "resume": "", **explicit}
-    return Hyperparameters(**values), args, parent_path, parent, None
+    return Hyperparameters(**values), args, parent_path, parent, None, False
+
+
+def resume_config(explicit: dict[str, Any], args: argparse.Namespace, parser: argparse.ArgumentParser
+                  ) -> tuple[Hyperparameters, argparse.Namespace, Path, dict, dict | None, bool]:
+    """--resume latest | RUN_DIR | CHECKPOINT: the run's config and flags (from its checkpoint, or from run.json
+    when it was killed before the first one), with flags given again now on top."""
+    run_dir, path = M.resume_target(explicit["resume"], explicit.get("log_dir", "logs"), "finetune.py")
+    resumed = None
+    if path is None:
+        info = M.read_run_info(run_dir)
+        saved, base = info["finetune"], Hyperparameters.from_dict(info["hyperparameters"])
+    else:
+        resumed = M.load_checkpoint(path)
+        if resumed.get("kind") != "chat" or "finetune" not in resumed:
+            raise M.CheckpointError(f"{path}: not a fine-tuning checkpoint (resume pretraining with pretraining.py)")
+        saved, base = resumed["finetune"], Hyperparameters.from_dict(resumed["hyperparameters"])
+    for key, value in saved["args"].items():  # the run's own flags, unless given again now
+        if getattr(args, key, None) == parser.get_default(key):
+            setattr(args, key, value)
+    values = {**base.to_dict(), **explicit, "resume": str(path or run_dir), "run_id": run_dir.name,
+              "log_dir": explicit.get("log_dir", str(run_dir.parent))}
+    parent_path = Path(saved["parent"])
+    parent = {} if resumed is not None else M.load_checkpoint(parent_path)
+    return Hyperparameters(**values), args, parent_path, parent, resumed, True
 
 
 # -----------------------------------------------------------------------------
@@ -267,22 +275,21 @@ def validate(forward, val: list[Example], hp: Hyperparameters, rt: Runtime, wind
     return total / count
 
 
-def save(rt: Runtime, run_dir: Path, step: int, raw, optimizers, hp, code, data_pos, val_loss, extra) -> None:
-    if rt.master and hp.save_checkpoint:
-        M.save_checkpoint(M.checkpoint_path(hp.log_dir, hp.run_id, step), step=step, model=raw,
-                          optimizers=optimizers, hp=hp, code=code, data_position=data_pos, val_loss=val_loss,
-                          extra=extra)
-        M.prune_checkpoints(run_dir, hp.keep_checkpoints)
+def save(rt: Runtime, run_dir: Path, step: int, raw, optimizers, hp, code, data_pos, val_loss, extra) -> Path | None:
+    if not (rt.master and hp.save_checkpoint):
+        return None
+    path = M.save_checkpoint(M.checkpoint_path(hp.log_dir, hp.run_id, step), step=step, model=raw,
+                             optimizers=optimizers, hp=hp, code=code, data_position=data_pos, val_loss=val_loss,
+                             extra=extra)
+    M.prune_checkpoints(run_dir, hp.keep_checkpoints)
+    return path
 
 
 def train(hp: Hyperparameters, args: argparse.Namespace, rt: Runtime, parent_path: Path, parent: dict,
-          resumed: dict | None) -> float:
+          resumed: dict | None, resuming: bool = False) -> float | None:
     tok = M.get_tokenizer()
     data = load_data(hp, args, tok, rt)  # every record is checked before anything is written
     code = {name: (M.REPO_DIR / name).read_text() for name in ("finetune.py", "model.py")}
-    run_dir = M.open_run_dir(hp, rt, resuming=resumed is not None)
-    logfile = run_dir / "log.txt"
-    M.log_header(rt, logfile, hp, code)
     M.seed_everything(hp.seed)
     raw, forward = M.build_model(hp, rt)
     M.load_state_into(raw, (resumed or parent)["model"], str(parent_path))
@@ -290,12 +297,16 @@ def train(hp: Hyperparameters, args: argparse.Namespace, rt: Runtime, parent_pat
     start_step, data_pos, val_loss = 0, None, None
     if resumed is not None:
         start_step, data_pos, val_loss = M.restore(resumed, hp, raw, optimizers)
-    extra = dict(kind="chat", chat_template=M.CHAT_TEMPLATE_VERSION,
-                 finetune=dict(parent=str(parent_path), args=vars(args)))
+    lineage = dict(parent=str(parent_path), args=vars(args))
+    extra = dict(kind="chat", chat_template=M.CHAT_TEMPLATE_VERSION, finetune=lineage)
+    run_dir = M.open_run_dir(hp, rt, "finetune.py", start_step if resuming else None,
+                             M.checkpoint_bytes(raw, optimizers), info=dict(finetune=lineage))
+    logfile = run_dir / "log.txt"
+    M.log_header(rt, logfile, hp, code)
     window = M.final_window_blocks(hp)
     rows_per_step = hp.tokens_per_step // (hp.row_len or hp.train_seq_len)
     n_train = sum(e.trained for e in data["train"])
-    M.print0(rt, f"fine-tuning {parent_path} -> {run_dir} ({'resumed at step ' + str(start_step) if resumed else 'new'})"
+    M.print0(rt, f"fine-tuning {parent_path} -> {run_dir} ({'resumed at step ' + str(start_step) if resuming else 'new'})"
                  f" device:{rt.device} world_size:{rt.world_size} optimizer:{args.optimizer}", logfile)
     M.print0(rt, f"data: {len(data['train'])} train / {len(data['val'])} held-out conversations ({n_train:,} trained "
                  f"tokens per epoch), {len(data['skipped'])} invalid skipped, {data['truncated']} truncated at a turn "
@@ -305,52 +316,82 @@ def train(hp: Hyperparameters, args: argparse.Namespace, rt: Runtime, parent_pat
         M.print0(rt, f"  skipped {line}", logfile)
     stream = row_stream(data["train"], hp.row_len or hp.train_seq_len, hp.seed, data_pos)
     metrics = open(run_dir / "metrics.jsonl", "a") if rt.master else None
+    stop = M.StopSignal(rt.rank).install()
     elapsed_ms, t0 = 0.0, time.perf_counter()
-    for step in range(start_step, hp.num_iterations + 1):
-        last = step == hp.num_iterations
-        if last or (hp.val_loss_every and step % hp.val_loss_every == 0):
-            elapsed_ms += 1000 * (time.perf_counter() - t0)
-            if step > start_step:
-                save(rt, run_dir, step, raw, optimizers, hp, code, data_pos, val_loss, extra)
-            val_loss = validate(forward, data["val"], hp, rt, window)
-            M.print0(rt, f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} train_time:{elapsed_ms:.0f}ms",
-                     logfile)
+    try:
+        for step in range(start_step, hp.num_iterations + 1):
+            last = step == hp.num_iterations
+            if stop.requested(rt):  # SIGTERM / Ctrl-C: keep the finished steps, exit 0
+                path = save(rt, run_dir, step, raw, optimizers, hp, code, data_pos, val_loss, extra) \
+                    if step > start_step else None
+                saved = f"checkpoint {path}; continue with python finetune.py --resume latest" if path else \
+                    "no new step to save"
+                M.print0(rt, f"stopped by {stop.name} at step {step}: {saved}", logfile)
+                return val_loss
+            if last or (hp.val_loss_every and step % hp.val_loss_every == 0):
+                elapsed_ms += 1000 * (time.perf_counter() - t0)
+                if step > start_step:
+                    save(rt, run_dir, step, raw, optimizers, hp, code, data_pos, val_loss, extra)
+                val_loss = validate(forward, data["val"], hp, rt, window)
+                if not math.isfinite(val_loss):
+                    raise diverged("the held-out loss", val_loss, step, run_dir)
+                M.print0(rt, f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} train_time:{elapsed_ms:.0f}ms",
+                         logfile)
+                if metrics:
+                    metrics.write(json.dumps(dict(step=step, val_loss=val_loss, train_time_ms=elapsed_ms)) + "\n")
+                    metrics.flush()
+                if last and step > start_step:
+                    save(rt, run_dir, step, raw, optimizers, hp, code, data_pos, val_loss, extra)
+                t0 = time.perf_counter()
+            if last:
+                break
+            picked = [next(stream) for _ in range(rows_per_step)]
+            data_pos = picked[-1][1]
+            per_rank = rows_per_step // rt.world_size  # contiguous slices: rank r's rows are 1 process's micro-batch r
+            mine = [r for r, _ in picked][rt.rank * per_rank:(rt.rank + 1) * per_rank]
+            loss, trained = train_step(forward, raw, optimizers, mine, step, hp, rt, window)
+            if not math.isfinite(loss):
+                raise diverged("the training loss", loss, step + 1, run_dir)
+            ms = elapsed_ms + 1000 * (time.perf_counter() - t0)
+            M.print0(rt, f"step:{step + 1}/{hp.num_iterations} train_loss:{loss:.4f} trained_tokens:{trained} "
+                         f"train_time:{ms:.0f}ms step_avg:{ms / (step + 1 - start_step):.2f}ms", logfile)
             if metrics:
-                metrics.write(json.dumps(dict(step=step, val_loss=val_loss, train_time_ms=elapsed_ms)) + "\n")
-                metrics.flush()
-            if last and step > start_step:
-                save(rt, run_dir, step, raw, optimizers, hp, code, data_pos, val_loss, extra)
-            t0 = time.perf_counter()
-        if last:
-            break
-        picked = [next(stream) for _ in range(rows_per_step)]
-        data_pos = picked[-1][1]
-        per_rank = rows_per_step // rt.world_size  # contiguous slices: rank r's rows are 1 process's micro-batch r
-        mine = [r for r, _ in picked][rt.rank * per_rank:(rt.rank + 1) * per_rank]
-        loss, trained = train_step(forward, raw, optimizers, mine, step, hp, rt, window)
-        ms = elapsed_ms + 1000 * (time.perf_counter() - t0)
-        M.print0(rt, f"step:{step + 1}/{hp.num_iterations} train_loss:{loss:.4f} trained_tokens:{trained} "
-                     f"train_time:{ms:.0f}ms step_avg:{ms / (step + 1 - start_step):.2f}ms", logfile)
+                metrics.write(json.dumps(dict(step=step + 1, train_loss=loss, trained_tokens=trained,
+                                              train_time_ms=ms)) + "\n")
+                metrics.flush()  # a kill -9 loses no logged step
+    finally:
+        stop.restore()
         if metrics:
-            metrics.write(json.dumps(dict(step=step + 1, train_loss=loss, trained_tokens=trained,
-                                          train_time_ms=ms)) + "\n")
-    if metrics:
-        metrics.close()
+            metrics.close()
     M.print0(rt, f"chat model: {M.checkpoint_path(hp.log_dir, hp.run_id, hp.num_iterations)} "
                  f"(python chat.py loads it)", logfile)
     return val_loss
 
 
+def diverged(what: str, value: float, step: int, run_dir: Path) -> M.TrainingError:
+    newest = M.newest_checkpoint(run_dir)
+    kept = f"the newest good checkpoint is {newest}" if newest else "no checkpoint was written yet"
+    return M.TrainingError(f"step {step}: {what} is {value}; stopped without writing a checkpoint ({kept}). Lower "
+                           f"--lr-scale (or --adam-lr) or use --dtype fp32, then start again or --resume")
+
+
 def main(argv: list[str] | None = None) -> None:
-    rt = None
+    rt, hp = None, None
     try:
-        hp, args, parent_path, parent, resumed = resolve(argv)
+        hp, args, parent_path, parent, resumed, resuming = resolve(argv)
         rt = M.init_runtime(hp)
         hp.validate(rt.world_size)
-        train(hp, args, rt, parent_path, parent, resumed)
+        train(hp, args, rt, parent_path, parent, resumed, resuming)
     except M.USER_ERRORS as e:
-        print(f"finetune.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        M.exit_with(2, "finetune.py", str(e))
+    except M.TrainingError as e:
+        M.exit_with(1, "finetune.py", str(e))
+    except KeyboardInterrupt:
+        M.exit_with(130, "finetune.py", "interrupted (second Ctrl-C): the current step was not saved; "
+                    + M.newest_checkpoint_note(hp))
+    except Exception as e:  # noqa: BLE001 - only a failed collective or write is turned into one line
+        M.exit_on_run_failure(e, rt, hp, "finetune.py")
+        raise
     finally:
         if rt is not None:
             M.shutdown_runtime(rt)

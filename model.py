@@ -21,12 +21,15 @@ import math
 import os
 import platform
 import re
+import shutil
+import signal
 import sys
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Collection, Iterator
+from typing import Any, Collection, Iterator, NoReturn
 
 import numpy as np
 import torch
@@ -94,12 +97,14 @@ class Hyperparameters:
     dtype: str = "auto"  # autocast dtype: auto (bf16 where it pays), bf16 or fp32
     compile: str = "auto"  # torch.compile: auto (whole model on CUDA, the loss head elsewhere), on, off
     fp8_head: str = "auto"  # FP8 lm_head matmul: auto (GPUs with compute capability >= 8.9), on, off
+    collective_timeout: int = 600  # seconds a rank waits for the others in a collective before the run stops
 
     # ---- validation -------------------------------------------------------
     def validate(self, world_size: int = 1) -> "Hyperparameters":
         """Raise ConfigError naming the flag when a value or a combination is invalid."""
         positive = ["val_tokens", "train_seq_len", "val_seq_len", "rank_equivalents", "vocab_size", "num_layers",
-                    "num_heads", "head_dim", "model_dim", "window_max", "num_iterations", "muon_momentum_warmup"]
+                    "num_heads", "head_dim", "model_dim", "window_max", "num_iterations", "muon_momentum_warmup",
+                    "collective_timeout"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{_flag(name)}={getattr(self, name)} must be positive")
@@ -320,6 +325,7 @@ class Runtime:
     autocast_dtype: torch.dtype | None = None  # None = fp32
     compile: bool = False  # whole model
     compile_head: bool = False  # only the soft-capped cross-entropy (the CPU hot spot)
+    run_lock: Any = None  # open file holding the run directory's lock (released at exit, even on kill -9)
 
     @property
     def distributed(self) -> bool:
@@ -390,7 +396,9 @@ def init_runtime(hp: Hyperparameters) -> Runtime:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+        # a bounded wait: a rank that dies or hangs stops the others with an error instead of a silent hang
+        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None,
+                                timeout=timedelta(seconds=hp.collective_timeout))
     compile_on = hp.compile == "on" or (hp.compile == "auto" and device.type == "cuda")
     return Runtime(device=device, rank=rank, local_rank=local_rank, world_size=world_size,
                    autocast_dtype=pick_autocast_dtype(hp.dtype, device), compile=compile_on,
@@ -417,6 +425,9 @@ def compile_with_fallback(fn: Any, name: str) -> Any:
 
 
 def shutdown_runtime(rt: Runtime) -> None:
+    if rt.run_lock is not None:
+        rt.run_lock.close()
+        rt.run_lock = None
     if rt.distributed and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -435,6 +446,97 @@ def print0(rt: Runtime, msg: str, logfile: Path | None = None, console: bool = T
     if logfile is not None:
         with open(logfile, "a", encoding="utf-8") as f:
             f.write(msg + "\n")
+
+
+class TrainingError(RuntimeError):
+    """A run cannot go on (non-finite loss, a lost rank, a failed write): one line, exit 1, good checkpoints kept."""
+
+
+class StopSignal:
+    """SIGTERM or SIGINT asks the training loop to write a checkpoint after the current step and exit 0.
+
+    Preemptible clusters send SIGTERM and allow a grace period before SIGKILL; Ctrl-C sends SIGINT. The handler only
+    sets a flag, which the loop reads between steps (ranks agree on it through one scalar all_reduce, so all stop at
+    the same step). A second Ctrl-C raises KeyboardInterrupt at once, unless it comes within a second of the first:
+    torchrun forwards the terminal's SIGINT to workers that already received it from the terminal.
+    """
+
+    def __init__(self, rank: int = 0):
+        self.rank = rank
+        self.name: str | None = None
+        self._at = 0.0
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> "StopSignal":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.name is None:
+            self.name, self._at = signal.Signals(signum).name, time.monotonic()
+            if self.rank == 0:  # os.write: print() is not safe to re-enter from a signal handler
+                os.write(2, f"{self.name} received: writing a checkpoint after the current step "
+                            f"(Ctrl-C again to quit without one)\n".encode())
+        elif signum == signal.SIGINT and time.monotonic() - self._at > 1.0:
+            raise KeyboardInterrupt
+
+    def requested(self, rt: Runtime) -> bool:
+        """Whether any rank was signalled (a collective under torchrun: call it on every rank at the same point)."""
+        if not rt.distributed:
+            return self.name is not None
+        flag = torch.tensor(float(self.name is not None), device=rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def lost_rank(error: BaseException, rt: Runtime | None) -> bool:
+    """A collective failed because another rank died (connection reset) or hung (timeout)."""
+    if rt is None or not rt.distributed:
+        return False
+    # gloo and NCCL raise plain RuntimeErrors; these are the phrases of a dead peer or an expired collective timeout
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and re.search(
+        r"gloo|nccl|timed out|timeout|connection (reset|closed)|pair closure|by peer", str(error), re.I) is not None)
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[Any]:
+    """Write to a hidden temporary file beside `path`, fsync, then rename over `path`: a reader (or a crash, or
+    kill -9, or a full disk) sees the old file or the complete new one, never a partial one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename itself survives a power cut
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows, which cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # -----------------------------------------------------------------------------
@@ -976,17 +1078,9 @@ def write_data_shard(path: str | Path, tokens: np.ndarray | list[int]) -> None:
         raise DataError(f"{path}: token ids must fit in uint16 (0..65535)")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, arr.size)
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header.tobytes())
-            f.write(arr.astype(np.uint16).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as f:
+        f.write(header.tobytes())
+        f.write(arr.astype(np.uint16).tobytes())
 
 
 def read_shard_header(path: str | Path) -> int:
@@ -1355,17 +1449,69 @@ def save_checkpoint(path: str | Path, *, step: int, model: nn.Module, optimizers
                  cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
         val_loss=val_loss, **(extra or {}),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    previous = newest_checkpoint(path.parent)
+    check_finite(model, f"step {step}", previous)
     try:
-        with open(tmp, "wb") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    except OSError as e:
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise TrainingError(f"{path}: checkpoint not written ({e.strerror or e}); {kept}. Free space or fix the "
+                            f"directory, then continue with --resume latest") from None
     return path
+
+
+DIVERGENCE_HINT = ("Lower the learning rates (--muon-lr, --embed-lr, --head-lr, --scalar-lr) or use --dtype fp32, "
+                   "then start again or --resume")
+
+
+def check_finite(model: nn.Module, where: str, previous: Path | None) -> None:
+    """Refuse to save non-finite weights: a NaN checkpoint would become `latest` and replace a good one."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        kept = f"the newest good checkpoint is {previous}" if previous else "no checkpoint was written yet"
+        raise TrainingError(f"{where}: {len(bad)} parameter tensor(s) hold NaN or inf (first: {bad[0]}); stopped "
+                            f"without writing a checkpoint ({kept}). {DIVERGENCE_HINT}")
+
+
+def checkpoint_bytes(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> int:
+    """Size of a checkpoint before the first step has created optimizer state: weights, plus two moments per
+    Adam parameter and one momentum per Muon parameter (what the states hold after step 1)."""
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    for opt in optimizers:
+        per_param = 2 if isinstance(opt, torch.optim.Adam) else 1
+        size += per_param * sum(p.numel() * p.element_size() for g in opt.param_groups for p in g["params"])
+    return size
+
+
+def check_disk_space(run_dir: Path, hp: Hyperparameters, bytes_per_checkpoint: int) -> None:
+    """Before training: room for the checkpoints the run keeps at once (plus the one being written)."""
+    if not hp.save_checkpoint:
+        return
+    saves = hp.num_iterations // hp.val_loss_every + 1 if hp.val_loss_every else 1
+    if hp.save_every:
+        saves += hp.num_iterations // hp.save_every
+    at_once = min(saves, hp.keep_checkpoints + 1) if hp.keep_checkpoints else saves
+    present = sum(p.stat().st_size for p in run_checkpoints(run_dir))  # replaced as the run goes on
+    need = at_once * bytes_per_checkpoint - present
+    free = shutil.disk_usage(run_dir).free
+    if need > free:
+        raise CheckpointError(f"{run_dir}: not enough disk space: the run keeps up to {at_once} checkpoint(s) of "
+                              f"about {bytes_per_checkpoint / 2**20:,.0f} MiB but only {free / 2**20:,.0f} MiB are "
+                              f"free; free some, pick another --log-dir, lower --keep-checkpoints or pass "
+                              f"--save-checkpoint false")
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail before training, not at the first checkpoint, when the run directory cannot be written."""
+    probe = run_dir / f".write_test{os.getpid()}"
+    try:
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"{run_dir}: cannot write to the run directory ({e.strerror}); "
+                              f"pick another --log-dir") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -1453,9 +1599,7 @@ def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
     """Delete all but the `keep` highest-step checkpoints of one run (0 keeps all); returns what was deleted."""
     if keep <= 0:
         return []
-    found = sorted((p for p in run_dir.glob("state_step*.pt") if CHECKPOINT_RE.search(p.name)),
-                   key=lambda p: int(CHECKPOINT_RE.search(p.name).group(1)))
-    stale = found[:-keep]
+    stale = run_checkpoints(run_dir)[:-keep]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
@@ -1469,6 +1613,17 @@ def checkpoint_kind(path: str | Path) -> str:
     except Exception:  # noqa: BLE001 - a partial or foreign file is simply not a candidate
         return "none"
     return "chat" if isinstance(meta, dict) and meta.get("kind") == "chat" else "base"
+
+
+def run_checkpoints(run_dir: Path) -> list[Path]:
+    """A run's complete checkpoints, lowest step first (interrupted writes are hidden .tmp files, never listed)."""
+    found = [p for p in Path(run_dir).glob("state_step*.pt") if CHECKPOINT_RE.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_RE.fullmatch(p.name).group(1)))
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    found = run_checkpoints(run_dir)
+    return found[-1] if found else None
 
 
 def find_latest_checkpoint(log_dir: str | Path = "logs", run_id: str | None = None,
@@ -1492,6 +1647,9 @@ def resolve_checkpoint(spec: str, log_dir: str | Path = "logs") -> Path:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     return path
+
+
+RUN_INFO = "run.json"  # what started a run: its script and config, so a run killed before any checkpoint resumes
 
 
 def new_run_dir(hp: Hyperparameters) -> Path:
@@ -1519,14 +1677,141 @@ def log_header(rt: Runtime, logfile: Path, hp: Hyperparameters, code: dict[str, 
     print0(rt, "=" * 100, logfile, console=False)
 
 
-def open_run_dir(hp: Hyperparameters, rt: Runtime, resuming: bool) -> Path:
-    """The run directory: the checkpoint's on resume, else a new one that rank 0 creates and broadcasts."""
-    run_dir = Path(hp.log_dir) / hp.run_id if resuming else new_run_dir(hp) if rt.master else None
-    if rt.distributed:
-        ids = [hp.run_id]
-        dist.broadcast_object_list(ids, src=0)
-        hp.run_id, run_dir = ids[0], Path(hp.log_dir) / ids[0]
+def lock_run_dir(run_dir: Path) -> Any:
+    """An exclusive lock on run_dir/.lock for the life of the process (the kernel drops it when the process dies,
+    even by kill -9), so two processes never train into one run, e.g. two `--resume latest` at once."""
+    import fcntl  # POSIX only; imported here so model.py still imports on Windows
+
+    handle = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "?"
+        handle.close()
+        raise ConfigError(f"run directory {run_dir} is in use by another process (pid {owner}); wait for it to "
+                          f"finish or pick another run") from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def _prepare_run_dir(hp: Hyperparameters, rt: Runtime, script: str, resume_step: int | None,
+                     bytes_per_checkpoint: int, info: dict[str, Any]) -> Path:
+    """Rank 0's part of open_run_dir: create or reuse, lock, check, and record the run."""
+    if resume_step is None:
+        run_dir = new_run_dir(hp)
+    else:
+        run_dir = Path(hp.log_dir) / hp.run_id
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create run directory {run_dir}: {e.strerror}") from None
+    rt.run_lock = lock_run_dir(run_dir)
+    try:
+        check_writable(run_dir)
+        check_disk_space(run_dir, hp, bytes_per_checkpoint)
+    except CheckpointError:
+        rt.run_lock.close()
+        rt.run_lock = None
+        if resume_step is None:  # a refused start leaves no run behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    if resume_step is not None:
+        for partial in run_dir.glob(".state_step*.pt.tmp*"):  # left by a write that was killed
+            partial.unlink(missing_ok=True)
+        trim_metrics(run_dir / "metrics.jsonl", resume_step)
+    if resume_step is None or not (run_dir / RUN_INFO).exists():
+        with atomic_write(run_dir / RUN_INFO, "w") as f:
+            json.dump(dict(script=script, hyperparameters=hp.to_dict(), **info), f, indent=1)
     return run_dir
+
+
+def open_run_dir(hp: Hyperparameters, rt: Runtime, script: str, resume_step: int | None = None,
+                 bytes_per_checkpoint: int = 0, info: dict[str, Any] | None = None) -> Path:
+    """The run directory, prepared by rank 0 and broadcast: a new one, or on resume (resume_step = the step the run
+    continues from) the run's own, with partial writes removed and metrics past that step dropped. run.json records
+    the script, the config and `info`. Every rank raises rank 0's error, so a refused start leaves none waiting."""
+    error = None
+    if rt.master:
+        try:
+            _prepare_run_dir(hp, rt, script, resume_step, bytes_per_checkpoint, info or {})
+        except (ConfigError, CheckpointError) as e:
+            error = e
+    if rt.distributed:
+        shared = [hp.run_id, None if error is None else str(error)]
+        dist.broadcast_object_list(shared, src=0)
+        hp.run_id = shared[0]
+        if shared[1] is not None and error is None:
+            error = CheckpointError(shared[1])
+    if error is not None:
+        raise error
+    return Path(hp.log_dir) / hp.run_id
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """On resume from `step`, drop metrics a killed run logged after it (they are logged again) and any line a
+    kill cut short; the train line of `step` itself came before the checkpoint and stays."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            keep = record["step"] < step or (record["step"] == step and "train_loss" in record)
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+    with atomic_write(path, "w") as f:
+        f.writelines(kept)
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        info = json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _run_script(run_dir: Path) -> str | None:
+    """Which script a run belongs to: run.json says; runs without one (train_gpt.py's, older ones) by their
+    newest checkpoint's kind."""
+    info = read_run_info(run_dir)
+    if info is not None:
+        return info.get("script")
+    newest = newest_checkpoint(run_dir)
+    if newest is None:
+        return None
+    return "finetune.py" if checkpoint_kind(newest) == "chat" else "pretraining.py"
+
+
+def latest_run(log_dir: str | Path, script: str) -> Path | None:
+    """The run of `script` under log_dir that was active last (newest file in it), checkpointed or not."""
+    runs = [d for d in Path(log_dir).glob("*") if d.is_dir() and _run_script(d) == script]
+    if not runs:
+        return None
+    return max(runs, key=lambda d: max((f.stat().st_mtime for f in d.iterdir()), default=d.stat().st_mtime))
+
+
+def resume_target(spec: str, log_dir: str | Path, script: str) -> tuple[Path, Path | None]:
+    """(run directory, newest checkpoint or None) for --resume latest | RUN_DIR | CHECKPOINT."""
+    path = Path(spec)
+    if spec == "latest":
+        run_dir = latest_run(log_dir, script)
+        if run_dir is None:
+            raise CheckpointError(f"no {script} run under {log_dir}/ to resume (start one with python {script})")
+    elif path.is_dir():
+        run_dir = path
+        if _run_script(run_dir) != script:
+            raise CheckpointError(f"{path}: not a {script} run directory (no {RUN_INFO} or checkpoints of it)")
+    elif path.is_file():
+        return path.parent, path
+    else:
+        raise CheckpointError(f"{path}: checkpoint not found")
+    return run_dir, newest_checkpoint(run_dir)
 
 
 def restore(ckpt: dict, hp: Hyperparameters, raw_model: nn.Module,
@@ -1540,6 +1825,30 @@ def restore(ckpt: dict, hp: Hyperparameters, raw_model: nn.Module,
 
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError)  # one line and exit 2 in every script
+
+
+def exit_with(code: int, prog: str, message: str) -> NoReturn:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def newest_checkpoint_note(hp: Hyperparameters | None) -> str:
+    """Where a stopped run can be continued from, for the one-line error."""
+    run_dir = Path(hp.log_dir) / hp.run_id if hp is not None and hp.run_id else None
+    newest = newest_checkpoint(run_dir) if run_dir is not None and run_dir.is_dir() else None
+    return f"the newest checkpoint is {newest} (continue with --resume latest)" if newest else \
+        "no checkpoint of this run was written"
+
+
+def exit_on_run_failure(error: BaseException, rt: Runtime | None, hp: Hyperparameters | None, prog: str) -> None:
+    """A collective that failed because another rank died or hung, or a failed write (full disk): one line, exit 1.
+    Anything else returns, and the caller re-raises it with its traceback (that is a bug to report)."""
+    if lost_rank(error, rt):
+        exit_with(1, prog, f"rank {rt.rank} lost contact with the other ranks (one died or hung; its own output says "
+                           f"why): {first_line(error)}; {newest_checkpoint_note(hp)}; resuming works on any world size")
+    if isinstance(error, OSError):
+        exit_with(1, prog, f"{error.filename or 'write failed'}: {error.strerror or first_line(error)}; "
+                           f"{newest_checkpoint_note(hp)}")
 
 
 # -----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -29,24 +30,31 @@ def read_code() -> dict[str, str]:
     return {name: (M.REPO_DIR / name).read_text() for name in ("pretraining.py", "model.py")}
 
 
-def resolve_config(argv: list[str] | None) -> tuple[Hyperparameters, dict | None, bool]:
-    """Config from CLI/env/preset; on --resume the checkpoint's config, with explicit CLI/env values on top.
+def resolve_config(argv: list[str] | None) -> tuple[Hyperparameters, dict | None, bool, bool]:
+    """Config from CLI/env/preset; on --resume the run's config (its checkpoint's, or run.json's when it died before
+    the first checkpoint), with explicit CLI/env values on top.
 
-    Returns (config, checkpoint or None, whether the preset came from the user or a checkpoint)."""
+    Returns (config, checkpoint or None, resuming, whether the preset came from the user or the run)."""
     explicit = M.explicit_overrides(argv, prog="pretraining.py")
     hp = M.config_from_overrides(explicit)
     if not hp.resume:
-        return hp, None, "preset" in explicit
-    path = M.resolve_checkpoint(hp.resume, hp.log_dir)
-    ckpt = M.load_checkpoint(path)
-    if "hyperparameters" not in ckpt:
-        raise M.CheckpointError(f"{path}: has no hyperparameters (a record checkpoint cannot be resumed)")
-    saved = Hyperparameters.from_dict(ckpt["hyperparameters"])
+        return hp, None, False, "preset" in explicit
+    run_dir, path = M.resume_target(hp.resume, hp.log_dir, "pretraining.py")
+    ckpt = None
+    if path is None:  # killed before its first checkpoint: run it again from step 0 with its recorded config
+        saved = Hyperparameters.from_dict(M.read_run_info(run_dir)["hyperparameters"])
+    else:
+        ckpt = M.load_checkpoint(path)
+        if "hyperparameters" not in ckpt:
+            raise M.CheckpointError(f"{path}: has no hyperparameters (a record checkpoint cannot be resumed)")
+        if ckpt.get("kind") == "chat":
+            raise M.CheckpointError(f"{path}: a fine-tuned checkpoint; continue it with finetune.py --resume")
+        saved = Hyperparameters.from_dict(ckpt["hyperparameters"])
     explicit.pop("preset", None)
-    values = {**saved.to_dict(), **explicit, "resume": str(path)}
-    values["run_id"] = explicit.get("run_id", path.parent.name)
-    values["log_dir"] = explicit.get("log_dir", str(path.parent.parent))
-    return Hyperparameters(**values), ckpt, True
+    values = {**saved.to_dict(), **explicit, "resume": str(path or run_dir)}
+    values["run_id"] = explicit.get("run_id", run_dir.name)
+    values["log_dir"] = explicit.get("log_dir", str(run_dir.parent))
+    return Hyperparameters(**values), ckpt, True, True
 
 
 def ensure_data(hp: Hyperparameters, rt: Runtime) -> None:
@@ -127,11 +135,24 @@ def warm_up(forward, raw_model, optimizers, hp: Hyperparameters, rt: Runtime, wi
     return steps
 
 
-def save(rt: Runtime, run_dir: Path, step: int, raw_model, optimizers, hp, code, data_pos, val_loss) -> None:
-    if rt.master and hp.save_checkpoint:
-        M.save_checkpoint(M.checkpoint_path(hp.log_dir, hp.run_id, step), step=step, model=raw_model,
-                          optimizers=optimizers, hp=hp, code=code, data_position=data_pos, val_loss=val_loss)
-        M.prune_checkpoints(run_dir, hp.keep_checkpoints)  # only after the new one is safely in place
+def save(rt: Runtime, run_dir: Path, step: int, raw_model, optimizers, hp, code, data_pos, val_loss,
+         time_ms: float) -> Path | None:
+    """Rank 0 writes the checkpoint (atomically; non-finite weights are refused) and prunes older ones. It carries
+    the training time so far, so a resumed run's clock and tok/s continue rather than restart."""
+    if not (rt.master and hp.save_checkpoint):
+        return None
+    path = M.save_checkpoint(M.checkpoint_path(hp.log_dir, hp.run_id, step), step=step, model=raw_model,
+                             optimizers=optimizers, hp=hp, code=code, data_position=data_pos, val_loss=val_loss,
+                             extra=dict(train_time_ms=time_ms))
+    M.prune_checkpoints(run_dir, hp.keep_checkpoints)  # only after the new one is safely in place
+    return path
+
+
+def diverged(what: str, value: float, step: int, run_dir: Path) -> M.TrainingError:
+    newest = M.newest_checkpoint(run_dir)
+    kept = f"the newest good checkpoint is {newest}" if newest else "no checkpoint was written yet"
+    return M.TrainingError(f"step {step}: {what} is {value}; stopped without writing a checkpoint ({kept}). "
+                           f"{M.DIVERGENCE_HINT}")
 
 
 def log_summary(rt: Runtime, logfile: Path, hp: Hyperparameters, raw_model, run_dir: Path, preset_given: bool,
@@ -148,19 +169,21 @@ def log_summary(rt: Runtime, logfile: Path, hp: Hyperparameters, raw_model, run_
                  (f" resumed_from:{hp.resume} step:{start_step}" if start_step is not None else ""), logfile)
 
 
-def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None, preset_given: bool = True) -> float:
+def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None, resuming: bool = False,
+          preset_given: bool = True) -> float | None:
     code = read_code()
     ensure_data(hp, rt)
-    run_dir = M.open_run_dir(hp, rt, resuming=ckpt is not None)
-    logfile = run_dir / "log.txt"
-    M.log_header(rt, logfile, hp, code)
     M.seed_everything(hp.seed)
     raw_model, forward = M.build_model(hp, rt)
     optimizers = M.setup_optimizers(raw_model, hp, rt.rank, rt.world_size, compile_ns=rt.compile)
     start_step, data_pos, val_loss = 0, None, None
     if ckpt is not None:
         start_step, data_pos, val_loss = M.restore(ckpt, hp, raw_model, optimizers)
-    log_summary(rt, logfile, hp, raw_model, run_dir, preset_given, start_step if ckpt else None)
+    run_dir = M.open_run_dir(hp, rt, "pretraining.py", start_step if resuming else None,
+                             M.checkpoint_bytes(raw_model, optimizers))
+    logfile = run_dir / "log.txt"
+    M.log_header(rt, logfile, hp, code)
+    log_summary(rt, logfile, hp, raw_model, run_dir, preset_given, start_step if resuming else None)
     step_tokens = hp.tokens_per_step
     window = torch.zeros((), dtype=torch.int32, device=rt.device)  # a tensor, so compile does not recompile
     warmed = warm_up(forward, raw_model, optimizers, hp, rt, window)
@@ -168,60 +191,92 @@ def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None, preset_given: boo
         M.print0(rt, f"warm-up: {warmed} steps run and undone before the clock starts", logfile)
     metrics = open(run_dir / "metrics.jsonl", "a") if rt.master else None
     train_loader = make_train_loader(hp, rt, start=data_pos)
-    training_time_ms, t0 = 0.0, time.perf_counter()
-    for step in range(start_step, hp.num_iterations + 1):
-        last_step = step == hp.num_iterations
-        window.fill_(M.get_window_size_blocks(step, hp))
-        if last_step or (hp.val_loss_every and step % hp.val_loss_every == 0):
-            rt.synchronize()
-            training_time_ms += 1000 * (time.perf_counter() - t0)
-            if step > start_step:  # checkpoint first, so a failed evaluation loses nothing
-                save(rt, run_dir, step, raw_model, optimizers, hp, code, data_pos, val_loss)
-            val_loss = M.evaluate(forward, hp, rt, window, _repo_path(hp.val_files))
-            M.print0(rt, f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} train_time:{training_time_ms:.0f}ms"
-                         f" step_avg:{training_time_ms / max(step - start_step, 1):.2f}ms", logfile)
+    stop = M.StopSignal(rt.rank).install()
+    training_time_ms = ckpt.get("train_time_ms", 0.0) if ckpt else 0.0
+    timed_from = 0 if training_time_ms else start_step  # steps the clock covers start here
+    t0 = time.perf_counter()
+    try:
+        for step in range(start_step, hp.num_iterations + 1):
+            last_step = step == hp.num_iterations
+            window.fill_(M.get_window_size_blocks(step, hp))
+            if stop.requested(rt):  # SIGTERM / Ctrl-C: keep the finished steps, exit 0
+                now_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
+                path = save(rt, run_dir, step, raw_model, optimizers, hp, code, data_pos, val_loss, now_ms) \
+                    if step > start_step else None
+                saved = f"checkpoint {path}; continue with python pretraining.py --resume latest" if path else \
+                    "no new step to save"
+                M.print0(rt, f"stopped by {stop.name} at step {step}: {saved}", logfile)
+                return val_loss
+            if last_step or (hp.val_loss_every and step % hp.val_loss_every == 0):
+                rt.synchronize()
+                training_time_ms += 1000 * (time.perf_counter() - t0)
+                if step > start_step:  # checkpoint first, so a failed evaluation loses nothing
+                    save(rt, run_dir, step, raw_model, optimizers, hp, code, data_pos, val_loss, training_time_ms)
+                val_loss = M.evaluate(forward, hp, rt, window, _repo_path(hp.val_files))
+                if not math.isfinite(val_loss):
+                    raise diverged("the validation loss", val_loss, step, run_dir)
+                M.print0(rt, f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} "
+                             f"train_time:{training_time_ms:.0f}ms "
+                             f"step_avg:{training_time_ms / max(step - timed_from, 1):.2f}ms", logfile)
+                if metrics:
+                    metrics.write(json.dumps(dict(step=step, val_loss=val_loss, train_time_ms=training_time_ms)) + "\n")
+                    metrics.flush()
+                if last_step and step > start_step:  # the final checkpoint carries its own val loss
+                    save(rt, run_dir, step, raw_model, optimizers, hp, code, data_pos, val_loss, training_time_ms)
+                rt.synchronize()
+                t0 = time.perf_counter()
+            elif hp.save_every and step % hp.save_every == 0 and step > start_step:
+                save(rt, run_dir, step, raw_model, optimizers, hp, code, data_pos, val_loss,
+                     training_time_ms + 1000 * (time.perf_counter() - t0))
+            if last_step:
+                break
+            batch = next(train_loader)
+            data_pos = batch[2]
+            train_loss = train_step(forward, raw_model, optimizers, batch, step, hp, rt, window)
+            if rt.distributed:
+                train_loss = train_loss.clone()
+                dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
+            train_loss = float(train_loss)
+            if not math.isfinite(train_loss):
+                raise diverged("the training loss", train_loss, step + 1, run_dir)
+            elapsed = training_time_ms + 1000 * (time.perf_counter() - t0)
+            done = step + 1 - timed_from
+            M.print0(rt, f"step:{step + 1}/{hp.num_iterations} train_loss:{train_loss:.4f} train_time:{elapsed:.0f}ms "
+                         f"step_avg:{elapsed / done:.2f}ms tok/s:{step_tokens * done / (elapsed / 1000):.0f}", logfile)
             if metrics:
-                metrics.write(json.dumps(dict(step=step, val_loss=val_loss, train_time_ms=training_time_ms)) + "\n")
-                metrics.flush()
-            if last_step and step > start_step:  # the final checkpoint carries its own val loss
-                save(rt, run_dir, step, raw_model, optimizers, hp, code, data_pos, val_loss)
-            rt.synchronize()
-            t0 = time.perf_counter()
-        elif hp.save_every and step % hp.save_every == 0 and step > start_step:
-            save(rt, run_dir, step, raw_model, optimizers, hp, code, data_pos, val_loss)
-        if last_step:
-            break
-        batch = next(train_loader)
-        data_pos = batch[2]
-        train_loss = train_step(forward, raw_model, optimizers, batch, step, hp, rt, window)
-        if rt.distributed:
-            train_loss = train_loss.clone()
-            dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
-        train_loss = float(train_loss)
-        elapsed = training_time_ms + 1000 * (time.perf_counter() - t0)
-        done = step + 1 - start_step
-        M.print0(rt, f"step:{step + 1}/{hp.num_iterations} train_loss:{train_loss:.4f} train_time:{elapsed:.0f}ms "
-                     f"step_avg:{elapsed / done:.2f}ms tok/s:{step_tokens * done / (elapsed / 1000):.0f}", logfile)
+                metrics.write(json.dumps(dict(step=step + 1, train_loss=train_loss, train_time_ms=elapsed,
+                                              lr_mult=M.get_lr(step, hp))) + "\n")
+                metrics.flush()  # a kill -9 loses no logged step
+    finally:
+        stop.restore()
         if metrics:
-            metrics.write(json.dumps(dict(step=step + 1, train_loss=train_loss, train_time_ms=elapsed,
-                                          lr_mult=M.get_lr(step, hp))) + "\n")
-    if metrics:
-        metrics.close()
+            metrics.close()
     if rt.master and hp.save_checkpoint:
         M.print0(rt, f"checkpoint: {M.checkpoint_path(hp.log_dir, hp.run_id, hp.num_iterations)}", logfile)
     return val_loss
 
 
 def main(argv: list[str] | None = None) -> None:
-    rt = None
+    rt, hp = None, None
     try:
-        hp, ckpt, preset_given = resolve_config(argv)
+        hp, ckpt, resuming, preset_given = resolve_config(argv)
+        if ckpt is not None and ckpt["step"] >= hp.num_iterations:
+            print(f"pretraining.py: {hp.resume} is the end of its run (step {ckpt['step']} of {hp.num_iterations}); "
+                  f"nothing to resume (pass a larger --num-iterations to train on)")
+            return
         rt = M.init_runtime(hp)
         hp.validate(rt.world_size)
-        train(hp, rt, ckpt, preset_given)
+        train(hp, rt, ckpt, resuming, preset_given)
     except M.USER_ERRORS as e:
-        print(f"pretraining.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        M.exit_with(2, "pretraining.py", str(e))
+    except M.TrainingError as e:
+        M.exit_with(1, "pretraining.py", str(e))
+    except KeyboardInterrupt:
+        M.exit_with(130, "pretraining.py", "interrupted (second Ctrl-C): the current step was not saved; "
+                    + M.newest_checkpoint_note(hp))
+    except Exception as e:  # noqa: BLE001 - only a failed collective or write is turned into one line
+        M.exit_on_run_failure(e, rt, hp, "pretraining.py")
+        raise
     finally:
         if rt is not None:
             M.shutdown_runtime(rt)

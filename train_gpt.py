@@ -33,6 +33,7 @@ import time
 import uuid
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -102,11 +103,13 @@ class Hyperparameters:
     dtype: str = "auto"  # autocast dtype: auto (bf16 where it pays), bf16 or fp32
     compile: str = "auto"  # torch.compile: auto (whole model on CUDA, the loss head elsewhere), on, off
     fp8_head: str = "auto"  # FP8 lm_head matmul: auto (GPUs with compute capability >= 8.9), on, off
+    collective_timeout: int = 600  # seconds a rank waits for the others in a collective before the run stops
 
     def validate(self, world_size: int = 1) -> "Hyperparameters":
         """Raise ConfigError naming the flag (the same checks and messages as model.py)."""
         positive = ["val_tokens", "train_seq_len", "val_seq_len", "rank_equivalents", "vocab_size", "num_layers",
-                    "num_heads", "head_dim", "model_dim", "window_max", "num_iterations", "muon_momentum_warmup"]
+                    "num_heads", "head_dim", "model_dim", "window_max", "num_iterations", "muon_momentum_warmup",
+                    "collective_timeout"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{_flag(name)}={getattr(self, name)} must be positive")
@@ -315,7 +318,8 @@ def init_runtime(hp: Hyperparameters) -> Runtime:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None,
+                                timeout=timedelta(seconds=hp.collective_timeout))  # a dead rank stops the others
     compile_on = hp.compile == "on" or (hp.compile == "auto" and device.type == "cuda")
     return Runtime(device=device, rank=rank, local_rank=local_rank, world_size=world_size,
                    autocast_dtype=pick_autocast_dtype(hp.dtype, device), compile=compile_on,
@@ -887,14 +891,14 @@ CHECKPOINT_FORMAT = 1  # model.py's format: eval.py, chat.py and pretraining.py 
 
 def save_checkpoint(path: Path, *, step: int, model: nn.Module, optimizers: list[torch.optim.Optimizer],
                     hp: Hyperparameters, code: dict[str, str], data_position: dict[str, int] | None,
-                    val_loss: float | None) -> None:
+                    val_loss: float | None, train_time_ms: float) -> None:
     """Tensors and plain types only, written to a temporary file and renamed into place."""
     state = dict(format=CHECKPOINT_FORMAT, step=step, code=code, model=model.state_dict(),
                  optimizers=[opt.state_dict() for opt in optimizers], hyperparameters=dataclasses.asdict(hp),
                  tokenizer="gpt2", data_position=data_position or {},
                  rng=dict(torch=torch.get_rng_state(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
-                 val_loss=val_loss)
+                 val_loss=val_loss, train_time_ms=train_time_ms)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -1063,10 +1067,11 @@ def train(hp: Hyperparameters, rt: Runtime) -> float:
     data_pos, val_loss = None, None
     training_time_ms, t0 = 0.0, time.perf_counter()
 
-    def save(step: int) -> None:
+    def save(step: int, time_ms: float) -> None:
         if rt.master and hp.save_checkpoint:
             save_checkpoint(run_dir / f"state_step{step:06d}.pt", step=step, model=raw_model, optimizers=optimizers,
-                            hp=hp, code={"train_gpt.py": code}, data_position=data_pos, val_loss=val_loss)
+                            hp=hp, code={"train_gpt.py": code}, data_position=data_pos, val_loss=val_loss,
+                            train_time_ms=time_ms)
 
     for step in range(hp.num_iterations + 1):
         last_step = step == hp.num_iterations
@@ -1075,7 +1080,7 @@ def train(hp: Hyperparameters, rt: Runtime) -> float:
             rt.synchronize()
             training_time_ms += 1000 * (time.perf_counter() - t0)  # the clock stops for checkpoints and validation
             if step > 0:
-                save(step)  # before validating, so a failed evaluation loses nothing
+                save(step, training_time_ms)  # before validating, so a failed evaluation loses nothing
             val_loss = evaluate(forward, hp, rt, window, repo_path(hp.val_files))
             print0(rt, f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} train_time:{training_time_ms:.0f}ms "
                        f"step_avg:{training_time_ms / max(step, 1):.2f}ms", logfile)
@@ -1083,11 +1088,11 @@ def train(hp: Hyperparameters, rt: Runtime) -> float:
                 metrics.write(json.dumps(dict(step=step, val_loss=val_loss, train_time_ms=training_time_ms)) + "\n")
                 metrics.flush()
             if last_step and step > 0:
-                save(step)  # the final checkpoint carries its own val loss
+                save(step, training_time_ms)  # the final checkpoint carries its own val loss
             rt.synchronize()
             t0 = time.perf_counter()
         elif hp.save_every and step % hp.save_every == 0 and step > 0:
-            save(step)
+            save(step, training_time_ms + 1000 * (time.perf_counter() - t0))
         if last_step:
             break
         batch = next(loader)

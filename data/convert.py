@@ -117,9 +117,8 @@ class ShardWriter:
             print(f"removed stale shard {path}")
 
     def abort(self) -> None:
-        for path in self.paths:  # NAME.partial, and write_data_shard's NAME.partial.tmpPID if a write failed
-            for leftover in glob.glob(f"{glob.escape(str(path))}.partial*"):
-                os.remove(leftover)
+        for path in self.paths:  # NAME.partial (write_data_shard removes its own temporary file if a write fails)
+            Path(f"{path}.partial").unlink(missing_ok=True)
 
 
 class Progress:
