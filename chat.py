@@ -88,6 +88,11 @@ class Chat:
         self.settings = Settings(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed)
         self.replies = 0
         self.use_cache = not args.no_kv_cache
+        fit(im, Conversation(system=self.conv.system), "", self.budget())  # a too-long --system fails at start
+
+    def budget(self) -> int:
+        """Prompt tokens: the context less the room kept for the reply."""
+        return self.context - min(self.settings.max_new_tokens, self.context // 2)
 
     def banner(self) -> str:
         im = self.im
@@ -97,9 +102,8 @@ class Chat:
                 f"context {self.context} tokens; type 'help' for commands, Ctrl-C stops a reply, Ctrl-D leaves")
 
     def reply(self, user: str) -> str:
-        budget = self.context - min(self.settings.max_new_tokens, self.context // 2)
         try:
-            ids, note = fit(self.im, self.conv, user, budget)
+            ids, note = fit(self.im, self.conv, user, self.budget())
         except M.ConfigError as e:
             if not self.interactive:
                 raise
@@ -200,7 +204,7 @@ def interactive_loop(chat: Chat) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = M._OneLineParser(prog="chat.py", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = M.OneLineParser(prog="chat.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--checkpoint", default="latest", help="'latest' (a fine-tuned one first) or a path")
     p.add_argument("--log-dir", default="logs")
     p.add_argument("--device", default="auto")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ PROMPTS = {  # seeded samples when no --prompt is given; the play format is what
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = M._OneLineParser(prog="eval.py", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = M.OneLineParser(prog="eval.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--checkpoint", default="latest", help="'latest' (newest under --log-dir) or a path")
     p.add_argument("--log-dir", default="logs")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) or a torch device")
@@ -91,7 +90,7 @@ def eval_val(s: M.InferenceModel, args: argparse.Namespace) -> dict[str, Any]:
     if budget % hp.val_seq_len:
         raise M.ConfigError(f"--val-tokens={budget} must be a multiple of the checkpoint's val_seq_len "
                             f"({hp.val_seq_len})")
-    loader = M.distributed_data_generator(pattern, hp.val_seq_len, 0, 1, cycle=False)
+    loader = M.distributed_data_generator(pattern, hp.val_seq_len, 0, 1, cycle=False, vocab_size=hp.vocab_size)
     batches = [next(loader, None) for _ in range(budget // hp.val_seq_len)]
     if batches[-1] is None:
         raise M.DataError(f"validation files {files!r} hold fewer than --val-tokens={budget} tokens")
@@ -260,13 +259,11 @@ def print_table(s: M.InferenceModel, results: dict[str, Any], out: Any) -> None:
 def write_results(s: M.InferenceModel, results: dict[str, Any]) -> Path | None:
     """logs/<run_id>/eval_<step>.json beside the checkpoint, written atomically; None if not writable."""
     path = s.path.parent / f"eval_{s.step}.json"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp, path)
+        with M.atomic_write(path, "w") as f:
+            f.write(json.dumps(results, indent=2) + "\n")
     except OSError as e:
         print(f"eval.py: warning: results not saved to {path} ({e.strerror})", file=sys.stderr)
-        tmp.unlink(missing_ok=True)
         return None
     return path
 

@@ -61,6 +61,9 @@ def resolve(argv: list[str] | None) -> tuple[Hyperparameters, argparse.Namespace
     """(config, own flags, parent path, parent checkpoint, own checkpoint when resuming, resuming)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    for flag, value in (("--lr-scale", args.lr_scale), ("--adam-lr", args.adam_lr)):
+        if not value > 0:
+            raise M.ConfigError(f"{flag}={value} must be positive")
     explicit = M.explicit_overrides(argv, prog="finetune.py", parser=parser)
     explicit.pop("preset", None)
     if explicit.get("resume"):
@@ -73,7 +76,7 @@ def resolve(argv: list[str] | None) -> tuple[Hyperparameters, argparse.Namespace
     else:
         parent_path = M.resolve_checkpoint(args.checkpoint, log_dir)
     parent = M.load_checkpoint(parent_path)
-    base = (Hyperparameters.from_dict(parent["hyperparameters"]) if "hyperparameters" in parent
+    base = (M.saved_config(parent, parent_path) if "hyperparameters" in parent
             else M.infer_hparams(parent["model"]))
     scaled = {name: getattr(base, name) * args.lr_scale for name in ("muon_lr", "head_lr", "embed_lr", "scalar_lr")}
     values = {**base.to_dict(), **FINETUNE_DEFAULTS, **scaled, "run_id": "", "resume": "", **explicit}
@@ -88,12 +91,15 @@ def resume_config(explicit: dict[str, Any], args: argparse.Namespace, parser: ar
     resumed = None
     if path is None:
         info = M.read_run_info(run_dir)
-        saved, base = info["finetune"], Hyperparameters.from_dict(info["hyperparameters"])
+        base = M.saved_config(info, run_dir / M.RUN_INFO)
+        if "finetune" not in info:
+            raise M.CheckpointError(f"{run_dir / M.RUN_INFO}: not a fine-tuning run")
+        saved = info["finetune"]
     else:
         resumed = M.load_checkpoint(path)
         if resumed.get("kind") != "chat" or "finetune" not in resumed:
             raise M.CheckpointError(f"{path}: not a fine-tuning checkpoint (resume pretraining with pretraining.py)")
-        saved, base = resumed["finetune"], Hyperparameters.from_dict(resumed["hyperparameters"])
+        saved, base = resumed["finetune"], M.saved_config(resumed, path)
     for key, value in saved["args"].items():  # the run's own flags, unless given again now
         if getattr(args, key, None) == parser.get_default(key):
             setattr(args, key, value)
@@ -124,19 +130,34 @@ def render_examples(tok: M.Tokenizer, records: list[dict], context: int) -> tupl
     examples, truncated, dropped = [], 0, 0
     for record in records:
         messages = record["messages"]
-        ids, mask = M.render_conversation(tok, messages)
+        limit = fitting_length(messages, context)
         cut = len(messages)
-        while len(ids) - 1 > context and cut > 1:
+        while cut > 0:
+            if cut <= limit:
+                ids, mask = M.render_conversation(tok, messages[:cut])
+                if len(ids) - 1 <= context:
+                    break
             cut -= 1
             while cut > 0 and messages[cut - 1]["role"] != "assistant":
                 cut -= 1
-            ids, mask = M.render_conversation(tok, messages[:cut]) if cut else ([], [])
-        if cut == 0 or len(ids) - 1 > context:
+        if cut == 0:
             dropped += 1
             continue
         truncated += cut < len(messages)
         examples.append(Example(ids[:-1], [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]))
     return examples, truncated, dropped
+
+
+def fitting_length(messages: list[dict[str, str]], context: int) -> int:
+    """How many leading messages could fit at all: a GPT-2 token is at most GPT2_MAX_TOKEN_BYTES bytes, and a
+    character at least one byte, so more characters than that many times the context never fit. Checking this
+    first keeps a 100 MB message from being tokenized (a minute and gigabytes) only to be dropped."""
+    budget, total = M.GPT2_MAX_TOKEN_BYTES * (context + 1), 0
+    for i, message in enumerate(messages):
+        total += len(message["content"])
+        if total > budget:
+            return i
+    return len(messages)
 
 
 def pack(examples: list[Example], row_len: int, order: list[int]) -> list[Example]:

@@ -114,8 +114,8 @@ class Hyperparameters:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)}={getattr(self, name)} must be >= 0")
         for name in ["muon_lr", "head_lr", "embed_lr", "scalar_lr", "adam_eps"]:
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"--{_flag(name)}={getattr(self, name)} must be positive")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ConfigError(f"--{_flag(name)}={getattr(self, name)} must be positive and finite")
         if not 0 < self.cooldown_frac <= 1:
             raise ConfigError(f"--cooldown-frac={self.cooldown_frac} must be in (0, 1]")
         for name in ["adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_start"]:
@@ -171,7 +171,7 @@ class Hyperparameters:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"unknown hyperparameter(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown hyperparameter(s): {', '.join(k if k.isprintable() else repr(k) for k in unknown)}")
         return cls(**{k: _coerce(k, v) for k, v in d.items()})
 
 
@@ -217,15 +217,19 @@ def _coerce(name: str, value: Any) -> Any:
         if kind in ("int", int):
             if isinstance(value, float) or isinstance(value, bool):
                 raise ValueError(f"expected an integer, got {value!r}")
-            return int(str(value).replace("_", ""))
+            return int(str(value).strip())  # Python's own rules: 1_000 yes, 1__0 no
         if kind in ("float", float):
+            if isinstance(value, bool):
+                raise ValueError(f"expected a number, got {value!r}")
             return float(value)
-        return str(value)
-    except ValueError as e:
+        if not isinstance(value, str):
+            raise ValueError(f"expected text, got {value!r}")
+        return value
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"--{_flag(name)}: invalid value {value!r} ({e})") from None
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse that reports bad flags as one line (no usage block) and exits 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -245,7 +249,7 @@ def field_comments() -> dict[str, str]:
 
 def build_arg_parser(prog: str, description: str = "") -> argparse.ArgumentParser:
     """A CLI generated from Hyperparameters: --num-iterations 20 (or --num_iterations 20)."""
-    parser = _OneLineParser(prog=prog, description=description, allow_abbrev=False,
+    parser = OneLineParser(prog=prog, description=description, allow_abbrev=False,
                             epilog=f"Every flag is also an environment variable ({ENV_PREFIX}NUM_ITERATIONS=20) "
                                    "or a .env line. Precedence: CLI > environment > .env > preset > default.")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="named starting point (default: speedrun with "
@@ -290,7 +294,8 @@ def explicit_overrides(argv: list[str] | None = None, prog: str = "pretraining.p
         if name not in known:
             raise ConfigError(f"environment variable {key} names no hyperparameter")
         values[name] = raw
-    values.update({k: v for k, v in args.items() if v is not None})
+    # argparse turns `--flag=--` into [] (its "--" marker); the user meant the text "--"
+    values.update({k: "--" if v == [] else v for k, v in args.items() if v is not None})
     return {k: _coerce(k, v) for k, v in values.items()}
 
 
@@ -516,7 +521,7 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[Any]:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, mode) as f:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -1133,17 +1138,47 @@ def list_shards(pattern: str) -> list[Path]:
     return files
 
 
+def check_token_ids(path: Path, tokens: Tensor, vocab_size: int) -> None:
+    """uint16 shards can hold ids up to 65535; an id past the embedding table would crash the forward pass."""
+    top = int(tokens.numpy().max())
+    if top >= vocab_size:
+        raise DataError(f"{path}: token id {top} is outside the vocabulary (--vocab-size={vocab_size}); the shard "
+                        f"was written with another tokenizer or is corrupt")
+
+
+def usable_batches(files: list[Path], batch_size: int) -> int:
+    """How many batches the in-order, non-cycling generator yields from these shards (headers only)."""
+    return sum((n - batch_size - 2) // batch_size + 1 for n in map(read_shard_header, files) if n > batch_size + 1)
+
+
+def check_data(hp: Hyperparameters, world_size: int, train_files: str, val_files: str) -> None:
+    """Before anything is written: every shard's header and size, a validation split that covers --val-tokens, and
+    the token ids of the validation shards and the first training shard (later ones are checked as they load)."""
+    train, val = list_shards(train_files), list_shards(val_files)
+    for path in train:
+        if read_shard_header(path) <= hp.tokens_per_step + 1:
+            raise DataError(f"{path}: {read_shard_header(path)} tokens; one batch needs more than "
+                            f"{hp.tokens_per_step + 1}: lower the sequence length or merge shards")
+    val_batch = world_size * hp.val_seq_len
+    if usable_batches(val, val_batch) < hp.val_tokens // val_batch:
+        raise DataError(f"validation files {val_files!r} hold fewer than --val-tokens={hp.val_tokens} tokens; "
+                        f"lower --val-tokens")
+    for path in [train[0], *val]:
+        check_token_ids(path, _load_data_shard(path), hp.vocab_size)
+
+
 def distributed_data_generator(pattern: str, batch_size: int, rank: int, world_size: int, *,
                                device: torch.device | str = "cpu", start: dict[str, int] | None = None,
-                               cycle: bool = True, row_len: int = 0,
-                               shuffle_seed: int | None = None) -> Iterator[tuple[Tensor, Tensor, dict[str, int]]]:
+                               cycle: bool = True, row_len: int = 0, shuffle_seed: int | None = None,
+                               vocab_size: int | None = None) -> Iterator[tuple[Tensor, Tensor, dict[str, int]]]:
     """Yield (inputs, targets, position) with rank's slice of each global batch of batch_size tokens.
 
     Deterministic; rank r takes tokens [pos + r*local, pos + (r+1)*local + 1) as in the record. With cycle the
     shards repeat (epochs) for small corpora; position is where the next batch starts, so passing it back as
     `start` resumes exactly. With shuffle_seed, each shard is cut into rows of row_len (+1 target) tokens that
     are visited in a seeded random order, new every epoch: batches of a small corpus of long works (Shakespeare)
-    then mix many works instead of walking through one play at a time.
+    then mix many works instead of walking through one play at a time. With vocab_size, each shard's token ids
+    are checked when it loads.
     """
     files = list_shards(pattern)
     if batch_size % world_size:
@@ -1157,6 +1192,8 @@ def distributed_data_generator(pattern: str, batch_size: int, rank: int, world_s
         if batch_size + 1 >= len(tokens):
             raise DataError(f"{files[i]}: {len(tokens)} tokens; one batch needs more than {batch_size + 1}: "
                             f"lower the sequence length or merge shards")
+        if vocab_size is not None:
+            check_token_ids(files[i], tokens, vocab_size)
         return tokens
 
     def row_order(tokens: Tensor) -> Tensor | None:
@@ -1207,7 +1244,7 @@ def evaluate(forward: Any, hp: Hyperparameters, rt: Runtime, window: Tensor | in
     steps = hp.val_tokens // val_batch
     row = hp.row_len or hp.val_seq_len
     loader = distributed_data_generator(val_files or hp.val_files, val_batch, rt.rank, rt.world_size,
-                                        device=rt.device, cycle=False)
+                                        device=rt.device, cycle=False, vocab_size=hp.vocab_size)
     total = torch.zeros((), device=rt.device)
     was_training = forward.training
     forward.eval()
@@ -1299,6 +1336,7 @@ class Tokenizer:
 
 CHAT_TEMPLATE_VERSION = 1  # bump when render_conversation changes; fine-tuned checkpoints record the version
 CHAT_ROLES = ("system", "user", "assistant")
+GPT2_MAX_TOKEN_BYTES = 128  # the longest GPT-2 token, in UTF-8 bytes (measured over all 50,257 ids)
 CHAT_VOCAB_LIMIT = 50261  # ids a chat model may sample: GPT-2's 50257 and the four chat tokens
 
 
@@ -1367,7 +1405,7 @@ def load_conversations(path: str | Path, skip_invalid: bool = False) -> tuple[li
     line_no = 0
     try:
         if path.suffix == ".jsonl":
-            for line_no, line in enumerate(text.splitlines(), 1):
+            for line_no, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a string
                 if line.strip():
                     numbered.append((f"line {line_no}", json.loads(line)))
         else:
@@ -1381,6 +1419,10 @@ def load_conversations(path: str | Path, skip_invalid: bool = False) -> tuple[li
         raise DataError(f"{path}: not valid JSON ({where}{e.msg})") from None
     except RecursionError:
         raise DataError(f"{path}: JSON nested too deeply") from None
+    except DataError:
+        raise
+    except ValueError as e:  # e.g. an integer literal longer than Python's 4300-digit limit
+        raise DataError(f"{path}: not valid JSON ({first_line(e)})") from None
     valid, skipped = [], []
     for where, record in numbered:
         problem = conversation_error(record)
@@ -1537,6 +1579,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
+def saved_config(record: dict | None, source: str | Path) -> Hyperparameters:
+    """The config stored in a checkpoint or run.json, else a CheckpointError naming the file."""
+    if not isinstance(record, dict) or not isinstance(record.get("hyperparameters"), dict):
+        raise CheckpointError(f"{source}: holds no readable config (not a checkpoint or run.json of this code)")
+    try:
+        return Hyperparameters.from_dict(record["hyperparameters"])
+    except (ConfigError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: {e} (written by another version of this code?)") from None
+
+
 def infer_hparams(state_dict: dict[str, Tensor]) -> Hyperparameters:
     """Architecture of a checkpoint without config (e.g. the record script's), from its tensor shapes."""
     sd = strip_compile_prefixes(state_dict)
@@ -1583,7 +1635,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GP
     """Model, config and raw checkpoint from our checkpoints or from the record script's (config inferred)."""
     ckpt = load_checkpoint(path)
     if "hyperparameters" in ckpt:
-        hp = Hyperparameters.from_dict(ckpt["hyperparameters"])
+        hp = saved_config(ckpt, path)
     else:
         hp = infer_hparams(ckpt["model"])
     model = GPT.from_hparams(hp)

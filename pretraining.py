@@ -42,14 +42,14 @@ def resolve_config(argv: list[str] | None) -> tuple[Hyperparameters, dict | None
     run_dir, path = M.resume_target(hp.resume, hp.log_dir, "pretraining.py")
     ckpt = None
     if path is None:  # killed before its first checkpoint: run it again from step 0 with its recorded config
-        saved = Hyperparameters.from_dict(M.read_run_info(run_dir)["hyperparameters"])
+        saved = M.saved_config(M.read_run_info(run_dir), run_dir / M.RUN_INFO)
     else:
         ckpt = M.load_checkpoint(path)
         if "hyperparameters" not in ckpt:
             raise M.CheckpointError(f"{path}: has no hyperparameters (a record checkpoint cannot be resumed)")
         if ckpt.get("kind") == "chat":
             raise M.CheckpointError(f"{path}: a fine-tuned checkpoint; continue it with finetune.py --resume")
-        saved = Hyperparameters.from_dict(ckpt["hyperparameters"])
+        saved = M.saved_config(ckpt, path)
     explicit.pop("preset", None)
     values = {**saved.to_dict(), **explicit, "resume": str(path or run_dir)}
     values["run_id"] = explicit.get("run_id", run_dir.name)
@@ -70,6 +70,7 @@ def ensure_data(hp: Hyperparameters, rt: Runtime) -> None:
         except M.DataError as e:
             hint = "; download them with `python data/fineweb.py`" if "fineweb10B" in pattern else ""
             raise M.DataError(f"{e}{hint}") from None
+    M.check_data(hp, rt.world_size, _repo_path(hp.train_files), _repo_path(hp.val_files))
 
 
 def _repo_path(pattern: str) -> str:
@@ -113,7 +114,7 @@ def train_step(forward, raw_model, optimizers, batch: tuple, step: int, hp: Hype
 def make_train_loader(hp: Hyperparameters, rt: Runtime, start: dict | None = None):
     return M.distributed_data_generator(_repo_path(hp.train_files), hp.tokens_per_step, rt.rank, rt.world_size,
                                         device=rt.device, start=start, row_len=hp.row_len,
-                                        shuffle_seed=hp.seed if hp.shuffle_rows else None)
+                                        shuffle_seed=hp.seed if hp.shuffle_rows else None, vocab_size=hp.vocab_size)
 
 
 def warm_up(forward, raw_model, optimizers, hp: Hyperparameters, rt: Runtime, window: torch.Tensor) -> int:

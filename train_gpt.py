@@ -119,8 +119,8 @@ class Hyperparameters:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)}={getattr(self, name)} must be >= 0")
         for name in ["muon_lr", "head_lr", "embed_lr", "scalar_lr", "adam_eps"]:
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"--{_flag(name)}={getattr(self, name)} must be positive")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ConfigError(f"--{_flag(name)}={getattr(self, name)} must be positive and finite")
         if not 0 < self.cooldown_frac <= 1:
             raise ConfigError(f"--cooldown-frac={self.cooldown_frac} must be in (0, 1]")
         for name in ["adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_start"]:
@@ -194,7 +194,7 @@ def _coerce(name: str, value: Any) -> Any:
                 raise ValueError(f"expected true/false, got {value!r}")
             return low in ("1", "true", "yes", "on")
         if kind in ("int", int):
-            return int(str(value).replace("_", ""))
+            return int(str(value).strip())
         return float(value) if kind in ("float", float) else str(value)
     except ValueError as e:
         raise ConfigError(f"--{_flag(name)}: invalid value {value!r} ({e})") from None
@@ -229,8 +229,8 @@ def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None
             if key[len(ENV_PREFIX):].lower() not in known:
                 raise ConfigError(f"environment variable {key} names no hyperparameter")
             values[key[len(ENV_PREFIX):].lower()] = raw
-    values.update(vars(build_arg_parser().parse_args(argv)))
-    values = {k: _coerce(k, v) for k, v in values.items() if v is not None}
+    values.update({k: "--" if v == [] else v for k, v in vars(build_arg_parser().parse_args(argv)).items()})
+    values = {k: _coerce(k, v) for k, v in values.items() if v is not None}  # argparse reads `--flag=--` as []
     preset = values.pop("preset", None) or default_preset()
     if preset not in PRESETS:
         raise ConfigError(f"--preset={preset!r} must be one of {', '.join(sorted(PRESETS))}")
@@ -799,6 +799,25 @@ def list_shards(pattern: str) -> list[Path]:
     return files
 
 
+def check_data(hp: Hyperparameters, world_size: int) -> None:
+    """Before anything is written: every shard's header and size, a validation split that covers --val-tokens, and
+    the token ids of the validation shards and the first training shard (uint16 holds ids past the vocabulary)."""
+    train, val = list_shards(repo_path(hp.train_files)), list_shards(repo_path(hp.val_files))
+    for path in train:
+        if len(_load_data_shard(path)) <= hp.tokens_per_step + 1:
+            raise DataError(f"{path}: {len(_load_data_shard(path))} tokens; one batch needs more than "
+                            f"{hp.tokens_per_step + 1}: lower the sequence length or merge shards")
+    val_batch = world_size * hp.val_seq_len
+    sizes = [len(_load_data_shard(path)) for path in val]
+    if sum((n - val_batch - 2) // val_batch + 1 for n in sizes if n > val_batch + 1) < hp.val_tokens // val_batch:
+        raise DataError(f"validation files {hp.val_files!r} hold fewer than --val-tokens={hp.val_tokens} tokens; "
+                        f"lower --val-tokens")
+    for path in [train[0], *val]:
+        top = int(_load_data_shard(path).numpy().max())
+        if top >= hp.vocab_size:
+            raise DataError(f"{path}: token id {top} is outside the vocabulary (--vocab-size={hp.vocab_size})")
+
+
 def distributed_data_generator(pattern: str, batch_size: int, rank: int, world_size: int, *,
                                device: torch.device | str = "cpu", start: dict[str, int] | None = None,
                                cycle: bool = True, row_len: int = 0,
@@ -1044,6 +1063,7 @@ def train(hp: Hyperparameters, rt: Runtime) -> float:
         except DataError as e:
             script = "fineweb.py" if "fineweb10B" in pattern else "shakespeare.py" if "shakespeare" in pattern else ""
             raise DataError(f"{e}; create them with `python data/{script}`" if script else str(e)) from None
+    check_data(hp, rt.world_size)
     logfile = open_log(hp, rt)
     run_dir = Path(hp.log_dir) / hp.run_id
     log_header(rt, logfile, hp, code)

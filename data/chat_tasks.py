@@ -11,10 +11,13 @@ Deterministic for a given --seed.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from model import OneLineParser, atomic_write  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent / "chat_tasks"
 WORDS = """king queen lord lady night day love heart crown sword blood tears honour death life world heaven
@@ -64,21 +67,26 @@ def build(num_train: int, num_heldout: int, seed: int) -> tuple[list[dict], list
 
 def write(path: Path, conversations: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"conversations": conversations}, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    with atomic_write(path, "w") as f:
+        f.write(json.dumps({"conversations": conversations}, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="chat_tasks.py", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="data/chat_tasks.py", description=__doc__.split("\n")[0])
     p.add_argument("--train", type=int, default=4000)
     p.add_argument("--heldout", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=str(OUT_DIR))
     args = p.parse_args(argv)
+    for flag, value in (("--train", args.train), ("--heldout", args.heldout)):
+        if value < 1:
+            p.error(f"{flag}={value} must be at least 1")
     train, heldout = build(args.train, args.heldout, args.seed)
-    write(Path(args.out_dir) / "train.json", train)
-    write(Path(args.out_dir) / "heldout.json", heldout)
+    try:
+        write(Path(args.out_dir) / "train.json", train)
+        write(Path(args.out_dir) / "heldout.json", heldout)
+    except OSError as e:
+        p.exit(2, f"data/chat_tasks.py: error: {e.filename or args.out_dir}: cannot write ({e.strerror})\n")
     print(f"{args.out_dir}: train.json {len(train)}, heldout.json {len(heldout)} conversations")
 
 

@@ -27,7 +27,7 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
 sys.path.insert(0, str(REPO_DIR / "data"))
 
-from model import DataError, TokenizerError, get_tokenizer, write_data_shard  # noqa: E402
+from model import DataError, OneLineParser, TokenizerError, get_tokenizer, write_data_shard  # noqa: E402
 from shakespeare import FetchError, ensure_gpt2_ranks  # noqa: E402
 
 SUFFIXES = (".txt", ".jsonl")
@@ -117,8 +117,10 @@ class ShardWriter:
             print(f"removed stale shard {path}")
 
     def abort(self) -> None:
-        for path in self.paths:  # NAME.partial (write_data_shard removes its own temporary file if a write fails)
-            Path(f"{path}.partial").unlink(missing_ok=True)
+        for path in self.paths:  # NAME.partial, and atomic_write's .NAME.partial.tmpPID should one be left
+            partial = Path(f"{path}.partial")
+            for leftover in [partial, *partial.parent.glob(f".{glob.escape(partial.name)}.tmp*")]:
+                leftover.unlink(missing_ok=True)
 
 
 class Progress:
@@ -184,7 +186,7 @@ def convert(input_dir: Path, out_prefix: str, val_fraction: float = 0.1, shard_t
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="data/convert.py", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="data/convert.py", description=__doc__.split("\n")[0])
     parser.add_argument("input_dir", type=Path, help="folder searched recursively for .txt and .jsonl files")
     parser.add_argument("out_prefix", help="shards are written as OUT_PREFIX_{train,val}_000000.bin, ...")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="fraction of documents for val (0.1)")

@@ -19,7 +19,7 @@ from pathlib import Path
 REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
 
-from model import DataError, read_shard_header  # noqa: E402
+from model import DataError, OneLineParser, read_shard_header  # noqa: E402
 
 REPO_ID = "kjj0/fineweb10B-gpt2"  # as in github.com/KellerJordan/modded-nanogpt data/cached_fineweb10B.py
 MAX_TRAIN_SHARDS = 103  # fineweb_train_000001.bin ... fineweb_train_000103.bin
@@ -96,7 +96,7 @@ def fetch(num_train_shards: int, out_dir: Path = OUT_DIR) -> list[Path]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="data/fineweb.py", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="data/fineweb.py", description=__doc__.split("\n")[0])
     parser.add_argument("num_train_shards", type=int, nargs="?", default=8,
                         help=f"train shards of 100M tokens to fetch, 0..{MAX_TRAIN_SHARDS} (default 8); "
                              f"the val shard is always fetched")

@@ -182,8 +182,9 @@ def test_bad_input_one_line_exit_2_nothing_left(tmp_path: Path, name: str, capsy
 def test_failed_write_leaves_nothing(corpus: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     """A full disk mid-shard: one line, exit 2, and neither .partial files nor write_data_shard's temp file stay."""
     def disk_full(path, tokens) -> None:
-        Path(f"{path}.tmp123").write_bytes(b"half a shard")
-        raise OSError(28, "No space left on device", f"{path}.tmp123")
+        tmp = Path(path).with_name(f".{Path(path).name}.tmp123")  # model.atomic_write's temporary name
+        tmp.write_bytes(b"half a shard")
+        raise OSError(28, "No space left on device", str(tmp))
 
     monkeypatch.setattr(convert, "write_data_shard", disk_full)
     with pytest.raises(SystemExit) as exc:
