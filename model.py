@@ -1880,7 +1880,9 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError)  # one l
 
 
 def exit_with(code: int, prog: str, message: str) -> NoReturn:
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    """One line on stderr and the exit code. Bad input (2) is the same on every torchrun rank: rank 0 says it."""
+    if code != 2 or int(os.environ.get("RANK", "0")) == 0:
+        print(f"{prog}: error: {message}", file=sys.stderr)
     sys.exit(code)
 
 
