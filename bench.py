@@ -1,24 +1,37 @@
 """Benchmarks that print figures, each against a baseline measured in the same run (never a timed test).
 
     python bench.py                          # every benchmark, on the device it finds
+    python bench.py --only matmul train      # the matrix-product peak, then training throughput and MFU
     python bench.py --only decode --json     # decode tokens/s: KV cache vs full recompute vs transformers
 
+matmul: the machine's matrix-product rate in fp32 and bf16 (square products, median of --repeats): the peak that
+    model-FLOPs utilisation (MFU) is measured against.
+train: tokens/s of full training steps (forward+backward, Newton-Schulz, the rest of the optimizer step) for the
+    shakespeare preset and the 124M speedrun shape, after --warmup steps, with MFU against this run's matmul peak
+    (model FLOPs: 6 per matmul weight per token, plus attention over the keys each query attends), and peak
+    memory. Each shape runs in its own process, so peak memory is that shape's.
 decode: greedy tokens/s of model.generate (KV cache, and the full-recompute reference) and of Hugging Face
-transformers' GPT2LMHeadModel.generate (use_cache on and off) at the same width, depth and vocabulary, random
-weights, batch 1 and 8, after one warm-up call; the median of --repeats runs.
+    transformers' GPT2LMHeadModel.generate (use_cache on and off) at the same width, depth and vocabulary,
+    random weights, batch 1 and 8, after one warm-up call; the median of --repeats runs.
+data: tokens/s of the shard loader (the training generator over the Shakespeare shards, shuffled rows).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 import model as M
+import pretraining
 
 SHAPES = {  # name: (preset, overrides) -- the model shapes users train here
     "shakespeare": ("shakespeare", {}),
@@ -51,6 +64,167 @@ def hf_gpt2(hp: M.Hyperparameters, device: torch.device) -> Any:
                         n_embd=hp.model_dim, n_layer=hp.num_layers, n_head=hp.num_heads)
     torch.manual_seed(0)
     return GPT2LMHeadModel(config).to(device).eval()
+
+
+# -----------------------------------------------------------------------------
+# matmul peak
+
+
+def bench_matmul(device: torch.device, repeats: int, n: int = 2048) -> dict[str, float]:
+    """GFLOP/s of an n x n x n product in fp32 and bf16: the reference for utilisation."""
+    rates = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+
+        def product() -> None:
+            for _ in range(4):
+                torch.mm(a, b)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        rates[name] = round(4 * 2 * n**3 / median_seconds(product, repeats) / 1e9, 1)
+    print(f"matmul {n}x{n}: fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} GFLOP/s", file=sys.stderr)
+    return rates
+
+
+# -----------------------------------------------------------------------------
+# training throughput
+
+
+def train_config(shape: str, device: torch.device) -> M.Hyperparameters:
+    """The shakespeare preset as `python pretraining.py` runs it; the 124M speedrun shape with the record's
+    micro-batch on a GPU, and on a CPU one 4096-token micro-batch per step (a record step of 393k tokens would
+    take minutes there)."""
+    preset = "shakespeare" if shape == "shakespeare" else "speedrun"
+    hp = M.Hyperparameters(**dict(M.PRESETS[preset], preset=preset, device=str(device), warmup_steps=0))
+    if preset == "speedrun" and device.type != "cuda":
+        hp.train_seq_len, hp.rank_equivalents = 4096, 1
+    return hp.validate()
+
+
+def mean_keys_per_query(row: int, window: int) -> float:
+    """Keys a query attends to on average in a causal row of `row` tokens with a `window`-token sliding window."""
+    w = min(window, row)
+    return (w * (w + 1) / 2 + (row - w) * w) / row
+
+
+def model_flops_per_token(model: M.GPT, hp: M.Hyperparameters, window_blocks: int) -> float:
+    """Forward + backward FLOPs per trained token: 6 per matmul weight (lm_head included, embedding lookups not),
+    plus 12 * head width * attended keys per attention layer (QK^T and AV, forward and backward)."""
+    matmul = sum(p.numel() for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n)
+    row = hp.row_len or hp.train_seq_len
+    flops = 6.0 * matmul
+    for i, long in enumerate(M.long_window_layers(hp.num_layers)):
+        if i != hp.no_attn_layer:
+            blocks = window_blocks if long else window_blocks // 2
+            flops += 12 * hp.num_heads * hp.head_dim * mean_keys_per_query(row, blocks * M.BLOCK_SIZE)
+    return flops
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak RSS
+
+
+def bench_train_shape(shape: str, device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
+    """Full optimizer steps on random tokens, timed in three parts: forward+backward, Newton-Schulz (inside
+    Muon.step), and the rest of the optimizer step (Adam, Muon's momentum and all-gathers)."""
+    hp = train_config(shape, device)
+    rt = M.init_runtime(hp)
+    torch.manual_seed(0)
+    raw, forward = M.build_model(hp, rt)
+    optimizers = M.setup_optimizers(raw, hp, compile_ns=rt.compile)
+    muon = optimizers[-1]
+    ns_seconds = [0.0]
+    orthogonalise = muon.orthogonalise
+
+    def timed_orthogonalise(g: torch.Tensor, ns_steps: int) -> torch.Tensor:
+        start = time.perf_counter()
+        out = orthogonalise(g, ns_steps)
+        rt.synchronize()
+        ns_seconds[0] += time.perf_counter() - start
+        return out
+
+    muon.orthogonalise = timed_orthogonalise
+    tokens = torch.randint(0, hp.vocab_size, (hp.tokens_per_step + 1,), device=rt.device)
+    batch = (tokens[:-1].to(torch.int32), tokens[1:].to(torch.int64))
+    window_blocks = M.get_window_size_blocks(hp.num_iterations - 1, hp)
+    window = torch.tensor(window_blocks, dtype=torch.int32, device=rt.device)
+    parts = []
+    for step in range(warmup + steps):
+        ns_seconds[0] = 0.0
+        rt.synchronize()
+        t0 = time.perf_counter()
+        pretraining.train_micro_batches(forward, batch, hp, rt, window)
+        rt.synchronize()
+        t1 = time.perf_counter()
+        M.apply_schedules(optimizers, step, hp)
+        for opt in optimizers:
+            opt.step()
+        raw.zero_grad(set_to_none=True)
+        rt.synchronize()
+        t2 = time.perf_counter()
+        if step >= warmup:
+            parts.append((t1 - t0, ns_seconds[0], t2 - t1 - ns_seconds[0]))
+    fwd_bwd, ns, rest = (statistics.median(p[i] for p in parts) for i in range(3))
+    total = fwd_bwd + ns + rest
+    flops = model_flops_per_token(raw, hp, window_blocks) * hp.tokens_per_step
+    return dict(shape=shape, device=str(rt.device), dtype=str(rt.autocast_dtype or torch.float32).split(".")[-1],
+                compile="model" if rt.compile else "loss-head" if rt.compile_head else "off",
+                tokens_per_step=hp.tokens_per_step, params=M.param_counts(raw)["total"],
+                step_ms=round(1000 * total, 1), tokens_per_s=round(hp.tokens_per_step / total),
+                fwd_bwd_ms=round(1000 * fwd_bwd, 1), newton_schulz_ms=round(1000 * ns, 1),
+                optimizer_rest_ms=round(1000 * rest, 1), model_tflops=round(flops / total / 1e12, 4),
+                peak_memory_mib=round(peak_memory_mib(rt.device)))
+
+
+def bench_train(device: torch.device, steps: int, warmup: int, peak: dict[str, float]) -> list[dict[str, Any]]:
+    """Each shape in a fresh process (its own peak memory); MFU against the matmul peak of the training dtype."""
+    rows = []
+    for shape in ("shakespeare", "speedrun-124M"):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--train-shape", shape, "--device", str(device),
+               "--steps", str(steps), "--warmup", str(warmup)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise SystemExit(f"bench.py: training benchmark of {shape} failed:\n{out.stderr[-2000:]}")
+        row = json.loads(out.stdout)
+        reference = peak.get(row["dtype"].replace("bfloat16", "bf16").replace("float32", "fp32"))
+        row["mfu"] = round(1000 * row["model_tflops"] / reference, 3) if reference else None
+        rows.append(row)
+        print(f"train {shape:<14} {row['tokens_per_s']:>8,} tok/s  step {row['step_ms']:.0f} ms (fwd+bwd "
+              f"{row['fwd_bwd_ms']:.0f}, Newton-Schulz {row['newton_schulz_ms']:.0f}, "
+              f"rest {row['optimizer_rest_ms']:.0f})"
+              f"  {1000 * row['model_tflops']:.0f} GFLOP/s = MFU {row['mfu']:.0%} of {row['dtype']} peak  "
+              f"peak memory {row['peak_memory_mib']:,} MiB", file=sys.stderr, flush=True)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# data loader
+
+
+def bench_data(batches: int = 200) -> list[dict[str, Any]]:
+    """Tokens/s of the training generator over the Shakespeare shards: shuffled rows (the preset) and the record's
+    sequential stream."""
+    M.import_data_script("shakespeare").prepare()
+    pattern = str(M.REPO_DIR / M.PRESETS["shakespeare"]["train_files"])
+    rows = []
+    for mode, shuffle in (("shuffled rows", 0), ("sequential", None)):
+        loader = M.distributed_data_generator(pattern, 8192, 0, 1, row_len=256, shuffle_seed=shuffle,
+                                              vocab_size=50257)
+        next(loader)
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(loader)
+        rate = batches * 8192 / (time.perf_counter() - start)
+        rows.append(dict(mode=mode, batch_tokens=8192, tokens_per_s=round(rate)))
+        print(f"data {mode:<14} {rate:>12,.0f} tok/s", file=sys.stderr, flush=True)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# decode
 
 
 def bench_decode(device: torch.device, repeats: int, new_tokens: int) -> list[dict[str, Any]]:
@@ -89,25 +263,60 @@ def bench_decode(device: torch.device, repeats: int, new_tokens: int) -> list[di
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=["decode"], help="run one benchmark")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
-    args = p.parse_args(argv)
-    device = M.detect_device(args.device)
-    results: dict[str, Any] = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads())
-    results["decode"] = bench_decode(device, args.repeats, args.new_tokens)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print(f"{'shape':<14} {'batch':>5} {'ours KV':>9} {'ours full':>9} {'HF KV':>9} {'HF full':>9} "
-              f"{'ours/HF':>8}  (tokens/s, {device}, {results['threads']} threads)")
+BENCHMARKS = ("matmul", "train", "decode", "data")
+
+
+def print_table(results: dict[str, Any]) -> None:
+    if "matmul" in results:
+        m = results["matmul"]
+        print(f"matmul peak: fp32 {m['fp32']:.0f} GFLOP/s, bf16 {m['bf16']:.0f} GFLOP/s ({results['device']}, "
+              f"{results['threads']} threads)")
+    if "train" in results:
+        print(f"{'train shape':<14} {'tok/s':>8} {'step ms':>8} {'fwd+bwd':>8} {'N-S':>7} {'opt rest':>8} "
+              f"{'GFLOP/s':>8} {'MFU':>6} {'dtype':>9} {'peak MiB':>9}")
+        for r in results["train"]:
+            print(f"{r['shape']:<14} {r['tokens_per_s']:>8,} {r['step_ms']:>8.0f} {r['fwd_bwd_ms']:>8.0f} "
+                  f"{r['newton_schulz_ms']:>7.0f} {r['optimizer_rest_ms']:>8.0f} {1000 * r['model_tflops']:>8.0f} "
+                  f"{r['mfu']:>6.0%} {r['dtype']:>9} {r['peak_memory_mib']:>9,}")
+    if "decode" in results:
+        print(f"{'decode shape':<14} {'batch':>5} {'ours KV':>9} {'ours full':>9} {'HF KV':>9} {'HF full':>9} "
+              f"{'ours/HF':>8}  (tokens/s)")
         for r in results["decode"]:
             print(f"{r['shape']:<14} {r['batch']:>5} {r['ours_kv']:>9.1f} {r['ours_recompute']:>9.1f} "
                   f"{r['hf_kv']:>9.1f} {r['hf_recompute']:>9.1f} {r['kv_vs_hf']:>7.2f}x")
+    for r in results.get("data", []):
+        print(f"data loader ({r['mode']}): {r['tokens_per_s']:,} tok/s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = M.OneLineParser(prog="bench.py", description=__doc__.split("\n")[0])
+    p.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these benchmarks")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--steps", type=int, default=3, help="timed training steps per shape (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed training steps first (compilation, allocation)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    p.add_argument("--train-shape", help=argparse.SUPPRESS)  # internal: one training shape in a fresh process
+    args = p.parse_args(argv)
+    device = M.detect_device(args.device)
+    if args.train_shape:
+        print(json.dumps(bench_train_shape(args.train_shape, device, args.steps, args.warmup)))
+        return
+    chosen = args.only or BENCHMARKS
+    results: dict[str, Any] = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads())
+    if "matmul" in chosen or "train" in chosen:
+        results["matmul"] = bench_matmul(device, args.repeats)
+    if "train" in chosen:
+        results["train"] = bench_train(device, args.steps, args.warmup, results["matmul"])
+    if "decode" in chosen:
+        results["decode"] = bench_decode(device, args.repeats, args.new_tokens)
+    if "data" in chosen:
+        results["data"] = bench_data()
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print_table(results)
 
 
 if __name__ == "__main__":

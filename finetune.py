@@ -296,12 +296,14 @@ def validate(forward, val: list[Example], hp: Hyperparameters, rt: Runtime, wind
     return total / count
 
 
-def save(rt: Runtime, run_dir: Path, step: int, raw, optimizers, hp, code, data_pos, val_loss, extra) -> Path | None:
+def save(rt: Runtime, run_dir: Path, step: int, raw, optimizers, hp, code, data_pos,
+         val: tuple[float | None, int | None], extra: dict[str, Any]) -> Path | None:
+    """Rank 0 writes the checkpoint with its last validation (loss, step) and prunes older ones."""
     if not (rt.master and hp.save_checkpoint):
         return None
     path = M.save_checkpoint(M.checkpoint_path(hp.log_dir, hp.run_id, step), step=step, model=raw,
-                             optimizers=optimizers, hp=hp, code=code, data_position=data_pos, val_loss=val_loss,
-                             extra=extra)
+                             optimizers=optimizers, hp=hp, code=code, data_position=data_pos, val_loss=val[0],
+                             extra=dict(extra, val_step=val[1]))
     M.prune_checkpoints(run_dir, hp.keep_checkpoints)
     return path
 
@@ -327,7 +329,8 @@ def train(hp: Hyperparameters, args: argparse.Namespace, rt: Runtime, parent_pat
     window = M.final_window_blocks(hp)
     rows_per_step = hp.tokens_per_step // (hp.row_len or hp.train_seq_len)
     n_train = sum(e.trained for e in data["train"])
-    M.print0(rt, f"fine-tuning {parent_path} -> {run_dir} ({'resumed at step ' + str(start_step) if resuming else 'new'})"
+    state = f"resumed at step {start_step}" if resuming else "new"
+    M.print0(rt, f"fine-tuning {parent_path} -> {run_dir} ({state})"
                  f" device:{rt.device} world_size:{rt.world_size} optimizer:{args.optimizer}", logfile)
     M.print0(rt, f"data: {len(data['train'])} train / {len(data['val'])} held-out conversations ({n_train:,} trained "
                  f"tokens per epoch), {len(data['skipped'])} invalid skipped, {data['truncated']} truncated at a turn "
@@ -339,12 +342,13 @@ def train(hp: Hyperparameters, args: argparse.Namespace, rt: Runtime, parent_pat
     metrics = open(run_dir / "metrics.jsonl", "a") if rt.master else None
     stop = M.StopSignal(rt.rank).install()
     elapsed_ms, t0 = 0.0, time.perf_counter()
+    val_step = resumed.get("val_step") if resumed else None
     try:
         for step in range(start_step, hp.num_iterations + 1):
             last = step == hp.num_iterations
-            if stop.requested(rt):  # SIGTERM / Ctrl-C: keep the finished steps, exit 0
-                path = save(rt, run_dir, step, raw, optimizers, hp, code, data_pos, val_loss, extra) \
-                    if step > start_step else None
+            if not last and stop.requested(rt):  # SIGTERM / Ctrl-C: keep the finished steps, exit 0
+                path = None if step == start_step else \
+                    save(rt, run_dir, step, raw, optimizers, hp, code, data_pos, (val_loss, val_step), extra)
                 saved = f"checkpoint {path}; continue with python finetune.py --resume latest" if path else \
                     "no new step to save"
                 M.print0(rt, f"stopped by {stop.name} at step {step}: {saved}", logfile)
@@ -352,8 +356,8 @@ def train(hp: Hyperparameters, args: argparse.Namespace, rt: Runtime, parent_pat
             if last or (hp.val_loss_every and step % hp.val_loss_every == 0):
                 elapsed_ms += 1000 * (time.perf_counter() - t0)
                 if step > start_step:
-                    save(rt, run_dir, step, raw, optimizers, hp, code, data_pos, val_loss, extra)
-                val_loss = validate(forward, data["val"], hp, rt, window)
+                    save(rt, run_dir, step, raw, optimizers, hp, code, data_pos, (val_loss, val_step), extra)
+                val_loss, val_step = validate(forward, data["val"], hp, rt, window), step
                 if not math.isfinite(val_loss):
                     raise diverged("the held-out loss", val_loss, step, run_dir)
                 M.print0(rt, f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} train_time:{elapsed_ms:.0f}ms",
@@ -361,8 +365,8 @@ def train(hp: Hyperparameters, args: argparse.Namespace, rt: Runtime, parent_pat
                 if metrics:
                     metrics.write(json.dumps(dict(step=step, val_loss=val_loss, train_time_ms=elapsed_ms)) + "\n")
                     metrics.flush()
-                if last and step > start_step:
-                    save(rt, run_dir, step, raw, optimizers, hp, code, data_pos, val_loss, extra)
+                if last:  # the final checkpoint carries its own val loss (also when resumed at the end)
+                    save(rt, run_dir, step, raw, optimizers, hp, code, data_pos, (val_loss, val_step), extra)
                 t0 = time.perf_counter()
             if last:
                 break

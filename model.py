@@ -171,7 +171,8 @@ class Hyperparameters:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"unknown hyperparameter(s): {', '.join(k if k.isprintable() else repr(k) for k in unknown)}")
+            names = ", ".join(k if k.isprintable() else repr(k) for k in unknown)  # one line, whatever the keys
+            raise ConfigError(f"unknown hyperparameter(s): {names}")
         return cls(**{k: _coerce(k, v) for k, v in d.items()})
 
 

@@ -136,15 +136,16 @@ def warm_up(forward, raw_model, optimizers, hp: Hyperparameters, rt: Runtime, wi
     return steps
 
 
-def save(rt: Runtime, run_dir: Path, step: int, raw_model, optimizers, hp, code, data_pos, val_loss,
-         time_ms: float) -> Path | None:
+def save(rt: Runtime, run_dir: Path, step: int, raw_model, optimizers, hp, code, data_pos,
+         val: tuple[float | None, int | None], time_ms: float) -> Path | None:
     """Rank 0 writes the checkpoint (atomically; non-finite weights are refused) and prunes older ones. It carries
-    the training time so far, so a resumed run's clock and tok/s continue rather than restart."""
+    the last validation (loss, step) and the training time so far, so a resumed run's clock continues and a run
+    stopped before its final validation is not mistaken for a finished one."""
     if not (rt.master and hp.save_checkpoint):
         return None
     path = M.save_checkpoint(M.checkpoint_path(hp.log_dir, hp.run_id, step), step=step, model=raw_model,
-                             optimizers=optimizers, hp=hp, code=code, data_position=data_pos, val_loss=val_loss,
-                             extra=dict(train_time_ms=time_ms))
+                             optimizers=optimizers, hp=hp, code=code, data_position=data_pos, val_loss=val[0],
+                             extra=dict(val_step=val[1], train_time_ms=time_ms))
     M.prune_checkpoints(run_dir, hp.keep_checkpoints)  # only after the new one is safely in place
     return path
 
@@ -194,16 +195,17 @@ def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None, resuming: bool = 
     train_loader = make_train_loader(hp, rt, start=data_pos)
     stop = M.StopSignal(rt.rank).install()
     training_time_ms = ckpt.get("train_time_ms", 0.0) if ckpt else 0.0
+    val_step = ckpt.get("val_step") if ckpt else None
     timed_from = 0 if training_time_ms else start_step  # steps the clock covers start here
     t0 = time.perf_counter()
     try:
         for step in range(start_step, hp.num_iterations + 1):
             last_step = step == hp.num_iterations
             window.fill_(M.get_window_size_blocks(step, hp))
-            if stop.requested(rt):  # SIGTERM / Ctrl-C: keep the finished steps, exit 0
+            if not last_step and stop.requested(rt):  # SIGTERM / Ctrl-C: keep the finished steps, exit 0
                 now_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
-                path = save(rt, run_dir, step, raw_model, optimizers, hp, code, data_pos, val_loss, now_ms) \
-                    if step > start_step else None
+                path = None if step == start_step else \
+                    save(rt, run_dir, step, raw_model, optimizers, hp, code, data_pos, (val_loss, val_step), now_ms)
                 saved = f"checkpoint {path}; continue with python pretraining.py --resume latest" if path else \
                     "no new step to save"
                 M.print0(rt, f"stopped by {stop.name} at step {step}: {saved}", logfile)
@@ -212,8 +214,9 @@ def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None, resuming: bool = 
                 rt.synchronize()
                 training_time_ms += 1000 * (time.perf_counter() - t0)
                 if step > start_step:  # checkpoint first, so a failed evaluation loses nothing
-                    save(rt, run_dir, step, raw_model, optimizers, hp, code, data_pos, val_loss, training_time_ms)
-                val_loss = M.evaluate(forward, hp, rt, window, _repo_path(hp.val_files))
+                    save(rt, run_dir, step, raw_model, optimizers, hp, code, data_pos, (val_loss, val_step),
+                         training_time_ms)
+                val_loss, val_step = M.evaluate(forward, hp, rt, window, _repo_path(hp.val_files)), step
                 if not math.isfinite(val_loss):
                     raise diverged("the validation loss", val_loss, step, run_dir)
                 M.print0(rt, f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} "
@@ -222,12 +225,13 @@ def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None, resuming: bool = 
                 if metrics:
                     metrics.write(json.dumps(dict(step=step, val_loss=val_loss, train_time_ms=training_time_ms)) + "\n")
                     metrics.flush()
-                if last_step and step > start_step:  # the final checkpoint carries its own val loss
-                    save(rt, run_dir, step, raw_model, optimizers, hp, code, data_pos, val_loss, training_time_ms)
+                if last_step:  # the final checkpoint carries its own val loss (also when resumed at the end)
+                    save(rt, run_dir, step, raw_model, optimizers, hp, code, data_pos, (val_loss, val_step),
+                         training_time_ms)
                 rt.synchronize()
                 t0 = time.perf_counter()
             elif hp.save_every and step % hp.save_every == 0 and step > start_step:
-                save(rt, run_dir, step, raw_model, optimizers, hp, code, data_pos, val_loss,
+                save(rt, run_dir, step, raw_model, optimizers, hp, code, data_pos, (val_loss, val_step),
                      training_time_ms + 1000 * (time.perf_counter() - t0))
             if last_step:
                 break
@@ -261,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     rt, hp = None, None
     try:
         hp, ckpt, resuming, preset_given = resolve_config(argv)
-        if ckpt is not None and ckpt["step"] >= hp.num_iterations:
+        if ckpt is not None and ckpt["step"] >= hp.num_iterations and ckpt.get("val_step") == ckpt["step"]:
             print(f"pretraining.py: {hp.resume} is the end of its run (step {ckpt['step']} of {hp.num_iterations}); "
                   f"nothing to resume (pass a larger --num-iterations to train on)")
             return

@@ -910,14 +910,14 @@ CHECKPOINT_FORMAT = 1  # model.py's format: eval.py, chat.py and pretraining.py 
 
 def save_checkpoint(path: Path, *, step: int, model: nn.Module, optimizers: list[torch.optim.Optimizer],
                     hp: Hyperparameters, code: dict[str, str], data_position: dict[str, int] | None,
-                    val_loss: float | None, train_time_ms: float) -> None:
+                    val_loss: float | None, val_step: int | None, train_time_ms: float) -> None:
     """Tensors and plain types only, written to a temporary file and renamed into place."""
     state = dict(format=CHECKPOINT_FORMAT, step=step, code=code, model=model.state_dict(),
                  optimizers=[opt.state_dict() for opt in optimizers], hyperparameters=dataclasses.asdict(hp),
                  tokenizer="gpt2", data_position=data_position or {},
                  rng=dict(torch=torch.get_rng_state(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
-                 val_loss=val_loss, train_time_ms=train_time_ms)
+                 val_loss=val_loss, val_step=val_step, train_time_ms=train_time_ms)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -1084,14 +1084,14 @@ def train(hp: Hyperparameters, rt: Runtime) -> float:
         run_dir.mkdir(parents=True, exist_ok=True)
     metrics = open(run_dir / "metrics.jsonl", "a") if rt.master else None
     loader = make_train_loader(hp, rt)
-    data_pos, val_loss = None, None
+    data_pos, val_loss, val_step = None, None, None
     training_time_ms, t0 = 0.0, time.perf_counter()
 
     def save(step: int, time_ms: float) -> None:
         if rt.master and hp.save_checkpoint:
             save_checkpoint(run_dir / f"state_step{step:06d}.pt", step=step, model=raw_model, optimizers=optimizers,
                             hp=hp, code={"train_gpt.py": code}, data_position=data_pos, val_loss=val_loss,
-                            train_time_ms=time_ms)
+                            val_step=val_step, train_time_ms=time_ms)
 
     for step in range(hp.num_iterations + 1):
         last_step = step == hp.num_iterations
@@ -1101,7 +1101,7 @@ def train(hp: Hyperparameters, rt: Runtime) -> float:
             training_time_ms += 1000 * (time.perf_counter() - t0)  # the clock stops for checkpoints and validation
             if step > 0:
                 save(step, training_time_ms)  # before validating, so a failed evaluation loses nothing
-            val_loss = evaluate(forward, hp, rt, window, repo_path(hp.val_files))
+            val_loss, val_step = evaluate(forward, hp, rt, window, repo_path(hp.val_files)), step
             print0(rt, f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} train_time:{training_time_ms:.0f}ms "
                        f"step_avg:{training_time_ms / max(step, 1):.2f}ms", logfile)
             if metrics:

@@ -184,7 +184,7 @@ KILLS = [  # (fault, step of the newest complete checkpoint the run resumes from
     pytest.param("kill@step=5", 4, None, id="mid-stride"),
     pytest.param("kill@eval=2", 4, None, id="during-validation"),
     pytest.param("kill@save=6", 4, ".state_step000006.pt.tmp", id="mid-checkpoint-write"),
-    pytest.param("kill@eval=3", 8, None, id="during-final-validation"),  # fails: resume skips the final val
+    pytest.param("kill@eval=3", 8, None, id="during-final-validation"),
 ]
 
 
@@ -235,7 +235,6 @@ def test_kill_from_outside_then_resume_is_bitwise_exact(data: Path, reference: P
 SIGNALS = [  # (fault, signal name, step of the checkpoint written on the way out)
     pytest.param("term@step=5", "SIGTERM", 6, id="SIGTERM"),
     pytest.param("int@step=5", "SIGINT", 6, id="SIGINT"),
-    pytest.param("term@step=7", "SIGTERM", 8, id="SIGTERM-last-step"),  # fails: resume skips the final val
 ]
 
 
@@ -253,6 +252,24 @@ def test_signal_saves_then_resume_is_bitwise_exact(spec: str, name: str, stopped
                                      f"(Ctrl-C again to quit without one)"]
     assert M.load_checkpoint(saved)["step"] == stopped_at
     assert_resumes_exactly(tmp_path, reference, from_step=stopped_at)
+
+
+@pytest.mark.parametrize("script", ["pretraining.py", "finetune.py"])
+def test_signal_in_the_last_step_finishes_the_run(script: str, data: Path, reference: Path,
+                                                  ft_inputs: dict[str, Path], ft_reference: Path,
+                                                  tmp_path: Path) -> None:
+    """SIGTERM during the last step: only the final validation is left, so the run finishes it (a checkpoint
+    without the final val loss would look finished and is not) and ends exactly as the uninterrupted run."""
+    if script == "pretraining.py":
+        args, ref, steps = ["pretraining.py", *tiny_args(data, tmp_path, "--run-id", RUN_ID)], reference, STEPS
+    else:
+        args, ref, steps = ft_args(ft_inputs, tmp_path), ft_reference, FT_STEPS
+    r = run(faulty(f"term@step={steps - 1}", args))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == ["SIGTERM received: writing a checkpoint after the current step "
+                                     "(Ctrl-C again to quit without one)"]
+    assert "stopped by" not in r.stdout and f"state_step{steps:06d}.pt" in r.stdout.splitlines()[-1]
+    assert_same_final_state(tmp_path / RUN_ID, ref, steps)
 
 
 def test_second_ctrl_c_quits_without_a_checkpoint(data: Path, tmp_path: Path) -> None:
@@ -471,7 +488,6 @@ def ft_reference(ft_inputs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
 
 FT_SIGNALS = [  # (fault, step of the checkpoint written on the way out)
     pytest.param("term@step=3", 4, id="mid-run"),
-    pytest.param("term@step=5", 6, id="last-step"),  # fails: the final checkpoint keeps the step-3 val loss
 ]
 
 
