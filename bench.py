@@ -14,6 +14,11 @@ decode: greedy tokens/s of model.generate (KV cache, and the full-recompute refe
     transformers' GPT2LMHeadModel.generate (use_cache on and off) at the same width, depth and vocabulary,
     random weights, batch 1 and 8, after one warm-up call; the median of --repeats runs.
 data: tokens/s of the shard loader (the training generator over the Shakespeare shards, shuffled rows).
+
+    python bench.py --ablation logs/ablation/muon logs/ablation/adamw-3e-3 --plot docs/muon_vs_adamw.png
+
+ablation: final val loss of finished pretraining runs and the training time each needed to reach the first run's
+    final val loss (README, "Muon vs AdamW"), plus a PNG of val loss against tokens and against seconds.
 """
 from __future__ import annotations
 
@@ -224,6 +229,75 @@ def bench_data(batches: int = 200) -> list[dict[str, Any]]:
 
 
 # -----------------------------------------------------------------------------
+# optimizer ablation (reads finished pretraining runs)
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    """A run's validation curve: tokens seen and training seconds (validation excluded) at each val loss."""
+    hp = M.saved_config(json.loads((run_dir / M.RUN_INFO).read_text()), run_dir / M.RUN_INFO)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_loss" in r]
+    label = ("Muon + Adam" if hp.optimizer == "muon" else f"AdamW lr {hp.adamw_lr:g}") + f", {hp.num_iterations} steps"
+    return dict(run=run_dir.name, label=label, optimizer=hp.optimizer, steps=[r["step"] for r in val],
+                tokens=[r["step"] * hp.tokens_per_step for r in val], seconds=[r["train_time_ms"] / 1000 for r in val],
+                val_loss=[r["val_loss"] for r in val])
+
+
+def seconds_to_reach(run: dict[str, Any], loss: float) -> float | None:
+    """Training seconds at which a run's validation loss first reaches `loss` (linear between validations)."""
+    points = list(zip(run["seconds"], run["val_loss"]))
+    for (t0, l0), (t1, l1) in zip(points, points[1:]):
+        if l1 <= loss:
+            return t1 if l0 == l1 else t0 + (t1 - t0) * (l0 - loss) / (l0 - l1)
+    return None
+
+
+def ablation(run_dirs: list[Path], png: Path | None) -> list[dict[str, Any]]:
+    """Final val loss per run, and how long each run needed to reach the first (reference) run's final loss."""
+    runs = [read_run(d) for d in run_dirs]
+    target = runs[0]["val_loss"][-1]
+    rows = [dict(run=r["run"], label=r["label"], tokens=r["tokens"][-1], seconds=round(r["seconds"][-1], 1),
+                 final_val_loss=round(r["val_loss"][-1], 4), seconds_to_reference=seconds_to_reach(r, target))
+            for r in runs]
+    for row in rows:
+        reach = row["seconds_to_reference"]
+        ratio = f"{reach / rows[0]['seconds_to_reference']:.1f}x" if reach and rows[0]["seconds_to_reference"] else ""
+        print(f"{row['label']:<32} {row['tokens']:>9,} tokens {row['seconds']:>7.0f} s  val {row['final_val_loss']:.4f}"
+              f"  reaches {target:.4f} at " + (f"{reach:.0f} s ({ratio})" if reach else "never"))
+    if png is not None:
+        plot_ablation(runs, png)
+    return rows
+
+
+def plot_ablation(runs: list[dict[str, Any]], png: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("bench.py: error: --plot needs matplotlib (pip install matplotlib==3.11.2)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for run in runs:
+        style = "-" if run["optimizer"] == "muon" else "--"
+        axes[0].plot([t / 1e6 for t in run["tokens"]], run["val_loss"], style, label=run["label"])
+        axes[1].plot([s / 60 for s in run["seconds"]], run["val_loss"], style, label=run["label"])
+    axes[0].set_xlabel("training tokens (millions)")
+    axes[1].set_xlabel("training time (minutes, validation excluded)")
+    axes[0].set_ylabel("validation loss (nats)")
+    axes[0].set_ylim(top=min(8.0, max(max(r["val_loss"]) for r in runs)))
+    for ax in axes:
+        ax.axhline(runs[0]["val_loss"][-1], color="gray", linewidth=0.8, linestyle=":")  # the reference's final
+        ax.grid(alpha=0.3)
+    axes[1].legend()
+    fig.suptitle("Shakespeare preset on a 2-core CPU: Muon vs the AdamW ablation")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    print(f"plot: {png}", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
 # decode
 
 
@@ -297,8 +371,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed training steps per shape (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first (compilation, allocation)")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    p.add_argument("--ablation", nargs="+", type=Path, metavar="RUN_DIR",
+                   help="compare finished pretraining runs (the first is the reference) instead of benchmarking")
+    p.add_argument("--plot", type=Path, help="with --ablation: write val loss vs tokens and vs time to this PNG")
     p.add_argument("--train-shape", help=argparse.SUPPRESS)  # internal: one training shape in a fresh process
     args = p.parse_args(argv)
+    if args.ablation:
+        rows = ablation(args.ablation, args.plot)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        return
     device = M.detect_device(args.device)
     if args.train_shape:
         print(json.dumps(bench_train_shape(args.train_shape, device, args.steps, args.warmup)))

@@ -3,7 +3,7 @@
     python finetune.py                                            # data/finetune_data.json on the newest pretrained run
     python data/chat_tasks.py && python finetune.py --data data/chat_tasks/train.json \\
         --val-data data/chat_tasks/heldout.json                   # the demo task (README: before/after accuracy)
-    python finetune.py --checkpoint logs/RUN/state_step000075.pt --num-iterations 50 --optimizer adam
+    python finetune.py --checkpoint logs/RUN/state_step000075.pt --num-iterations 50 --optimizer adamw
     torchrun --nproc_per_node=2 finetune.py --device cpu          # data parallel, same trajectory
     python finetune.py --resume latest                             # continue the newest fine-tuning run
 
@@ -34,7 +34,8 @@ from model import Hyperparameters, Runtime
 IGNORE = -100  # F.cross_entropy's ignore_index: targets the loss skips
 # Fine-tuning settings on top of the parent's config, chosen on the chat_tasks demo (README, "Fine-tuning").
 FINETUNE_DEFAULTS: dict[str, Any] = dict(num_iterations=60, val_loss_every=20, cooldown_frac=0.5,
-                                         muon_momentum_warmup=1, save_every=0, shuffle_rows=False)
+                                         muon_momentum_warmup=1, save_every=0, shuffle_rows=False,
+                                         optimizer="muon", adamw_lr=1e-4, adamw_weight_decay=0.0)
 LR_SCALE = 1.0  # Muon and Adam LRs as a fraction of the parent's: 1.0 beat 0.25, 0.5 and 2.0 on the demo (README)
 
 
@@ -50,10 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--val-fraction", type=float, default=0.1, help="share of --data held out when no --val-data")
     own.add_argument("--checkpoint", default="latest", help="pretrained parent: 'latest' (newest base model) or PATH")
     own.add_argument("--skip-invalid", action="store_true", help="skip invalid records (counted) instead of stopping")
-    own.add_argument("--optimizer", choices=["muon", "adam"], default="muon",
-                     help="muon: Muon + Adam as in pretraining at --lr-scale of the parent's LRs; adam: Adam on all")
-    own.add_argument("--lr-scale", type=float, default=LR_SCALE, help="fraction of the parent's LRs (muon)")
-    own.add_argument("--adam-lr", type=float, default=1e-4, help="LR of --optimizer adam")
+    own.add_argument("--lr-scale", type=float, default=LR_SCALE,
+                     help="fraction of the parent's Muon and Adam LRs (--optimizer muon; adamw uses --adamw-lr)")
     return parser
 
 
@@ -61,9 +60,8 @@ def resolve(argv: list[str] | None) -> tuple[Hyperparameters, argparse.Namespace
     """(config, own flags, parent path, parent checkpoint, own checkpoint when resuming, resuming)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag, value in (("--lr-scale", args.lr_scale), ("--adam-lr", args.adam_lr)):
-        if not value > 0:
-            raise M.ConfigError(f"{flag}={value} must be positive")
+    if not 0 < args.lr_scale < float("inf"):
+        raise M.ConfigError(f"--lr-scale={args.lr_scale} must be positive")
     explicit = M.explicit_overrides(argv, prog="finetune.py", parser=parser)
     explicit.pop("preset", None)
     if explicit.get("resume"):
@@ -235,16 +233,6 @@ def load_data(hp: Hyperparameters, args: argparse.Namespace, tok: M.Tokenizer, r
 # Training
 
 
-def make_optimizers(raw: M.GPT, hp: Hyperparameters, args: argparse.Namespace, rt: Runtime) -> list:
-    if args.optimizer == "muon":
-        return M.setup_optimizers(raw, hp, rt.rank, rt.world_size, compile_ns=rt.compile)
-    adam = torch.optim.Adam(raw.parameters(), lr=args.adam_lr, betas=(0.9, 0.95), eps=1e-8,
-                            fused=rt.device.type == "cuda")
-    for group in adam.param_groups:
-        group["initial_lr"] = group["lr"]
-    return [adam]
-
-
 def train_step(forward, raw, optimizers, rows: list[Example], step: int, hp: Hyperparameters, rt: Runtime,
                window: int) -> tuple[float, int]:
     """Loss averaged over every trained token of the step on all ranks; returns (mean loss, trained tokens)."""
@@ -316,7 +304,7 @@ def train(hp: Hyperparameters, args: argparse.Namespace, rt: Runtime, parent_pat
     M.seed_everything(hp.seed)
     raw, forward = M.build_model(hp, rt)
     M.load_state_into(raw, (resumed or parent)["model"], str(parent_path))
-    optimizers = make_optimizers(raw, hp, args, rt)
+    optimizers = M.setup_optimizers(raw, hp, rt.rank, rt.world_size, compile_ns=rt.compile)
     start_step, data_pos, val_loss = 0, None, None
     if resumed is not None:
         start_step, data_pos, val_loss = M.restore(resumed, hp, raw, optimizers)
@@ -331,7 +319,7 @@ def train(hp: Hyperparameters, args: argparse.Namespace, rt: Runtime, parent_pat
     n_train = sum(e.trained for e in data["train"])
     state = f"resumed at step {start_step}" if resuming else "new"
     M.print0(rt, f"fine-tuning {parent_path} -> {run_dir} ({state})"
-                 f" device:{rt.device} world_size:{rt.world_size} optimizer:{args.optimizer}", logfile)
+                 f" device:{rt.device} world_size:{rt.world_size} optimizer:{hp.optimizer}", logfile)
     M.print0(rt, f"data: {len(data['train'])} train / {len(data['val'])} held-out conversations ({n_train:,} trained "
                  f"tokens per epoch), {len(data['skipped'])} invalid skipped, {data['truncated']} truncated at a turn "
                  f"boundary, {data['dropped']} dropped (longer than the {hp.row_len or hp.train_seq_len}-token "

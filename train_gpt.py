@@ -90,6 +90,9 @@ class Hyperparameters:
     adam_beta1: float = 0.8  # Adam beta1 (record)
     adam_beta2: float = 0.95  # Adam beta2 (record)
     adam_eps: float = 1e-10  # Adam epsilon; tiny so updates do not depend on the loss scale (record)
+    optimizer: str = "muon"  # hidden matrices: muon (record) or adamw (GPT-2-style AdamW: the ablation of Muon)
+    adamw_lr: float = 1e-3  # AdamW LR of the hidden matrices; best of 3e-4, 1e-3, 3e-3, 1e-2 on Shakespeare (README)
+    adamw_weight_decay: float = 0.1  # AdamW decoupled weight decay of the hidden matrices (GPT-2)
     # evaluation, logging and checkpoints
     val_loss_every: int = 125  # steps between validations; 0 = only at the last step
     save_every: int = 0  # steps between checkpoints; 0 = only before validations and at the end
@@ -118,7 +121,7 @@ class Hyperparameters:
         for name in ["row_len", "val_loss_every", "save_every", "keep_checkpoints"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)}={getattr(self, name)} must be >= 0")
-        for name in ["muon_lr", "head_lr", "embed_lr", "scalar_lr", "adam_eps"]:
+        for name in ["muon_lr", "head_lr", "embed_lr", "scalar_lr", "adam_eps", "adamw_lr"]:
             if not 0 < getattr(self, name) < math.inf:
                 raise ConfigError(f"--{_flag(name)}={getattr(self, name)} must be positive and finite")
         if not 0 < self.cooldown_frac <= 1:
@@ -149,7 +152,10 @@ class Hyperparameters:
         if self.val_tokens % (world_size * self.val_seq_len):
             raise ConfigError(f"--val-tokens={self.val_tokens} must be a multiple of world_size * --val-seq-len = "
                               f"{world_size * self.val_seq_len}")
-        for name, choices in [("dtype", ("auto", "bf16", "fp32")), ("compile", ("auto", "on", "off")),
+        if not 0 <= self.adamw_weight_decay < math.inf:
+            raise ConfigError(f"--adamw-weight-decay={self.adamw_weight_decay} must be >= 0")
+        for name, choices in [("optimizer", ("muon", "adamw")), ("dtype", ("auto", "bf16", "fp32")),
+                              ("compile", ("auto", "on", "off")),
                               ("fp8_head", ("auto", "on", "off"))]:
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{_flag(name)}={getattr(self, name)!r} must be one of {', '.join(choices)}")
@@ -740,7 +746,8 @@ class Muon(torch.optim.Optimizer):
 def setup_optimizers(model: GPT, hp: Hyperparameters, rank: int = 0, world_size: int = 1,
                      compile_ns: bool = False) -> list[torch.optim.Optimizer]:
     """Adam for lm_head, embeddings and scalars (record: LRs 0.22 / 0.6 / 0.04, betas (0.8, 0.95), eps 1e-10,
-    @YouJiacheng's fix for the world-size dependence of the update size); Muon for the hidden matrices."""
+    @YouJiacheng's fix for the world-size dependence of the update size); Muon for the hidden matrices, or with
+    --optimizer adamw GPT-2-style AdamW (betas (0.9, 0.95), eps 1e-8, weight decay) for them instead."""
     hidden = [p for n, p in model.blocks.named_parameters() if p.ndim >= 2]
     embeds = [p for n, p in model.named_parameters() if "embed" in n]
     scalars = [p for p in model.parameters() if p.ndim < 2]
@@ -748,12 +755,16 @@ def setup_optimizers(model: GPT, hp: Hyperparameters, rank: int = 0, world_size:
                    dict(params=scalars, lr=hp.scalar_lr)]
     fused = next(model.parameters()).device.type == "cuda"
     adam = torch.optim.Adam(adam_groups, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps, fused=fused)
-    muon = Muon(hidden, lr=hp.muon_lr, momentum=hp.muon_momentum, weight_decay=hp.muon_weight_decay,
-                rank=rank, world_size=world_size, compile_ns=compile_ns)
-    for opt in (adam, muon):
+    if hp.optimizer == "adamw":
+        hidden_opt = torch.optim.AdamW(hidden, lr=hp.adamw_lr, betas=(0.9, 0.95), eps=1e-8,
+                                       weight_decay=hp.adamw_weight_decay, fused=fused)
+    else:
+        hidden_opt = Muon(hidden, lr=hp.muon_lr, momentum=hp.muon_momentum, weight_decay=hp.muon_weight_decay,
+                          rank=rank, world_size=world_size, compile_ns=compile_ns)
+    for opt in (adam, hidden_opt):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
-    return [adam, muon]
+    return [adam, hidden_opt]
 
 
 def all_reduce_gradients(model: nn.Module, world_size: int) -> None:

@@ -284,12 +284,13 @@ CASES: list[Case] = [
     ft("record-of-100-MB", "{ft} --val-data {in}/v.json", "base huge_record", "no conversation fits the 128-token "
        "context (train)", timeout=15),
     # finetune.py: flags and checkpoints
-    ft("optimizer-unknown", "{ft} --optimizer sgd", "base", "argument --optimizer: invalid choice: 'sgd'",
+    ft("optimizer-unknown", "{ft} --optimizer sgd", "base", "--optimizer='sgd' must be one of muon, adamw",
        files=dj(GOOD3)),
     ft("lr-scale-not-float", "{ft} --lr-scale abc", "base", "argument --lr-scale: invalid float value: 'abc'",
        files=dj(GOOD3)),
     ft("lr-scale-negative", "{ft} --lr-scale -1", "base", "--lr-scale", files=dj(GOOD3)),
-    ft("adam-lr-negative", "{ft} --optimizer adam --adam-lr -1", "base", "--adam-lr", files=dj(GOOD3)),
+    ft("adamw-lr-negative", "{ft} --optimizer adamw --adamw-lr -1", "base", "--adamw-lr=-1.0 must be positive",
+       files=dj(GOOD3)),
     ft("num-iterations-zero", "{ft} --num-iterations 0", "base", "--num-iterations=0 must be positive",
        files=dj(GOOD3)),
     ft("run-id-escapes-log-dir", "{ft} --run-id ../escape", "base", "--run-id='../escape' may hold only",

@@ -6,7 +6,6 @@ tests/test_bad_input.py). CPU only.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -313,11 +312,11 @@ def test_row_stream_epochs_order_and_resume() -> None:
 # train_step: token-weighted loss, and a batch with nothing to train on
 
 
-def tiny_training(optimizer: str = "adam"):
-    hp = tiny_hparams()
+def tiny_training(optimizer: str = "adamw"):
+    hp = tiny_hparams(optimizer=optimizer, adamw_lr=1e-3, adamw_weight_decay=0.0)
     rt = M.init_runtime(hp)
     raw, forward = M.build_model(hp, rt)
-    opts = FT.make_optimizers(raw, hp, argparse.Namespace(optimizer=optimizer, adam_lr=1e-3), rt)
+    opts = M.setup_optimizers(raw, hp)
     return hp, rt, raw, forward, opts
 
 
@@ -462,12 +461,12 @@ def test_torchrun_two_processes_match_one(straight: Path, parent: Path, task_fil
 
 
 @pytest.mark.slow
-def test_adam_lowers_heldout_loss(straight: Path, parent: Path, task_files: tuple[Path, Path]) -> None:
+def test_adamw_lowers_heldout_loss(straight: Path, parent: Path, task_files: tuple[Path, Path]) -> None:
     logs = parent.parent.parent
     r = run([sys.executable, *ft_args(logs, "adam", "--checkpoint", str(parent), "--data", str(task_files[0]),
-                                      "--val-data", str(task_files[1]), "--optimizer", "adam")])
+                                      "--val-data", str(task_files[1]), "--optimizer", "adamw")])
     assert r.returncode == 0, r.stderr
-    assert "optimizer:adam" in r.stdout
+    assert "optimizer:adamw" in r.stdout
     train, val = metric_rows(logs / "adam")
     assert val[-1]["val_loss"] < val[0]["val_loss"], val
     muon_train, muon_val = metric_rows(straight)
@@ -475,7 +474,9 @@ def test_adam_lowers_heldout_loss(straight: Path, parent: Path, task_files: tupl
     assert val[0]["val_loss"] == muon_val[0]["val_loss"] and train[0]["train_loss"] == muon_train[0]["train_loss"]
     assert train[1]["train_loss"] != muon_train[1]["train_loss"]
     ckpt = torch.load(logs / "adam" / "state_step000004.pt", weights_only=True)
-    assert len(ckpt["optimizers"]) == 1 and ckpt["finetune"]["args"]["optimizer"] == "adam"
+    assert len(ckpt["optimizers"]) == 2 and ckpt["hyperparameters"]["optimizer"] == "adamw"
+    assert "momentum_buffer" not in str(ckpt["optimizers"][1]["state"])  # AdamW's moments, not Muon's
+    assert ckpt["hyperparameters"]["adamw_lr"] == 1e-4 and ckpt["hyperparameters"]["adamw_weight_decay"] == 0
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""bench.py's arithmetic: the FLOP count behind MFU, the ablation's time-to-loss, and the training benchmark's
+bookkeeping on a tiny model. The timings themselves are printed by bench.py, never asserted."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_hparams
+
+import bench
+import model as M
+
+
+@pytest.mark.parametrize("row, window", [(256, 128), (256, 256), (256, 1024), (1000, 1), (7, 3)])
+def test_mean_keys_per_query_counts_the_causal_window(row: int, window: int) -> None:
+    brute = sum(min(i + 1, window) for i in range(row)) / row
+    assert bench.mean_keys_per_query(row, window) == pytest.approx(brute)
+
+
+def test_model_flops_count_every_matmul_weight_and_the_attended_keys() -> None:
+    """6 FLOPs per weight of every matrix the tokens pass through (blocks and lm_head, not the embedding tables),
+    plus 12 * heads * head_dim * keys per attention layer, with half windows on the short layers."""
+    hp = tiny_hparams(num_layers=4)
+    model = M.GPT.from_hparams(hp)
+    dim, hidden = hp.model_dim, hp.num_heads * hp.head_dim
+    per_block = 3 * hidden * dim + hidden * dim + 2 * 4 * dim * dim  # qkv, out projection, MLP in and out
+    vocab = M.next_multiple_of_n(hp.vocab_size, n=128)
+    window_blocks = 2
+    keys = [bench.mean_keys_per_query(hp.row_len, (window_blocks if long else 1) * M.BLOCK_SIZE)
+            for long in M.long_window_layers(hp.num_layers)]
+    expected = 6 * (hp.num_layers * per_block + vocab * dim) + sum(12 * hidden * k for k in keys)
+    assert bench.model_flops_per_token(model, hp, window_blocks) == pytest.approx(expected)
+
+
+def test_train_benchmark_times_the_three_parts_of_a_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a tiny config: the step splits into forward+backward, Newton-Schulz and the rest; FLOPs and tokens agree."""
+    monkeypatch.setattr(bench, "train_config", lambda shape, device: tiny_hparams())
+    row = bench.bench_train_shape("shakespeare", torch.device("cpu"), steps=2, warmup=1)
+    hp = tiny_hparams()
+    assert row["tokens_per_step"] == hp.tokens_per_step and row["dtype"] == "float32"
+    parts = row["fwd_bwd_ms"] + row["newton_schulz_ms"] + row["optimizer_rest_ms"]
+    assert row["newton_schulz_ms"] > 0 and parts == pytest.approx(row["step_ms"], abs=0.2)
+    assert row["tokens_per_s"] == pytest.approx(hp.tokens_per_step / (row["step_ms"] / 1000), rel=0.01)
+    assert row["peak_memory_mib"] > 0
+
+
+def write_run(run_dir: Path, optimizer: str, points: list[tuple[int, float, float]]) -> Path:
+    """A finished run as pretraining.py leaves it: run.json and metrics.jsonl (step, seconds, val loss)."""
+    run_dir.mkdir(parents=True)
+    hp = M.Hyperparameters(**dict(M.PRESETS["shakespeare"], preset="shakespeare", optimizer=optimizer))
+    (run_dir / M.RUN_INFO).write_text(json.dumps(dict(script="pretraining.py", hyperparameters=hp.to_dict())))
+    rows = [dict(step=s, val_loss=v, train_time_ms=1000 * t) for s, t, v in points]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
+def test_ablation_reports_time_to_the_reference_loss(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The reference's final loss 4.0 is reached by the other run between its validations at 30 s (5.0) and
+    60 s (3.0): at 45 s by linear interpolation, 1.5x the reference's 30 s; a run that never gets there says so."""
+    ref = write_run(tmp_path / "muon", "muon", [(0, 0, 10.0), (10, 30, 4.0)])
+    slow = write_run(tmp_path / "adamw", "adamw", [(0, 0, 10.0), (10, 30, 5.0), (20, 60, 3.0)])
+    never = write_run(tmp_path / "never", "adamw", [(0, 0, 10.0), (10, 30, 6.0)])
+    rows = bench.ablation([ref, slow, never], png=None)
+    assert [r["seconds_to_reference"] for r in rows] == [30.0, 45.0, None]
+    assert [r["final_val_loss"] for r in rows] == [4.0, 3.0, 6.0]
+    assert rows[1]["tokens"] == 20 * M.Hyperparameters(**M.PRESETS["shakespeare"]).tokens_per_step
+    out = capsys.readouterr().out
+    assert "at 45 s (1.5x)" in out and "reaches 4.0000 at never" in out
