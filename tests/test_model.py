@@ -591,3 +591,22 @@ def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) ->
         loss = head(x, w, y)
     assert torch.equal(loss, M.softcap_cross_entropy(x, w, y))
     assert torch.equal(head(x, w, y), loss)  # later calls go straight to eager, without another warning
+
+
+def test_adamw_ablation_replaces_only_muon() -> None:
+    """--optimizer adamw: the hidden matrices Muon would train get GPT-2-style AdamW; the Adam groups (lm_head,
+    embeddings, scalars) are the same objects with the same settings; a Muon checkpoint cannot resume into it."""
+    model = M.GPT.from_hparams(tiny_hparams())
+    muon_run = M.setup_optimizers(model, tiny_hparams())
+    adamw_run = M.setup_optimizers(model, tiny_hparams(optimizer="adamw", adamw_lr=2e-3, adamw_weight_decay=0.05))
+    assert isinstance(muon_run[1], M.Muon) and type(adamw_run[1]) is torch.optim.AdamW
+    ids = lambda opt: [id(p) for g in opt.param_groups for p in g["params"]]  # noqa: E731
+    assert sorted(ids(adamw_run[1])) == sorted(ids(muon_run[1])) and ids(adamw_run[0]) == ids(muon_run[0])
+    group = adamw_run[1].param_groups[0]
+    assert (group["lr"], group["initial_lr"], group["betas"], group["eps"], group["weight_decay"]) == \
+        (2e-3, 2e-3, (0.9, 0.95), 1e-8, 0.05)
+    assert [g["lr"] for g in adamw_run[0].param_groups] == [g["lr"] for g in muon_run[0].param_groups]
+    ckpt = dict(model=model.state_dict(), optimizers=[o.state_dict() for o in muon_run], rng={}, step=1)
+    hp = tiny_hparams(optimizer="adamw", resume="x.pt")
+    with pytest.raises(M.CheckpointError, match="x.pt: its optimizer state does not fit --optimizer=adamw"):
+        M.restore(ckpt, hp, model, adamw_run)
