@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--checkpoint", default="latest", help="pretrained parent: 'latest' (newest base model) or PATH")
     own.add_argument("--skip-invalid", action="store_true", help="skip invalid records (counted) instead of stopping")
     own.add_argument("--lr-scale", type=float, default=LR_SCALE,
-                     help="fraction of the parent's Muon and Adam LRs (--optimizer muon; adamw uses --adamw-lr)")
+                     help="fraction of the parent's Muon and Adam LRs (with --optimizer adamw the hidden matrices "
+                          "take --adamw-lr instead of Muon's)")
     return parser
 
 
