@@ -245,8 +245,7 @@ def main(argv: list[str] | None = None) -> None:
                 if not chat.handle(line.rstrip("\n")):
                     break
     except M.USER_ERRORS as e:
-        print(f"chat.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        M.exit_with(2, "chat.py", str(e))
 
 
 if __name__ == "__main__":

@@ -305,8 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(args)
     except M.USER_ERRORS as e:
-        print(f"eval.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        M.exit_with(2, "eval.py", str(e))
 
 
 if __name__ == "__main__":

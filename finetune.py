@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -338,9 +337,7 @@ def train(hp: Hyperparameters, args: argparse.Namespace, rt: Runtime, parent_pat
             if not last and stop.requested(rt):  # SIGTERM / Ctrl-C: keep the finished steps, exit 0
                 path = None if step == start_step else \
                     save(rt, run_dir, step, raw, optimizers, hp, code, data_pos, (val_loss, val_step), extra)
-                saved = f"checkpoint {path}; continue with python finetune.py --resume latest" if path else \
-                    "no new step to save"
-                M.print0(rt, f"stopped by {stop.name} at step {step}: {saved}", logfile)
+                M.print0(rt, stop.report(step, path, "finetune.py"), logfile)
                 return val_loss
             if last or (hp.val_loss_every and step % hp.val_loss_every == 0):
                 elapsed_ms += 1000 * (time.perf_counter() - t0)
@@ -348,7 +345,8 @@ def train(hp: Hyperparameters, args: argparse.Namespace, rt: Runtime, parent_pat
                     save(rt, run_dir, step, raw, optimizers, hp, code, data_pos, (val_loss, val_step), extra)
                 val_loss, val_step = validate(forward, data["val"], hp, rt, window), step
                 if not math.isfinite(val_loss):
-                    raise diverged("the held-out loss", val_loss, step, run_dir)
+                    raise M.diverged(f"step {step}: the held-out loss is {val_loss}", M.newest_checkpoint(run_dir),
+                                     DIVERGENCE_HINT)
                 M.print0(rt, f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} train_time:{elapsed_ms:.0f}ms",
                          logfile)
                 if metrics:
@@ -365,7 +363,8 @@ def train(hp: Hyperparameters, args: argparse.Namespace, rt: Runtime, parent_pat
             mine = [r for r, _ in picked][rt.rank * per_rank:(rt.rank + 1) * per_rank]
             loss, trained = train_step(forward, raw, optimizers, mine, step, hp, rt, window)
             if not math.isfinite(loss):
-                raise diverged("the training loss", loss, step + 1, run_dir)
+                raise M.diverged(f"step {step + 1}: the training loss is {loss}", M.newest_checkpoint(run_dir),
+                                 DIVERGENCE_HINT)
             ms = elapsed_ms + 1000 * (time.perf_counter() - t0)
             M.print0(rt, f"step:{step + 1}/{hp.num_iterations} train_loss:{loss:.4f} trained_tokens:{trained} "
                          f"train_time:{ms:.0f}ms step_avg:{ms / (step + 1 - start_step):.2f}ms", logfile)
@@ -382,33 +381,16 @@ def train(hp: Hyperparameters, args: argparse.Namespace, rt: Runtime, parent_pat
     return val_loss
 
 
-def diverged(what: str, value: float, step: int, run_dir: Path) -> M.TrainingError:
-    newest = M.newest_checkpoint(run_dir)
-    kept = f"the newest good checkpoint is {newest}" if newest else "no checkpoint was written yet"
-    return M.TrainingError(f"step {step}: {what} is {value}; stopped without writing a checkpoint ({kept}). Lower "
-                           f"--lr-scale (or --adam-lr) or use --dtype fp32, then start again or --resume")
+# A diverged fine-tuning run: what to change (its LR flags are not pretraining's)
+DIVERGENCE_HINT = "Lower --lr-scale (or --adamw-lr) or use --dtype fp32, then start again or --resume"
 
 
 def main(argv: list[str] | None = None) -> None:
-    rt, hp = None, None
-    try:
-        hp, args, parent_path, parent, resumed, resuming = resolve(argv)
-        rt = M.init_runtime(hp)
-        hp.validate(rt.world_size)
-        train(hp, args, rt, parent_path, parent, resumed, resuming)
-    except M.USER_ERRORS as e:
-        M.exit_with(2, "finetune.py", str(e))
-    except M.TrainingError as e:
-        M.exit_with(1, "finetune.py", str(e))
-    except KeyboardInterrupt:
-        M.exit_with(130, "finetune.py", "interrupted (second Ctrl-C): the current step was not saved; "
-                    + M.newest_checkpoint_note(hp))
-    except Exception as e:  # noqa: BLE001 - only a failed collective or write is turned into one line
-        M.exit_on_run_failure(e, rt, hp, "finetune.py")
-        raise
-    finally:
-        if rt is not None:
-            M.shutdown_runtime(rt)
+    with M.exit_policy(M.ScriptRun("finetune.py")) as run:
+        run.hp, args, parent_path, parent, resumed, resuming = resolve(argv)
+        run.rt = M.init_runtime(run.hp)
+        run.hp.validate(run.rt.world_size)
+        train(run.hp, args, run.rt, parent_path, parent, resumed, resuming)
 
 
 if __name__ == "__main__":

@@ -498,6 +498,11 @@ class StopSignal:
         elif signum == signal.SIGINT and time.monotonic() - self._at > 1.0:
             raise KeyboardInterrupt
 
+    def report(self, step: int, path: Path | None, script: str) -> str:
+        """The line a stopped run ends with: where its checkpoint is and how to continue."""
+        saved = f"checkpoint {path}; continue with python {script} --resume latest" if path else "no new step to save"
+        return f"stopped by {self.name} at step {step}: {saved}"
+
     def requested(self, rt: Runtime) -> bool:
         """Whether any rank was signalled (a collective under torchrun: call it on every rank at the same point)."""
         if not rt.distributed:
@@ -1522,13 +1527,17 @@ DIVERGENCE_HINT = ("Lower the learning rates (--muon-lr, --embed-lr, --head-lr, 
                    "then start again or --resume")
 
 
+def diverged(problem: str, previous: Path | None, hint: str = DIVERGENCE_HINT) -> TrainingError:
+    """The one-line error of a run that went non-finite: what, the checkpoint that is still good, what to change."""
+    kept = f"the newest good checkpoint is {previous}" if previous else "no checkpoint was written yet"
+    return TrainingError(f"{problem}; stopped without writing a checkpoint ({kept}). {hint}")
+
+
 def check_finite(model: nn.Module, where: str, previous: Path | None) -> None:
     """Refuse to save non-finite weights: a NaN checkpoint would become `latest` and replace a good one."""
     bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
-        kept = f"the newest good checkpoint is {previous}" if previous else "no checkpoint was written yet"
-        raise TrainingError(f"{where}: {len(bad)} parameter tensor(s) hold NaN or inf (first: {bad[0]}); stopped "
-                            f"without writing a checkpoint ({kept}). {DIVERGENCE_HINT}")
+        raise diverged(f"{where}: {len(bad)} parameter tensor(s) hold NaN or inf (first: {bad[0]})", previous)
 
 
 def checkpoint_bytes(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> int:
@@ -1922,6 +1931,36 @@ def exit_on_run_failure(error: BaseException, rt: Runtime | None, hp: Hyperparam
     if isinstance(error, OSError):
         exit_with(1, prog, f"{error.filename or 'write failed'}: {error.strerror or first_line(error)}; "
                            f"{newest_checkpoint_note(hp)}")
+
+
+@dataclass
+class ScriptRun:
+    """What a training script's exit policy needs, filled in as its main() gets there."""
+    prog: str
+    hp: Hyperparameters | None = None
+    rt: Runtime | None = None
+
+
+@contextlib.contextmanager
+def exit_policy(run: ScriptRun) -> Iterator[ScriptRun]:
+    """pretraining.py's and finetune.py's ending: bad input 2, a run that cannot go on 1, a second Ctrl-C 130, each
+    one line naming the newest checkpoint where it helps; a lost rank or failed write 1; then the process group
+    is shut down. Anything else keeps its traceback."""
+    try:
+        yield run
+    except USER_ERRORS as e:
+        exit_with(2, run.prog, str(e))
+    except TrainingError as e:
+        exit_with(1, run.prog, str(e))
+    except KeyboardInterrupt:
+        exit_with(130, run.prog, "interrupted (second Ctrl-C): the current step was not saved; "
+                  + newest_checkpoint_note(run.hp))
+    except Exception as e:  # noqa: BLE001 - only a failed collective or write is turned into one line
+        exit_on_run_failure(e, run.rt, run.hp, run.prog)
+        raise
+    finally:
+        if run.rt is not None:
+            shutdown_runtime(run.rt)
 
 
 # -----------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -150,13 +149,6 @@ def save(rt: Runtime, run_dir: Path, step: int, raw_model, optimizers, hp, code,
     return path
 
 
-def diverged(what: str, value: float, step: int, run_dir: Path) -> M.TrainingError:
-    newest = M.newest_checkpoint(run_dir)
-    kept = f"the newest good checkpoint is {newest}" if newest else "no checkpoint was written yet"
-    return M.TrainingError(f"step {step}: {what} is {value}; stopped without writing a checkpoint ({kept}). "
-                           f"{M.DIVERGENCE_HINT}")
-
-
 def log_summary(rt: Runtime, logfile: Path, hp: Hyperparameters, raw_model, run_dir: Path, preset_given: bool,
                 start_step: int | None) -> None:
     counts = M.param_counts(raw_model)
@@ -206,9 +198,7 @@ def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None, resuming: bool = 
                 now_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
                 path = None if step == start_step else \
                     save(rt, run_dir, step, raw_model, optimizers, hp, code, data_pos, (val_loss, val_step), now_ms)
-                saved = f"checkpoint {path}; continue with python pretraining.py --resume latest" if path else \
-                    "no new step to save"
-                M.print0(rt, f"stopped by {stop.name} at step {step}: {saved}", logfile)
+                M.print0(rt, stop.report(step, path, "pretraining.py"), logfile)
                 return val_loss
             if last_step or (hp.val_loss_every and step % hp.val_loss_every == 0):
                 rt.synchronize()
@@ -218,7 +208,7 @@ def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None, resuming: bool = 
                          training_time_ms)
                 val_loss, val_step = M.evaluate(forward, hp, rt, window, _repo_path(hp.val_files)), step
                 if not math.isfinite(val_loss):
-                    raise diverged("the validation loss", val_loss, step, run_dir)
+                    raise M.diverged(f"step {step}: the validation loss is {val_loss}", M.newest_checkpoint(run_dir))
                 M.print0(rt, f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} "
                              f"train_time:{training_time_ms:.0f}ms "
                              f"step_avg:{training_time_ms / max(step - timed_from, 1):.2f}ms", logfile)
@@ -243,7 +233,8 @@ def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None, resuming: bool = 
                 dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
             train_loss = float(train_loss)
             if not math.isfinite(train_loss):
-                raise diverged("the training loss", train_loss, step + 1, run_dir)
+                raise M.diverged(f"step {step + 1}: the training loss is {train_loss}",
+                                M.newest_checkpoint(run_dir))
             elapsed = training_time_ms + 1000 * (time.perf_counter() - t0)
             done = step + 1 - timed_from
             M.print0(rt, f"step:{step + 1}/{hp.num_iterations} train_loss:{train_loss:.4f} train_time:{elapsed:.0f}ms "
@@ -262,29 +253,15 @@ def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None, resuming: bool = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    rt, hp = None, None
-    try:
-        hp, ckpt, resuming, preset_given = resolve_config(argv)
-        if ckpt is not None and ckpt["step"] >= hp.num_iterations and ckpt.get("val_step") == ckpt["step"]:
-            print(f"pretraining.py: {hp.resume} is the end of its run (step {ckpt['step']} of {hp.num_iterations}); "
-                  f"nothing to resume (pass a larger --num-iterations to train on)")
+    with M.exit_policy(M.ScriptRun("pretraining.py")) as run:
+        run.hp, ckpt, resuming, preset_given = resolve_config(argv)
+        if ckpt is not None and ckpt["step"] >= run.hp.num_iterations and ckpt.get("val_step") == ckpt["step"]:
+            print(f"pretraining.py: {run.hp.resume} is the end of its run (step {ckpt['step']} of "
+                  f"{run.hp.num_iterations}); nothing to resume (pass a larger --num-iterations to train on)")
             return
-        rt = M.init_runtime(hp)
-        hp.validate(rt.world_size)
-        train(hp, rt, ckpt, resuming, preset_given)
-    except M.USER_ERRORS as e:
-        M.exit_with(2, "pretraining.py", str(e))
-    except M.TrainingError as e:
-        M.exit_with(1, "pretraining.py", str(e))
-    except KeyboardInterrupt:
-        M.exit_with(130, "pretraining.py", "interrupted (second Ctrl-C): the current step was not saved; "
-                    + M.newest_checkpoint_note(hp))
-    except Exception as e:  # noqa: BLE001 - only a failed collective or write is turned into one line
-        M.exit_on_run_failure(e, rt, hp, "pretraining.py")
-        raise
-    finally:
-        if rt is not None:
-            M.shutdown_runtime(rt)
+        run.rt = M.init_runtime(run.hp)
+        run.hp.validate(run.rt.world_size)
+        train(run.hp, run.rt, ckpt, resuming, preset_given)
 
 
 if __name__ == "__main__":
