@@ -95,12 +95,13 @@ def bench_matmul(device: torch.device, repeats: int, n: int = 2048) -> dict[str,
 # training throughput
 
 
-def train_config(shape: str, device: torch.device) -> M.Hyperparameters:
+def train_config(shape: str, device: torch.device, compile: str = "auto") -> M.Hyperparameters:
     """The shakespeare preset as `python pretraining.py` runs it; the 124M speedrun shape with the record's
     micro-batch on a GPU, and on a CPU one 4096-token micro-batch per step (a record step of 393k tokens would
     take minutes there)."""
     preset = "shakespeare" if shape == "shakespeare" else "speedrun"
-    hp = M.Hyperparameters(**dict(M.PRESETS[preset], preset=preset, device=str(device), warmup_steps=0))
+    hp = M.Hyperparameters(**dict(M.PRESETS[preset], preset=preset, device=str(device), warmup_steps=0,
+                                  compile=compile))
     if preset == "speedrun" and device.type != "cuda":
         hp.train_seq_len, hp.rank_equivalents = 4096, 1
     return hp.validate()
@@ -131,11 +132,12 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak RSS
 
 
-def bench_train_shape(shape: str, device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
+def bench_train_shape(shape: str, device: torch.device, steps: int, warmup: int,
+                      compile: str = "auto") -> dict[str, Any]:
     """Full optimizer steps on random tokens, timed in three parts: forward+backward, Newton-Schulz (inside
     Muon.step), and the rest of the optimizer step (Adam, Muon's momentum and all-gathers)."""
-    hp = train_config(shape, device)
-    rt = M.init_runtime(hp)
+    hp = train_config(shape, device, compile)
+    rt = M.init_runtime(hp, whole_model_on_cpu=True)  # what pretraining.py runs
     torch.manual_seed(0)
     raw, forward = M.build_model(hp, rt)
     optimizers = M.setup_optimizers(raw, hp, compile_ns=rt.compile)
@@ -183,12 +185,13 @@ def bench_train_shape(shape: str, device: torch.device, steps: int, warmup: int)
                 peak_memory_mib=round(peak_memory_mib(rt.device)))
 
 
-def bench_train(device: torch.device, steps: int, warmup: int, peak: dict[str, float]) -> list[dict[str, Any]]:
+def bench_train(device: torch.device, steps: int, warmup: int, peak: dict[str, float],
+                compile: str = "auto") -> list[dict[str, Any]]:
     """Each shape in a fresh process (its own peak memory); MFU against the matmul peak of the training dtype."""
     rows = []
     for shape in ("shakespeare", "speedrun-124M"):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--train-shape", shape, "--device", str(device),
-               "--steps", str(steps), "--warmup", str(warmup)]
+               "--steps", str(steps), "--warmup", str(warmup), "--compile", compile]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             raise SystemExit(f"bench.py: training benchmark of {shape} failed:\n{out.stderr[-2000:]}")
@@ -369,6 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=3, help="timed training steps per shape (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first (compilation, allocation)")
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "head", "off"),
+                   help="training benchmark: pretraining.py's --compile (on = whole model, head = the loss only)")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     p.add_argument("--ablation", nargs="+", type=Path, metavar="RUN_DIR",
                    help="compare finished pretraining runs (the first is the reference) instead of benchmarking")
@@ -382,14 +387,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     device = M.detect_device(args.device)
     if args.train_shape:
-        print(json.dumps(bench_train_shape(args.train_shape, device, args.steps, args.warmup)))
+        print(json.dumps(bench_train_shape(args.train_shape, device, args.steps, args.warmup, args.compile)))
         return
     chosen = args.only or BENCHMARKS
     results: dict[str, Any] = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads())
     if "matmul" in chosen or "train" in chosen:
         results["matmul"] = bench_matmul(device, args.repeats)
     if "train" in chosen:
-        results["train"] = bench_train(device, args.steps, args.warmup, results["matmul"])
+        results["train"] = bench_train(device, args.steps, args.warmup, results["matmul"], args.compile)
     if "decode" in chosen:
         results["decode"] = bench_decode(device, args.repeats, args.new_tokens)
     if "data" in chosen:

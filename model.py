@@ -95,10 +95,11 @@ class Hyperparameters:
     resume: str = ""  # "" = fresh run; "latest" or a path to state_stepNNNNNN.pt
     # runtime
     seed: int = 0  # seed for weights and sampling
-    warmup_steps: int = -1  # steps run then undone to compile kernels off the clock; -1 = 10 if compiled, else 0
+    warmup_steps: int = -1  # steps run then undone to compile kernels off the clock; -1 = auto (warm_up_steps)
     device: str = "auto"  # auto (cuda, mps, cpu) or a torch device string
     dtype: str = "auto"  # autocast dtype: auto (bf16 where it pays), bf16 or fp32
-    compile: str = "auto"  # torch.compile: auto (whole model on CUDA, the loss head elsewhere), on, off
+    compile: str = "auto"  # torch.compile: on (whole model), head (the loss only), off; auto = on for CUDA and
+    # for CPU pretraining, else head
     fp8_head: str = "auto"  # FP8 lm_head matmul: auto (GPUs with compute capability >= 8.9), on, off
     collective_timeout: int = 600  # seconds a rank waits for the others in a collective before the run stops
 
@@ -150,7 +151,7 @@ class Hyperparameters:
         if not 0 <= self.adamw_weight_decay < math.inf:
             raise ConfigError(f"--adamw-weight-decay={self.adamw_weight_decay} must be >= 0")
         for name, choices in [("optimizer", ("muon", "adamw")), ("dtype", ("auto", "bf16", "fp32")),
-                              ("compile", ("auto", "on", "off")),
+                              ("compile", ("auto", "on", "head", "off")),
                               ("fp8_head", ("auto", "on", "off"))]:
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{_flag(name)}={getattr(self, name)!r} must be one of {', '.join(choices)}")
@@ -397,8 +398,31 @@ def pick_autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None
     return None
 
 
-def init_runtime(hp: Hyperparameters) -> Runtime:
-    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; plain python is one process with no process group."""
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the kernel.
+
+    By default every block above 32 MB (logits, activations, their gradients) is mmap'ed and unmapped again when
+    freed, so each training step page-faults gigabytes of fresh, zeroed pages: on the 2-core CPU that was 30% of
+    a shakespeare step (bench.py: 2,436 -> 3,449 tok/s; peak RSS 3.0 -> 3.7 GB). PyTorch's CPU tuning guide
+    gives the same advice (jemalloc or tcmalloc); mallopt does it without a preloaded library. False (and no
+    change) where the C library is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and other C libraries
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    # no mmap'ed blocks: large ones come from the heap and are reused; trim the heap only past 2 GB free at its top
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def init_runtime(hp: Hyperparameters, whole_model_on_cpu: bool = False) -> Runtime:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; plain python is one process with no process group.
+    whole_model_on_cpu: --compile=auto compiles the whole model on CPU too (pretraining: long runs of fixed shapes,
+    where it measured +13% tok/s); otherwise CPU compiles only the loss head, which repays its compile in seconds."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = detect_device(hp.device)
@@ -406,34 +430,65 @@ def init_runtime(hp: Hyperparameters) -> Runtime:
         device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if device.type == "cpu":
+        keep_freed_memory()
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         # a bounded wait: a rank that dies or hangs stops the others with an error instead of a silent hang
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None,
                                 timeout=timedelta(seconds=hp.collective_timeout))
-    compile_on = hp.compile == "on" or (hp.compile == "auto" and device.type == "cuda")
+    whole = device.type == "cuda" or (whole_model_on_cpu and device.type == "cpu")
     return Runtime(device=device, rank=rank, local_rank=local_rank, world_size=world_size,
-                   autocast_dtype=pick_autocast_dtype(hp.dtype, device), compile=compile_on,
-                   compile_head=hp.compile == "auto" and device.type != "cuda")
+                   autocast_dtype=pick_autocast_dtype(hp.dtype, device),
+                   compile=hp.compile == "on" or (hp.compile == "auto" and whole),
+                   compile_head=hp.compile == "head" or (hp.compile == "auto" and not whole))
+
+
+def warm_up_steps(hp: Hyperparameters, rt: Runtime) -> int:
+    """Steps to run (and undo) before the clock starts. A compiled CUDA run needs the record's 10: FlexAttention
+    compiles per window size. CPU attention takes the window as a tensor, so after 2 steps (the first compiles,
+    the second meets the optimizer state) a step is as fast as it will get (measured: 3.15 s, then 3.10 s)."""
+    if hp.warmup_steps >= 0:
+        return hp.warmup_steps
+    if not rt.compile:
+        return 0
+    return 10 if rt.device.type == "cuda" else 2
 
 
 def compile_with_fallback(fn: Any, name: str) -> Any:
-    """torch.compile(fn), but run fn eagerly (with one warning) if compiling fails, e.g. no C++ compiler."""
+    """torch.compile(fn), but run fn eagerly (with one warning) if compiling fails, e.g. no C++ compiler. fn may be
+    a function or a module. An error that eager raises too is the caller's, not the compiler's: it propagates and
+    the compiled version stays."""
     import warnings
 
     state = {"fn": torch.compile(fn, dynamic=False)}
 
-    def call(*args: Any) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
         try:
-            return state["fn"](*args)
+            return state["fn"](*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - any compiler failure; eager gives the same numbers, slower
             if state["fn"] is fn:
                 raise
-            warnings.warn(f"torch.compile of {name} failed ({type(e).__name__}: {e}); running it eagerly")
+            out = fn(*args, **kwargs)  # forward and Newton-Schulz are pure: running them again is safe
+            warnings.warn(f"torch.compile of {name} failed ({type(e).__name__}: {first_line(e)}); "
+                          "running it eagerly")
             state["fn"] = fn
-            return fn(*args)
+            return out
 
     return call
+
+
+class CompiledModule(nn.Module):
+    """A module called through compile_with_fallback; train() / eval() reach the wrapped module, whose mode the
+    compiled graphs are guarded on."""
+
+    def __init__(self, module: nn.Module, name: str):
+        super().__init__()
+        self.module = module
+        self.call = compile_with_fallback(module, name)
+
+    def forward(self, *args: Any) -> Any:
+        return self.call(*args)
 
 
 def shutdown_runtime(rt: Runtime) -> None:
@@ -955,7 +1010,7 @@ def build_model(hp: Hyperparameters, rt: Runtime) -> tuple[GPT, nn.Module]:
             dist.broadcast(p.detach(), 0)
     if rt.compile_head and not rt.compile:
         model.loss_fn = compile_with_fallback(softcap_cross_entropy, "the loss head")
-    forward = torch.compile(model, dynamic=False) if rt.compile else model
+    forward = CompiledModule(model, "the model") if rt.compile else model
     return model, forward
 
 
@@ -997,7 +1052,8 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params: list[Tensor], lr: float = 0.05, momentum: float = 0.95, weight_decay: float = 0.0,
                  rank: int = 0, world_size: int = 1, ns_steps: int = 5, compile_ns: bool = False):
         self.rank, self.world_size, self.ns_steps = rank, world_size, ns_steps
-        self.orthogonalise = torch.compile(zeropower_via_newtonschulz5) if compile_ns else zeropower_via_newtonschulz5
+        self.orthogonalise = compile_with_fallback(zeropower_via_newtonschulz5, "Newton-Schulz") if compile_ns \
+            else zeropower_via_newtonschulz5
         by_shape: dict[tuple[int, ...], list[Tensor]] = {}
         for p in params:  # one group per shape, in first-appearance order (deterministic)
             by_shape.setdefault(tuple(p.shape), []).append(p)
@@ -2210,6 +2266,8 @@ def load_for_inference(spec: str = "latest", log_dir: str | Path = "logs", devic
     else:
         path = resolve_checkpoint(spec, log_dir)
     dev = detect_device(device)
+    if dev.type == "cpu":
+        keep_freed_memory()  # batched scoring allocates and frees large logits too
     model, hp, ckpt = load_model(path, dev)
     score_dtype = pick_autocast_dtype(dtype, dev)
     # batch-1 decoding is memory-bound: on CPU autocast re-casts every weight for every token (2.7x slower here)

@@ -119,7 +119,7 @@ def make_train_loader(hp: Hyperparameters, rt: Runtime, start: dict | None = Non
 def warm_up(forward, raw_model, optimizers, hp: Hyperparameters, rt: Runtime, window: torch.Tensor) -> int:
     """Run steps to compile kernels, then restore the initial weights and optimizer state (as the record does),
     so the clock never counts compilation and the trajectory is that of a run without warm-up."""
-    steps = hp.warmup_steps if hp.warmup_steps >= 0 else (10 if rt.compile else 0)
+    steps = M.warm_up_steps(hp, rt)
     if steps == 0:
         return 0
     initial = dict(model=copy.deepcopy(raw_model.state_dict()),
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"pretraining.py: {run.hp.resume} is the end of its run (step {ckpt['step']} of "
                   f"{run.hp.num_iterations}); nothing to resume (pass a larger --num-iterations to train on)")
             return
-        run.rt = M.init_runtime(run.hp)
+        run.rt = M.init_runtime(run.hp, whole_model_on_cpu=True)
         run.hp.validate(run.rt.world_size)
         train(run.hp, run.rt, ckpt, resuming, preset_given)
 

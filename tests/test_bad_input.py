@@ -160,7 +160,7 @@ CASES: list[Case] = [
     pt("shuffle-rows-without-row-len", "{tiny} --row-len 0 --shuffle-rows true", "shards",
        "--shuffle-rows needs --row-len > 0"),
     pt("dtype-fp16", "{tiny} --dtype fp16", "shards", "--dtype='fp16' must be one of auto, bf16, fp32"),
-    pt("compile-maybe", "{tiny} --compile maybe", "shards", "--compile='maybe' must be one of auto, on, off"),
+    pt("compile-maybe", "{tiny} --compile maybe", "shards", "--compile='maybe' must be one of auto, on, head, off"),
     pt("preset-unknown", "{tiny} --preset tiny", "shards", "argument --preset: invalid choice: 'tiny'"),
     pt("run-id-with-slash", "{tiny} --run-id a/b", "shards", "--run-id='a/b' may hold only letters"),
     pt("run-id-dotdot", "{tiny} --run-id ..", "shards", "--run-id='..' may hold only letters"),

@@ -593,6 +593,68 @@ def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) ->
     assert torch.equal(head(x, w, y), loss)  # later calls go straight to eager, without another warning
 
 
+def test_whole_model_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--compile on (the CPU pretraining default) on a machine whose compiler fails: one warning, then the eager
+    model's exact loss; train()/eval() still reach the model."""
+    def broken_compile(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("no C++ compiler found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    hp = tiny_hparams(compile="on")
+    rt = M.init_runtime(hp)
+    torch.manual_seed(0)
+    raw, forward = M.build_model(hp, rt)
+    assert isinstance(forward, M.CompiledModule) and forward.module is raw
+    x = torch.randint(0, hp.vocab_size, (1, 128), dtype=torch.int32)
+    y = torch.randint(0, hp.vocab_size, (1, 128))
+    with pytest.warns(UserWarning, match="torch.compile of the model failed .*no C\\+\\+ compiler found"):
+        loss = forward(x, y, 1)
+    assert torch.equal(loss, raw(x, y, 1))
+    forward.eval()
+    assert not raw.training
+
+
+def test_compile_fallback_lets_the_callers_own_errors_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error eager raises as well (a bad argument, not the compiler) propagates without the fallback warning,
+    and the compiled version is kept for the next call."""
+    calls = []
+
+    def fake_compile(fn, **kwargs):
+        def call(*args):
+            calls.append("compiled")
+            return fn(*args)
+        return call
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    head = M.compile_with_fallback(M.softcap_cross_entropy, "the loss head")
+    x, w = torch.randn(8, 64), torch.randn(128, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError):
+            head(x, torch.randn(128, 32), torch.randint(0, 128, (8,)))  # shapes do not match: eager fails too
+        head(x, w, torch.randint(0, 128, (8,)))
+    assert calls == ["compiled", "compiled"]
+
+
+def test_compile_auto_picks_whole_model_for_cpu_pretraining_only() -> None:
+    """--compile auto on CPU: the whole model where the caller asks (pretraining.py, bench.py), else the loss
+    head; 'head' and 'on' choose explicitly; warm-up is 2 steps compiled on CPU, 0 uncompiled."""
+    pick = {}
+    for mode in ("auto", "on", "head", "off"):
+        for whole in (False, True):
+            hp = tiny_hparams(compile=mode)
+            rt = M.init_runtime(hp, whole_model_on_cpu=whole)
+            pick[mode, whole] = (rt.compile, rt.compile_head, M.warm_up_steps(hp, rt))
+    assert pick == {("auto", False): (False, True, 0), ("auto", True): (True, False, 2),
+                    ("on", False): (True, False, 2), ("on", True): (True, False, 2),
+                    ("head", False): (False, True, 0), ("head", True): (False, True, 0),
+                    ("off", False): (False, False, 0), ("off", True): (False, False, 0)}
+    assert M.warm_up_steps(tiny_hparams(compile="on", warmup_steps=5), M.Runtime(device=torch.device("cpu"),
+                                                                                 compile=True)) == 5
+
+
 def test_adamw_ablation_replaces_only_muon() -> None:
     """--optimizer adamw: the hidden matrices Muon would train get GPT-2-style AdamW; the Adam groups (lm_head,
     embeddings, scalars) are the same objects with the same settings; a Muon checkpoint cannot resume into it."""
@@ -610,3 +672,28 @@ def test_adamw_ablation_replaces_only_muon() -> None:
     hp = tiny_hparams(optimizer="adamw", resume="x.pt")
     with pytest.raises(M.CheckpointError, match="x.pt: its optimizer state does not fit --optimizer=adamw"):
         M.restore(ckpt, hp, model, adamw_run)
+
+
+FAULTS_SCRIPT = """
+import resource, sys, torch
+sys.path.insert(0, {repo!r})
+import model as M
+kept = M.keep_freed_memory() if sys.argv[1] == "keep" else None
+torch.ones(64 << 20).sum()  # 256 MB, touched, then freed
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.ones(64 << 20).sum()  # the same size again
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_keep_freed_memory_reuses_large_blocks_without_page_faults() -> None:
+    """With glibc's defaults a freed 256 MB tensor goes back to the kernel, so the next one page-faults all of
+    its 65,536 pages again; after keep_freed_memory() (what CPU runs call) the second one reuses the first's."""
+    faults = {}
+    for mode in ("default", "keep"):
+        out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT.format(repo=str(REPO_DIR)), mode],
+                             capture_output=True, text=True, check=True).stdout.split()
+        faults[mode] = (out[0], int(out[1]))
+    assert faults["default"][0] == "None" and faults["default"][1] > 60_000
+    assert faults["keep"][0] == "True" and faults["keep"][1] < 1_000

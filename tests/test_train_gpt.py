@@ -245,7 +245,7 @@ PARITY_STEPS = 20
 
 
 def shakespeare_args(log_dir: Path, run_id: str) -> list[str]:
-    """A 2-layer model on the real corpus with the CPU defaults (dtype auto, compiled loss head): 20 steps."""
+    """A 2-layer model on the real corpus with the CPU defaults (dtype auto, whole-model compile): 20 steps."""
     return ["--preset", "shakespeare", "--log-dir", str(log_dir), "--run-id", run_id, "--num-layers", "2",
             "--num-heads", "2", "--head-dim", "32", "--model-dim", "64", "--train-seq-len", "512", "--row-len", "256",
             "--val-seq-len", "512", "--val-tokens", "2048", "--num-iterations", str(PARITY_STEPS),
