@@ -432,6 +432,10 @@ def init_runtime(hp: Hyperparameters, whole_model_on_cpu: bool = False) -> Runti
         torch.cuda.set_device(device)
     if device.type == "cpu":
         keep_freed_memory()
+        # compiled CPU kernels otherwise scatter-add (embedding gradients) with atomic adds whose order varies run
+        # to run: two identical compiled 6-step runs differed from step 3; no cost measured (bench.py, 2 runs
+        # each: 3,635 and 3,539 tok/s deterministic vs 3,646 and 3,454)
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         # a bounded wait: a rank that dies or hangs stops the others with an error instead of a silent hang

@@ -342,6 +342,7 @@ def init_runtime(hp: Hyperparameters) -> Runtime:
         torch.cuda.set_device(device)
     if device.type == "cpu":
         keep_freed_memory()
+        torch.use_deterministic_algorithms(True, warn_only=True)  # compiled scatter-adds are atomic otherwise
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None,

@@ -640,7 +640,8 @@ def test_compile_fallback_lets_the_callers_own_errors_through(monkeypatch: pytes
 
 def test_compile_auto_picks_whole_model_for_cpu_pretraining_only() -> None:
     """--compile auto on CPU: the whole model where the caller asks (pretraining.py, bench.py), else the loss
-    head; 'head' and 'on' choose explicitly; warm-up is 2 steps compiled on CPU, 0 uncompiled."""
+    head; 'head' and 'on' choose explicitly; warm-up is 2 steps compiled on CPU, 0 uncompiled; CPU runtimes use
+    deterministic algorithms."""
     pick = {}
     for mode in ("auto", "on", "head", "off"):
         for whole in (False, True):
@@ -653,6 +654,7 @@ def test_compile_auto_picks_whole_model_for_cpu_pretraining_only() -> None:
                     ("off", False): (False, False, 0), ("off", True): (False, False, 0)}
     assert M.warm_up_steps(tiny_hparams(compile="on", warmup_steps=5), M.Runtime(device=torch.device("cpu"),
                                                                                  compile=True)) == 5
+    assert torch.are_deterministic_algorithms_enabled()  # CPU runs: compiled scatter-adds in a fixed order
 
 
 def test_adamw_ablation_replaces_only_muon() -> None:
