@@ -37,7 +37,7 @@ def test_model_flops_count_every_matmul_weight_and_the_attended_keys() -> None:
 
 def test_train_benchmark_times_the_three_parts_of_a_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a tiny config: the step splits into forward+backward, Newton-Schulz and the rest; FLOPs and tokens agree."""
-    monkeypatch.setattr(bench, "train_config", lambda shape, device: tiny_hparams())
+    monkeypatch.setattr(bench, "train_config", lambda shape, device, compile: tiny_hparams())
     row = bench.bench_train_shape("shakespeare", torch.device("cpu"), steps=2, warmup=1)
     hp = tiny_hparams()
     assert row["tokens_per_step"] == hp.tokens_per_step and row["dtype"] == "float32"

@@ -146,7 +146,7 @@ INVALID = [  # (overrides, world_size, message)
     ({"val_tokens": 256}, 2, r"--val-tokens=256 must be a multiple of world_size \* --val-seq-len = 512"),
     ({"dtype": "fp16"}, 1, r"--dtype='fp16' must be one of auto, bf16, fp32"),
     ({"compile": "yes"}, 1, r"--compile='yes' must be one of auto, on, head, off"),
-    ({"fp8_head": "maybe"}, 1, r"--fp8-head='maybe' must be one of auto, on, head, off"),
+    ({"fp8_head": "maybe"}, 1, r"--fp8-head='maybe' must be one of auto, on, off"),
     ({"run_id": "a/b"}, 1, r"--run-id='a/b' may hold only"),
     ({"run_id": ".."}, 1, r"--run-id='\.\.' may hold only"),
     ({"run_id": "../up"}, 1, r"--run-id='\.\./up' may hold only"),

@@ -681,21 +681,25 @@ import resource, sys, torch
 sys.path.insert(0, {repo!r})
 import model as M
 kept = M.keep_freed_memory() if sys.argv[1] == "keep" else None
-torch.ones(64 << 20).sum()  # 256 MB, touched, then freed
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-torch.ones(64 << 20).sum()  # the same size again
-print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+faults = []
+for _ in range(8):  # a training loop's pattern: one large tensor made, used and freed, small ones in between
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(64 << 20).sum()  # 256 MB
+    small = [torch.ones(1000) for _ in range(50)]
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, *faults)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
 def test_keep_freed_memory_reuses_large_blocks_without_page_faults() -> None:
-    """With glibc's defaults a freed 256 MB tensor goes back to the kernel, so the next one page-faults all of
-    its 65,536 pages again; after keep_freed_memory() (what CPU runs call) the second one reuses the first's."""
+    """With glibc's defaults every freed 256 MB tensor goes back to the kernel, so each new one page-faults its
+    65,536 pages again; after keep_freed_memory() (what CPU runs call) the heap grows for the first two or three
+    and the rest reuse their memory without a fault."""
     faults = {}
     for mode in ("default", "keep"):
         out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT.format(repo=str(REPO_DIR)), mode],
                              capture_output=True, text=True, check=True).stdout.split()
-        faults[mode] = (out[0], int(out[1]))
-    assert faults["default"][0] == "None" and faults["default"][1] > 60_000
-    assert faults["keep"][0] == "True" and faults["keep"][1] < 1_000
+        faults[mode] = (out[0], [int(n) for n in out[1:]])
+    assert faults["default"][0] == "None" and min(faults["default"][1]) > 60_000
+    assert faults["keep"][0] == "True" and sum(faults["keep"][1][3:]) < 1_000, faults["keep"]
