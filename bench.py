@@ -18,7 +18,7 @@ data: tokens/s of the shard loader (the training generator over the Shakespeare 
     python bench.py --ablation logs/ablation/muon logs/ablation/adamw-3e-3 --plot docs/muon_vs_adamw.png
 
 ablation: final val loss of finished pretraining runs and the training time each needed to reach the first run's
-    final val loss (README, "Muon vs AdamW"), plus a PNG of val loss against tokens and against seconds.
+    final val loss (docs/muon_vs_adamw.md), plus a PNG of val loss against tokens and against seconds.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from typing import Any, Callable
 import torch
 
 import model as M
+import runs as R
 import pretraining
 
 SHAPES = {  # name: (preset, overrides) -- the model shapes users train here
@@ -214,7 +215,7 @@ def bench_train(device: torch.device, steps: int, warmup: int, peak: dict[str, f
 def bench_data(batches: int = 200) -> list[dict[str, Any]]:
     """Tokens/s of the training generator over the Shakespeare shards: shuffled rows (the preset) and the record's
     sequential stream."""
-    M.import_data_script("shakespeare").prepare()
+    R.import_data_script("shakespeare").prepare()
     pattern = str(M.REPO_DIR / M.PRESETS["shakespeare"]["train_files"])
     rows = []
     for mode, shuffle in (("shuffled rows", 0), ("sequential", None)):
@@ -236,7 +237,7 @@ def bench_data(batches: int = 200) -> list[dict[str, Any]]:
 
 def read_run(run_dir: Path) -> dict[str, Any]:
     """A run's validation curve: tokens seen and training seconds (validation excluded) at each val loss."""
-    hp = M.saved_config(json.loads((run_dir / M.RUN_INFO).read_text()), run_dir / M.RUN_INFO)
+    hp = M.saved_config(json.loads((run_dir / R.RUN_INFO).read_text()), run_dir / R.RUN_INFO)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if "val_loss" in r]
     label = ("Muon + Adam" if hp.optimizer == "muon" else f"AdamW lr {hp.adamw_lr:g}") + f", {hp.num_iterations} steps"
@@ -365,7 +366,7 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = M.OneLineParser(prog="bench.py", description=__doc__.split("\n")[0])
+    p = R.OneLineParser(prog="bench.py", description=__doc__.split("\n")[0])
     p.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these benchmarks")
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=3)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 import model as M
+import runs as R
 
 HELP = """commands (a line that is exactly one of these):
   quit, exit          leave (Ctrl-D too)
@@ -204,7 +205,7 @@ def interactive_loop(chat: Chat) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = M.OneLineParser(prog="chat.py", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = R.OneLineParser(prog="chat.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--checkpoint", default="latest", help="'latest' (a fine-tuned one first) or a path")
     p.add_argument("--log-dir", default="logs")
     p.add_argument("--device", default="auto")
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
                 if not chat.handle(line.rstrip("\n")):
                     break
     except M.USER_ERRORS as e:
-        M.exit_with(2, "chat.py", str(e))
+        R.exit_with(2, "chat.py", str(e))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Results also go to logs/<run_id>/eval_<step>.json beside the checkpoint, with ev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -21,8 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 import model as M
+import runs as R
 
 MAX_ROW = 8192  # the attention mask is O(row^2) without compiled FlexAttention: longer rows (the speedrun's 256k
 # validation rows) are split; the window (<= 1792 tokens) makes the difference small, and the table says so
@@ -32,15 +36,21 @@ PROMPTS = {  # seeded samples when no --prompt is given; the play format is what
 }
 
 
+def val_budget(text: str) -> int | str:
+    """--val-tokens: a token count, or 'all'."""
+    return "all" if text.strip().lower() == "all" else int(text)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = M.OneLineParser(prog="eval.py", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = R.OneLineParser(prog="eval.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--checkpoint", default="latest", help="'latest' (newest under --log-dir) or a path")
     p.add_argument("--log-dir", default="logs")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) or a torch device")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                    help="autocast for scoring (auto: bf16 where it pays); decoding on CPU runs fp32 unless bf16")
     p.add_argument("--val-files", help="glob of validation shards (default: the checkpoint's)")
-    p.add_argument("--val-tokens", type=int, help="token budget for the loss (default: the checkpoint's)")
+    p.add_argument("--val-tokens", type=val_budget, help="token budget for the loss: a multiple of the checkpoint's "
+                   "val_seq_len, or 'all' (every full row of the split; default: the checkpoint's budget)")
     p.add_argument("--text", help="UTF-8 text file to score instead of the validation shards")
     p.add_argument("--hellaswag", help="multiple-choice JSONL (ctx, endings, label per line)")
     p.add_argument("--chat-eval", help="held-out conversations (finetune.py's format): exact match of the generated "
@@ -52,24 +62,56 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=50, help="0 = no top-k")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus cut")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (one prefill shared)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (one prefill shared); 0 = none, "
+                   "only the metrics")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the full context every token (reference)")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     args = p.parse_args(argv)
-    for name in ("max_new_tokens", "num_samples", "val_tokens", "limit"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name in ("limit", "max_new_tokens") else 1):
-            p.error(f"--{name.replace('_', '-')}={value} must be {'>= 0' if name == 'limit' else 'positive'}")
+    for name in ("max_new_tokens", "num_samples", "limit"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 0")
+    if isinstance(args.val_tokens, int) and args.val_tokens < 1:
+        p.error(f"--val-tokens={args.val_tokens} must be positive")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         p.error("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
     return args
 
 
-def score_tokens(s: M.InferenceModel, inputs: torch.Tensor, targets: torch.Tensor, row: int) -> dict[str, Any]:
+@torch.no_grad()
+def token_losses(model: M.GPT, inputs: Tensor, targets: Tensor, row_len: int, window_blocks: int,
+                 autocast: contextlib.AbstractContextManager | None = None, batch_tokens: int = 8192,
+                 head_chunk: int = 2048) -> Tensor:
+    """Cross-entropy of every target (fp32, shape of targets), the 1-D stream cut into rows of row_len as in
+    training (each row starts without context); a shorter last row is padded to whole blocks and its padding
+    ignored. The lm_head runs over head_chunk positions at a time, so the full fp32 logits of a long batch are
+    never held at once."""
+    n = inputs.numel()
+    rows_per_batch = max(1, batch_tokens // row_len)
+    out = torch.empty(n, dtype=torch.float32, device=inputs.device)
+    model.eval()
+    for start in range(0, n, row_len * rows_per_batch):
+        x = inputs[start:start + row_len * rows_per_batch]
+        rows = [x[i:i + row_len] for i in range(0, x.numel(), row_len)]
+        width = M.next_multiple_of_n(max(r.numel() for r in rows), n=M.BLOCK_SIZE)
+        model.ensure_positions(width)
+        x_BT = torch.stack([F.pad(r.long(), (0, width - r.numel())) for r in rows])  # pad id 0 is never EOT
+        with autocast or contextlib.nullcontext():
+            h = model.hidden_states(x_BT, *model.attention_masks(x_BT, window_blocks))
+        h = torch.cat([h[i, :r.numel()] for i, r in enumerate(rows)])  # (tokens, model_dim), padding dropped
+        y = targets[start:start + h.size(0)].long()
+        for c in range(0, h.size(0), head_chunk):
+            with autocast or contextlib.nullcontext():
+                logits = model.logits(h[c:c + head_chunk])
+            out[start + c:start + c + logits.size(0)] = F.cross_entropy(logits, y[c:c + head_chunk],
+                                                                       reduction="none")
+    return out
+
+
+def score_tokens(im: M.InferenceModel, inputs: torch.Tensor, targets: torch.Tensor, row: int) -> dict[str, Any]:
     """Loss, perplexity and bits per byte of targets given inputs (rows of `row` tokens, as in training)."""
-    losses = M.token_losses(s.model, inputs.to(s.device), targets.to(s.device), row, s.window_blocks,
-                            s.autocast(s.score_dtype)).cpu().double()
-    nbytes = s.tokenizer.byte_lengths(s.model.embed.weight.size(0))[targets.long().cpu()]
+    losses = token_losses(im.model, inputs.to(im.device), targets.to(im.device), row, im.window_blocks,
+                            im.autocast(im.score_dtype)).cpu().double()
+    nbytes = im.tokenizer.byte_lengths(im.model.embed.weight.size(0))[targets.long().cpu()]
     text = nbytes > 0
     loss = float(losses.mean())
     return dict(tokens=targets.numel(), row_len=row, loss=loss, perplexity=math.exp(loss),
@@ -77,38 +119,47 @@ def score_tokens(s: M.InferenceModel, inputs: torch.Tensor, targets: torch.Tenso
                 special_targets_excluded_from_bpb=int((~text).sum()))
 
 
-def eval_row_len(s: M.InferenceModel, default: int) -> int:
-    return min(default, MAX_ROW)
+def eval_row_len(native: int) -> int:
+    """Rows as the checkpoint validates, split at MAX_ROW (the table says so when they are)."""
+    return min(native, MAX_ROW)
 
 
-def eval_val(s: M.InferenceModel, args: argparse.Namespace) -> dict[str, Any]:
-    """The checkpoint's validation shards over a fixed budget, batched exactly as training validates."""
-    hp = s.hp
+def eval_val(im: M.InferenceModel, args: argparse.Namespace) -> dict[str, Any]:
+    """The checkpoint's validation shards over a fixed budget, batched exactly as training validates; with
+    --val-tokens all, every full row of the split (the generator's in-order rows until the shards run out)."""
+    hp = im.hp
     files = args.val_files or hp.val_files
     budget = args.val_tokens or hp.val_tokens
     pattern = files if Path(files).is_absolute() else str(M.REPO_DIR / files)
-    if budget % hp.val_seq_len:
-        raise M.ConfigError(f"--val-tokens={budget} must be a multiple of the checkpoint's val_seq_len "
-                            f"({hp.val_seq_len})")
-    loader = M.distributed_data_generator(pattern, hp.val_seq_len, 0, 1, cycle=False, vocab_size=hp.vocab_size)
-    batches = [next(loader, None) for _ in range(budget // hp.val_seq_len)]
-    if batches[-1] is None:
-        raise M.DataError(f"validation files {files!r} hold fewer than --val-tokens={budget} tokens")
-    inputs, targets = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     native = hp.row_len or hp.val_seq_len
-    return dict(files=files, trained_row_len=native, **score_tokens(s, inputs, targets, eval_row_len(s, native)))
+    if budget == "all":
+        loader = M.distributed_data_generator(pattern, native, 0, 1, cycle=False, vocab_size=hp.vocab_size)
+        batches = list(loader)
+        if not batches:
+            raise M.DataError(f"validation files {files!r} hold no full row of {native} tokens")
+    else:
+        if budget % hp.val_seq_len:
+            raise M.ConfigError(f"--val-tokens={budget} must be a multiple of the checkpoint's val_seq_len "
+                                f"({hp.val_seq_len})")
+        loader = M.distributed_data_generator(pattern, hp.val_seq_len, 0, 1, cycle=False, vocab_size=hp.vocab_size)
+        batches = [next(loader, None) for _ in range(budget // hp.val_seq_len)]
+        if batches[-1] is None:
+            raise M.DataError(f"validation files {files!r} hold fewer than --val-tokens={budget} tokens")
+    inputs, targets = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    return dict(files=files, budget=budget, trained_row_len=native,
+                **score_tokens(im, inputs, targets, eval_row_len(native)))
 
 
-def eval_text(s: M.InferenceModel, path: str, budget: int | None) -> dict[str, Any]:
+def eval_text(im: M.InferenceModel, path: str, budget: int | None) -> dict[str, Any]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise M.DataError(f"{path}: cannot read as UTF-8 text ({e.__class__.__name__}: {e})") from None
-    ids = torch.tensor(s.tokenizer.encode_document(text)[:(budget or 1 << 62) + 1])
+    ids = torch.tensor(im.tokenizer.encode_document(text)[:(budget or 1 << 62) + 1])
     if ids.numel() < 2:
         raise M.DataError(f"{path}: no text to score")
-    row = eval_row_len(s, s.hp.row_len or s.hp.val_seq_len)
-    return dict(file=path, **score_tokens(s, ids[:-1], ids[1:], row))
+    row = eval_row_len(im.hp.row_len or im.hp.val_seq_len)
+    return dict(file=path, **score_tokens(im, ids[:-1], ids[1:], row))
 
 
 def read_choices(path: str, limit: int) -> list[dict[str, Any]]:
@@ -138,7 +189,7 @@ def read_choices(path: str, limit: int) -> list[dict[str, Any]]:
     return records
 
 
-def ending_logprobs(s: M.InferenceModel, ctx: list[int], tails: list[list[int]]) -> list[float]:
+def ending_logprobs(im: M.InferenceModel, ctx: list[int], tails: list[list[int]]) -> list[float]:
     """Summed log-probability of each tail after ctx, all candidates in one batch (one row each, padded)."""
     width = max(len(ctx) + len(t) for t in tails) - 1
     inputs, targets = [], []
@@ -147,26 +198,26 @@ def ending_logprobs(s: M.InferenceModel, ctx: list[int], tails: list[list[int]])
         pad = [0] * (width - len(ids) + 1)  # after the real tokens, so causality leaves their losses unchanged
         inputs += ids[:-1] + pad
         targets += ids[1:] + pad
-    losses = M.token_losses(s.model, torch.tensor(inputs, device=s.device), torch.tensor(targets, device=s.device),
-                            width, s.window_blocks, s.autocast(s.score_dtype)).view(len(tails), width).double().cpu()
+    losses = token_losses(im.model, torch.tensor(inputs, device=im.device), torch.tensor(targets, device=im.device),
+                            width, im.window_blocks, im.autocast(im.score_dtype)).view(len(tails), width).double().cpu()
     return [-float(losses[i, len(ctx) - 1:len(ctx) - 1 + len(t)].sum()) for i, t in enumerate(tails)]
 
 
-def eval_choices(s: M.InferenceModel, path: str, limit: int) -> dict[str, Any]:
+def eval_choices(im: M.InferenceModel, path: str, limit: int) -> dict[str, Any]:
     """Accuracy by the summed log-likelihood of each ending, and by it per UTF-8 byte of the ending
     (lm-evaluation-harness's acc_norm); the ending is scored after <|endoftext|> + ctx."""
     records = read_choices(path, limit)
     correct = correct_norm = 0
     for r in records:
         endings = [" " + e.strip() for e in r["endings"]]
-        scores = ending_logprobs(s, s.tokenizer.encode_document(r["ctx"]), [s.tokenizer.encode(e) for e in endings])
+        scores = ending_logprobs(im, im.tokenizer.encode_document(r["ctx"]), [im.tokenizer.encode(e) for e in endings])
         per_byte = [score / max(1, len(e.encode())) for score, e in zip(scores, endings)]
         correct += int(max(range(len(scores)), key=scores.__getitem__) == r["label"])
         correct_norm += int(max(range(len(per_byte)), key=per_byte.__getitem__) == r["label"])
     return dict(file=path, examples=len(records), acc=correct / len(records), acc_norm=correct_norm / len(records))
 
 
-def eval_chat(s: M.InferenceModel, path: str, limit: int) -> dict[str, Any]:
+def eval_chat(im: M.InferenceModel, path: str, limit: int) -> dict[str, Any]:
     """Greedy chat.py-style reply to each conversation's last user turn vs its last assistant message (exact match
     after stripping whitespace, overall and per "task" when records carry one), and the mean loss on assistant
     tokens under chat template v1 (what finetune.py trains)."""
@@ -179,14 +230,14 @@ def eval_chat(s: M.InferenceModel, path: str, limit: int) -> dict[str, Any]:
         if last == 0 or messages[last - 1]["role"] != "user":
             raise M.DataError(f"{path}: record {n}: the last assistant message must answer a user message")
         reference = messages[last]["content"].strip()
-        prompt = M.render_prompt(s.tokenizer, s.kind, messages[:last])
-        budget = len(s.tokenizer.encode(reference)) + 16  # room to stop; a reply that does not is wrong anyway
-        reply = "".join(M.stream_reply(s, prompt, max_new_tokens=budget)).strip()
+        prompt = M.render_prompt(im.tokenizer, im.kind, messages[:last])
+        budget = len(im.tokenizer.encode(reference)) + 16  # room to stop; a reply that does not is wrong anyway
+        reply = "".join(M.stream_reply(im, prompt, max_new_tokens=budget)).strip()
         hits.setdefault(str(r.get("task", "all")), []).append(int(reply == reference))
-        ids, mask = M.render_conversation(s.tokenizer, messages[:last + 1])
-        x, y = torch.tensor(ids[:-1], device=s.device), torch.tensor(ids[1:], device=s.device)
-        losses = M.token_losses(s.model, x, y, len(ids) - 1, s.window_blocks, s.autocast(s.score_dtype))
-        trained = torch.tensor(mask[1:], dtype=torch.bool, device=s.device)
+        ids, mask = M.render_conversation(im.tokenizer, messages[:last + 1])
+        x, y = torch.tensor(ids[:-1], device=im.device), torch.tensor(ids[1:], device=im.device)
+        losses = token_losses(im.model, x, y, len(ids) - 1, im.window_blocks, im.autocast(im.score_dtype))
+        trained = torch.tensor(mask[1:], dtype=torch.bool, device=im.device)
         loss_sum += float(losses[trained].double().sum())
         loss_count += int(trained.sum())
     everything = [h for task in hits.values() for h in task]
@@ -195,19 +246,19 @@ def eval_chat(s: M.InferenceModel, path: str, limit: int) -> dict[str, Any]:
                 assistant_loss=loss_sum / loss_count, assistant_tokens=loss_count)
 
 
-def eval_samples(s: M.InferenceModel, args: argparse.Namespace, prompts: list[str], out: Any) -> list[dict[str, Any]]:
+def eval_samples(im: M.InferenceModel, args: argparse.Namespace, prompts: list[str], out: Any) -> list[dict[str, Any]]:
     """Streamed continuations (printed as they come when there is one sample per prompt)."""
     results = []
     for i, prompt in enumerate(prompts):
         start = time.perf_counter()
-        decoders = [M.StreamDecoder(s.tokenizer) for _ in range(args.num_samples)]
+        decoders = [M.StreamDecoder(im.tokenizer) for _ in range(args.num_samples)]
         texts = [""] * args.num_samples
         print(f"--- sample {i + 1}/{len(prompts)} (seed {args.seed + i}) ---\n{prompt}", end="", file=out, flush=True)
-        steps = M.generate(s.model, s.tokenizer.encode_document(prompt), window_blocks=s.window_blocks,
+        steps = M.generate(im.model, im.tokenizer.encode_document(prompt), window_blocks=im.window_blocks,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, seed=args.seed + i, num_samples=args.num_samples,
-                           vocab_limit=s.vocab_limit,
-                           use_cache=not args.no_kv_cache, autocast=s.autocast(s.decode_dtype))
+                           vocab_limit=im.vocab_limit,
+                           use_cache=not args.no_kv_cache, autocast=im.autocast(im.decode_dtype))
         new_tokens = 0
         for step in steps:
             for j, token in enumerate(step):
@@ -227,14 +278,16 @@ def eval_samples(s: M.InferenceModel, args: argparse.Namespace, prompts: list[st
     return results
 
 
-def print_table(s: M.InferenceModel, results: dict[str, Any], out: Any) -> None:
-    print(f"checkpoint: {s.describe()}\ndevice: {s.device}, scoring dtype: {s.score_dtype or torch.float32}, "
-          f"attention window: {s.window_blocks * M.BLOCK_SIZE} tokens", file=out)
+def print_table(im: M.InferenceModel, results: dict[str, Any], out: Any) -> None:
+    print(f"checkpoint: {im.describe()}\ndevice: {im.device}, scoring dtype: {im.score_dtype or torch.float32}, "
+          f"attention window: {im.window_blocks * M.BLOCK_SIZE} tokens", file=out)
     rows = []
     for name in ("val", "text"):
         if name in results:
             r = results[name]
             what = f"{r['tokens']:,} tokens of {r.get('files') or r.get('file')}, rows of {r['row_len']}"
+            if r.get("budget") == "all":
+                what += " (every full row of the split)"
             if r.get("trained_row_len", r["row_len"]) != r["row_len"]:
                 what += f" (split from the checkpoint's {r['trained_row_len']:,}-token validation rows)"
             rows += [(f"{name} loss (nats/token)", f"{r['loss']:.4f}", what),
@@ -256,9 +309,9 @@ def print_table(s: M.InferenceModel, results: dict[str, Any], out: Any) -> None:
         print(f"{metric:<28} {value:>10}  {note}".rstrip(), file=out)
 
 
-def write_results(s: M.InferenceModel, results: dict[str, Any]) -> Path | None:
+def write_results(im: M.InferenceModel, results: dict[str, Any]) -> Path | None:
     """logs/<run_id>/eval_<step>.json beside the checkpoint, written atomically; None if not writable."""
-    path = s.path.parent / f"eval_{s.step}.json"
+    path = im.path.parent / f"eval_{im.step}.json"
     try:
         with M.atomic_write(path, "w") as f:
             f.write(json.dumps(results, indent=2) + "\n")
@@ -270,29 +323,29 @@ def write_results(s: M.InferenceModel, results: dict[str, Any]) -> Path | None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     out = sys.stderr if args.json else sys.stdout
-    s = M.load_for_inference(args.checkpoint, args.log_dir, args.device, args.dtype)
-    results: dict[str, Any] = dict(checkpoint=str(s.path), step=s.step, kind=s.kind, preset=s.hp.preset,
-                                   device=str(s.device), dtype=str(s.score_dtype or torch.float32),
-                                   window_tokens=s.window_blocks * M.BLOCK_SIZE)
+    im = M.load_for_inference(args.checkpoint, args.log_dir, args.device, args.dtype)
+    results: dict[str, Any] = dict(checkpoint=str(im.path), step=im.step, kind=im.kind, preset=im.hp.preset,
+                                   device=str(im.device), dtype=str(im.score_dtype or torch.float32),
+                                   window_tokens=im.window_blocks * M.BLOCK_SIZE)
     start = time.perf_counter()
     default = not (args.text or args.hellaswag or args.prompt or args.chat_eval)
     if default:
-        results["val"] = eval_val(s, args)
+        results["val"] = eval_val(im, args)
     if args.text:
-        results["text"] = eval_text(s, args.text, args.val_tokens)
+        results["text"] = eval_text(im, args.text, None if args.val_tokens == "all" else args.val_tokens)
     if args.hellaswag:
-        results["choices"] = eval_choices(s, args.hellaswag, args.limit)
+        results["choices"] = eval_choices(im, args.hellaswag, args.limit)
     if args.chat_eval:
-        results["chat"] = eval_chat(s, args.chat_eval, args.limit)
+        results["chat"] = eval_chat(im, args.chat_eval, args.limit)
     if any(k in results for k in ("val", "text", "choices", "chat")):
-        print_table(s, results, out)
-    if default or args.prompt:
-        prompts = args.prompt or PROMPTS["shakespeare" if "shakespeare" in s.hp.train_files else "web"]
-        results["samples"] = eval_samples(s, args, prompts, out)
+        print_table(im, results, out)
+    if (default or args.prompt) and args.num_samples:
+        prompts = args.prompt or PROMPTS["shakespeare" if "shakespeare" in im.hp.train_files else "web"]
+        results["samples"] = eval_samples(im, args, prompts, out)
         results["sampling"] = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                    top_k=args.top_k, top_p=args.top_p, kv_cache=not args.no_kv_cache)
     results["eval_seconds"] = time.perf_counter() - start
-    saved = write_results(s, results)
+    saved = write_results(im, results)
     if saved:
         print(f"results: {saved}", file=out)
     if args.json:
@@ -305,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(args)
     except M.USER_ERRORS as e:
-        M.exit_with(2, "eval.py", str(e))
+        R.exit_with(2, "eval.py", str(e))
 
 
 if __name__ == "__main__":

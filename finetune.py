@@ -2,7 +2,7 @@
 
     python finetune.py                                            # data/finetune_data.json on the newest pretrained run
     python data/chat_tasks.py && python finetune.py --data data/chat_tasks/train.json \\
-        --val-data data/chat_tasks/heldout.json                   # the demo task (README: before/after accuracy)
+        --val-data data/chat_tasks/heldout.json                   # the demo task (docs/finetuning.md)
     python finetune.py --checkpoint logs/RUN/state_step000075.pt --num-iterations 50 --optimizer adamw
     torchrun --nproc_per_node=2 finetune.py --device cpu          # data parallel, same trajectory
     python finetune.py --resume latest                             # continue the newest fine-tuning run
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import random
 import time
@@ -28,14 +27,17 @@ import torch
 import torch.distributed as dist
 
 import model as M
+import runs as R
 from model import Hyperparameters, Runtime
 
 IGNORE = -100  # F.cross_entropy's ignore_index: targets the loss skips
-# Fine-tuning settings on top of the parent's config, chosen on the chat_tasks demo (README, "Fine-tuning").
+# Fine-tuning settings on top of the parent's config, chosen on the chat_tasks demo (docs/finetuning.md).
 FINETUNE_DEFAULTS: dict[str, Any] = dict(num_iterations=60, val_loss_every=20, cooldown_frac=0.5,
                                          muon_momentum_warmup=1, save_every=0, shuffle_rows=False,
                                          optimizer="muon", adamw_lr=1e-4, adamw_weight_decay=0.0)
-LR_SCALE = 1.0  # Muon and Adam LRs as a fraction of the parent's: 1.0 beat 0.25, 0.5 and 2.0 on the demo (README)
+# A diverged fine-tuning run: what to change (its LR flags are not pretraining's)
+DIVERGENCE_HINT = "Lower --lr-scale (or --adamw-lr) or use --dtype fp32, then start again or --resume"
+LR_SCALE = 1.0  # Muon and Adam LRs as a fraction of the parent's: 1.0 was best on the demo (docs/finetuning.md)
 
 
 # -----------------------------------------------------------------------------
@@ -43,7 +45,7 @@ LR_SCALE = 1.0  # Muon and Adam LRs as a fraction of the parent's: 1.0 beat 0.25
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = M.build_arg_parser("finetune.py", __doc__.split("\n")[0])
+    parser = R.build_arg_parser("finetune.py", __doc__.split("\n")[0])
     own = parser.add_argument_group("fine-tuning")
     own.add_argument("--data", default="data/finetune_data.json", help="training conversations (.json or .jsonl)")
     own.add_argument("--val-data", help="held-out conversations; default: --val-fraction of --data")
@@ -56,13 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve(argv: list[str] | None) -> tuple[Hyperparameters, argparse.Namespace, Path, dict, dict | None, bool]:
-    """(config, own flags, parent path, parent checkpoint, own checkpoint when resuming, resuming)."""
+def resolve(argv: list[str] | None) -> tuple[Hyperparameters, argparse.Namespace, Path, dict, R.Resume | None]:
+    """(config, own flags, parent path, parent checkpoint, what --resume found or None)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not 0 < args.lr_scale < float("inf"):
         raise M.ConfigError(f"--lr-scale={args.lr_scale} must be positive")
-    explicit = M.explicit_overrides(argv, prog="finetune.py", parser=parser)
+    explicit = R.explicit_overrides(argv, prog="finetune.py", parser=parser)
     explicit.pop("preset", None)
     if explicit.get("resume"):
         return resume_config(explicit, args, parser)
@@ -78,34 +80,23 @@ def resolve(argv: list[str] | None) -> tuple[Hyperparameters, argparse.Namespace
             else M.infer_hparams(parent["model"]))
     scaled = {name: getattr(base, name) * args.lr_scale for name in ("muon_lr", "head_lr", "embed_lr", "scalar_lr")}
     values = {**base.to_dict(), **FINETUNE_DEFAULTS, **scaled, "run_id": "", "resume": "", **explicit}
-    return Hyperparameters(**values), args, parent_path, parent, None, False
+    return Hyperparameters(**values), args, parent_path, parent, None
 
 
 def resume_config(explicit: dict[str, Any], args: argparse.Namespace, parser: argparse.ArgumentParser
-                  ) -> tuple[Hyperparameters, argparse.Namespace, Path, dict, dict | None, bool]:
+                  ) -> tuple[Hyperparameters, argparse.Namespace, Path, dict, R.Resume]:
     """--resume latest | RUN_DIR | CHECKPOINT: the run's config and flags (from its checkpoint, or from run.json
     when it was killed before the first one), with flags given again now on top."""
-    run_dir, path = M.resume_target(explicit["resume"], explicit.get("log_dir", "logs"), "finetune.py")
-    resumed = None
-    if path is None:
-        info = M.read_run_info(run_dir)
-        base = M.saved_config(info, run_dir / M.RUN_INFO)
-        if "finetune" not in info:
-            raise M.CheckpointError(f"{run_dir / M.RUN_INFO}: not a fine-tuning run")
-        saved = info["finetune"]
-    else:
-        resumed = M.load_checkpoint(path)
-        if resumed.get("kind") != "chat" or "finetune" not in resumed:
-            raise M.CheckpointError(f"{path}: not a fine-tuning checkpoint (resume pretraining with pretraining.py)")
-        saved, base = resumed["finetune"], M.saved_config(resumed, path)
-    for key, value in saved["args"].items():  # the run's own flags, unless given again now
+    resume = R.resolve_resume(explicit["resume"], explicit.get("log_dir", "logs"), "finetune.py")
+    lineage = resume.record["finetune"]
+    for key, value in lineage["args"].items():  # the run's own flags, unless given again now
         if getattr(args, key, None) == parser.get_default(key):
             setattr(args, key, value)
-    values = {**base.to_dict(), **explicit, "resume": str(path or run_dir), "run_id": run_dir.name,
-              "log_dir": explicit.get("log_dir", str(run_dir.parent))}
-    parent_path = Path(saved["parent"])
-    parent = {} if resumed is not None else M.load_checkpoint(parent_path)
-    return Hyperparameters(**values), args, parent_path, parent, resumed, True
+    values = {**resume.config.to_dict(), **explicit, "resume": resume.target, "run_id": resume.run_dir.name,
+              "log_dir": explicit.get("log_dir", str(resume.run_dir.parent))}
+    parent_path = Path(lineage["parent"])
+    parent = {} if resume.state is not None else M.load_checkpoint(parent_path)
+    return Hyperparameters(**values), args, parent_path, parent, resume
 
 
 # -----------------------------------------------------------------------------
@@ -149,7 +140,7 @@ def render_examples(tok: M.Tokenizer, records: list[dict], context: int) -> tupl
 def fitting_length(messages: list[dict[str, str]], context: int) -> int:
     """How many leading messages could fit at all: a GPT-2 token is at most GPT2_MAX_TOKEN_BYTES bytes, and a
     character at least one byte, so more characters than that many times the context never fit. Checking this
-    first keeps a 100 MB message from being tokenized (a minute and gigabytes) only to be dropped."""
+    first keeps a 100 MB message from being tokenized (docs/measurements.md, oversize records) only to be dropped."""
     budget, total = M.GPT2_MAX_TOKEN_BYTES * (context + 1), 0
     for i, message in enumerate(messages):
         total += len(message["content"])
@@ -284,76 +275,64 @@ def validate(forward, val: list[Example], hp: Hyperparameters, rt: Runtime, wind
     return total / count
 
 
-def save(rt: Runtime, run_dir: Path, step: int, raw, optimizers, hp, code, data_pos,
-         val: tuple[float | None, int | None], extra: dict[str, Any]) -> Path | None:
-    """Rank 0 writes the checkpoint with its last validation (loss, step) and prunes older ones."""
-    if not (rt.master and hp.save_checkpoint):
-        return None
-    path = M.save_checkpoint(M.checkpoint_path(hp.log_dir, hp.run_id, step), step=step, model=raw,
-                             optimizers=optimizers, hp=hp, code=code, data_position=data_pos, val_loss=val[0],
-                             extra=dict(extra, val_step=val[1]))
-    M.prune_checkpoints(run_dir, hp.keep_checkpoints)
-    return path
-
-
-def train(hp: Hyperparameters, args: argparse.Namespace, rt: Runtime, parent_path: Path, parent: dict,
-          resumed: dict | None, resuming: bool = False) -> float | None:
+def train(run: R.ScriptRun, hp: Hyperparameters, args: argparse.Namespace, rt: Runtime, parent_path: Path,
+          parent: dict, resume: R.Resume | None) -> float | None:
     tok = M.get_tokenizer()
     data = load_data(hp, args, tok, rt)  # every record is checked before anything is written
-    code = {name: (M.REPO_DIR / name).read_text() for name in ("finetune.py", "model.py")}
+    code = {name: (M.REPO_DIR / name).read_text() for name in ("finetune.py", "runs.py", "model.py")}
     M.seed_everything(hp.seed)
     raw, forward = M.build_model(hp, rt)
+    resumed = resume.state if resume else None
     M.load_state_into(raw, (resumed or parent)["model"], str(parent_path))
     optimizers = M.setup_optimizers(raw, hp, rt.rank, rt.world_size, compile_ns=rt.compile)
     start_step, data_pos, val_loss = 0, None, None
     if resumed is not None:
         start_step, data_pos, val_loss = M.restore(resumed, hp, raw, optimizers)
     lineage = dict(parent=str(parent_path), args=vars(args))
-    extra = dict(kind="chat", chat_template=M.CHAT_TEMPLATE_VERSION, finetune=lineage)
-    run_dir = M.open_run_dir(hp, rt, "finetune.py", start_step if resuming else None,
-                             M.checkpoint_bytes(raw, optimizers), info=dict(finetune=lineage))
-    logfile = run_dir / "log.txt"
-    M.log_header(rt, logfile, hp, code)
+    run.run_dir = R.open_run_dir(hp, rt, "finetune.py", start_step if resume else None,
+                                 R.checkpoint_bytes(raw, optimizers), info=dict(finetune=lineage))
+    hp = dataclasses.replace(hp, run_id=run.run_dir.run_id)  # the config as checkpoints and log.txt record it
+    log = R.RunLog(rt, run.run_dir.path)
+    log.header(hp, code)
+    saver = R.Saver(rt, run.run_dir, hp, code, hint=DIVERGENCE_HINT,
+                    extra=dict(kind="chat", chat_template=M.CHAT_TEMPLATE_VERSION, finetune=lineage))
     window = M.final_window_blocks(hp)
     rows_per_step = hp.tokens_per_step // (hp.row_len or hp.train_seq_len)
     n_train = sum(e.trained for e in data["train"])
-    state = f"resumed at step {start_step}" if resuming else "new"
-    M.print0(rt, f"fine-tuning {parent_path} -> {run_dir} ({state})"
-                 f" device:{rt.device} world_size:{rt.world_size} optimizer:{hp.optimizer}", logfile)
-    M.print0(rt, f"data: {len(data['train'])} train / {len(data['val'])} held-out conversations ({n_train:,} trained "
-                 f"tokens per epoch), {len(data['skipped'])} invalid skipped, {data['truncated']} truncated at a turn "
-                 f"boundary, {data['dropped']} dropped (longer than the {hp.row_len or hp.train_seq_len}-token "
-                 f"context); packed {rows_per_step} rows per step", logfile)
+    state = f"resumed at step {start_step}" if resume else "new"
+    log.print(f"fine-tuning {parent_path} -> {run.run_dir.path} ({state})"
+              f" device:{rt.device} world_size:{rt.world_size} optimizer:{hp.optimizer}")
+    log.print(f"data: {len(data['train'])} train / {len(data['val'])} held-out conversations ({n_train:,} trained "
+              f"tokens per epoch), {len(data['skipped'])} invalid skipped, {data['truncated']} truncated at a turn "
+              f"boundary, {data['dropped']} dropped (longer than the {hp.row_len or hp.train_seq_len}-token "
+              f"context); packed {rows_per_step} rows per step")
     for line in data["skipped"][:5]:
-        M.print0(rt, f"  skipped {line}", logfile)
+        log.print(f"  skipped {line}")
     stream = row_stream(data["train"], hp.row_len or hp.train_seq_len, hp.seed, data_pos)
-    metrics = open(run_dir / "metrics.jsonl", "a") if rt.master else None
-    stop = M.StopSignal(rt.rank).install()
+    stop = R.StopSignal(rt.rank).install()
     elapsed_ms, t0 = 0.0, time.perf_counter()
     val_step = resumed.get("val_step") if resumed else None
+
+    def save(step: int) -> Path | None:
+        return saver.save(step, raw, optimizers, data_pos, val_loss, val_step)
+
     try:
         for step in range(start_step, hp.num_iterations + 1):
             last = step == hp.num_iterations
             if not last and stop.requested(rt):  # SIGTERM / Ctrl-C: keep the finished steps, exit 0
-                path = None if step == start_step else \
-                    save(rt, run_dir, step, raw, optimizers, hp, code, data_pos, (val_loss, val_step), extra)
-                M.print0(rt, stop.report(step, path, "finetune.py"), logfile)
+                log.print(stop.report(step, None if step == start_step else save(step), "finetune.py"))
                 return val_loss
             if last or (hp.val_loss_every and step % hp.val_loss_every == 0):
                 elapsed_ms += 1000 * (time.perf_counter() - t0)
                 if step > start_step:
-                    save(rt, run_dir, step, raw, optimizers, hp, code, data_pos, (val_loss, val_step), extra)
+                    save(step)
                 val_loss, val_step = validate(forward, data["val"], hp, rt, window), step
                 if not math.isfinite(val_loss):
-                    raise M.diverged(f"step {step}: the held-out loss is {val_loss}", M.newest_checkpoint(run_dir),
-                                     DIVERGENCE_HINT)
-                M.print0(rt, f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} train_time:{elapsed_ms:.0f}ms",
-                         logfile)
-                if metrics:
-                    metrics.write(json.dumps(dict(step=step, val_loss=val_loss, train_time_ms=elapsed_ms)) + "\n")
-                    metrics.flush()
+                    raise saver.diverged(f"step {step}: the held-out loss is {val_loss}")
+                log.print(f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} train_time:{elapsed_ms:.0f}ms")
+                log.metrics(step=step, val_loss=val_loss, train_time_ms=elapsed_ms)
                 if last:  # the final checkpoint carries its own val loss (also when resumed at the end)
-                    save(rt, run_dir, step, raw, optimizers, hp, code, data_pos, (val_loss, val_step), extra)
+                    save(step)
                 t0 = time.perf_counter()
             if last:
                 break
@@ -363,34 +342,24 @@ def train(hp: Hyperparameters, args: argparse.Namespace, rt: Runtime, parent_pat
             mine = [r for r, _ in picked][rt.rank * per_rank:(rt.rank + 1) * per_rank]
             loss, trained = train_step(forward, raw, optimizers, mine, step, hp, rt, window)
             if not math.isfinite(loss):
-                raise M.diverged(f"step {step + 1}: the training loss is {loss}", M.newest_checkpoint(run_dir),
-                                 DIVERGENCE_HINT)
+                raise saver.diverged(f"step {step + 1}: the training loss is {loss}")
             ms = elapsed_ms + 1000 * (time.perf_counter() - t0)
-            M.print0(rt, f"step:{step + 1}/{hp.num_iterations} train_loss:{loss:.4f} trained_tokens:{trained} "
-                         f"train_time:{ms:.0f}ms step_avg:{ms / (step + 1 - start_step):.2f}ms", logfile)
-            if metrics:
-                metrics.write(json.dumps(dict(step=step + 1, train_loss=loss, trained_tokens=trained,
-                                              train_time_ms=ms)) + "\n")
-                metrics.flush()  # a kill -9 loses no logged step
+            log.print(f"step:{step + 1}/{hp.num_iterations} train_loss:{loss:.4f} trained_tokens:{trained} "
+                      f"train_time:{ms:.0f}ms step_avg:{ms / (step + 1 - start_step):.2f}ms")
+            log.metrics(step=step + 1, train_loss=loss, trained_tokens=trained, train_time_ms=ms)
     finally:
         stop.restore()
-        if metrics:
-            metrics.close()
-    M.print0(rt, f"chat model: {M.checkpoint_path(hp.log_dir, hp.run_id, hp.num_iterations)} "
-                 f"(python chat.py loads it)", logfile)
+        log.close()
+    log.print(f"chat model: {run.run_dir.path / f'state_step{hp.num_iterations:06d}.pt'} (python chat.py loads it)")
     return val_loss
 
 
-# A diverged fine-tuning run: what to change (its LR flags are not pretraining's)
-DIVERGENCE_HINT = "Lower --lr-scale (or --adamw-lr) or use --dtype fp32, then start again or --resume"
-
-
 def main(argv: list[str] | None = None) -> None:
-    with M.exit_policy(M.ScriptRun("finetune.py")) as run:
-        run.hp, args, parent_path, parent, resumed, resuming = resolve(argv)
+    with R.exit_policy(R.ScriptRun("finetune.py")) as run:
+        run.hp, args, parent_path, parent, resume = resolve(argv)
         run.rt = M.init_runtime(run.hp)
         run.hp.validate(run.rt.world_size)
-        train(run.hp, args, run.rt, parent_path, parent, resumed, resuming)
+        train(run, run.hp, args, run.rt, parent_path, parent, resume)
 
 
 if __name__ == "__main__":

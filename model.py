@@ -1,16 +1,28 @@
-"""The shared library: config, runtime, the speedrun GPT, Muon + Adam, shard data, tokenizer, checkpoints, schedules.
+"""The library: the speedrun GPT, Muon + Adam, shard data, tokenizer and chat format, checkpoints, generation.
 
-Every script in this repository (pretraining.py, eval.py, chat.py, finetune.py) builds from this file.
-Importing it does no work. The model and optimizer follow the May-2025 modded-nanogpt record
-(12 layers, 1770 steps, val loss 3.28 on FineWeb in about 3 minutes on 8xH100), generalised to any
-size, any device and any world size.
+Every script in this repository builds from this file; runs.py (the harness) holds how a script starts, stops,
+resumes and fails. Importing it does no work. The model and optimizer follow the May-2025 modded-nanogpt record
+(12 layers, 1770 steps, val loss 3.28 on FineWeb in about 3 minutes on 8xH100), generalised to any size, any device
+and any world size. The library raises errors; it never exits, and keeps no run state.
+
+Sections, in order:
+    Errors          every error class and the exit code scripts give it
+    Config          Hyperparameters, presets, validation, coercion
+    Runtime         device, torchrun ranks, autocast, compile, allocator, seeding
+    Atomic files    atomic_write
+    Model           the GPT: attention and its masks, blocks, soft-capped loss, build_model
+    Muon optimizer  Newton-Schulz, Muon, the Adam groups, gradient averaging
+    Data            token shards, checks, distributed_data_generator, evaluate
+    Tokenizer       GPT-2 BPE, chat template v1, conversation files
+    Checkpoints     save, load, restore, infer a config, find
+    Schedules       learning rate, momentum, attention window
+    Generation      KV cache, sampling, the inference loader, replies
 
     python pretraining.py                      # CPU: Shakespeare preset; CUDA + FineWeb: speedrun preset
     torchrun --nproc_per_node=8 pretraining.py --preset speedrun
 """
 from __future__ import annotations
 
-import argparse
 import codecs
 import contextlib
 import copy
@@ -19,17 +31,12 @@ import glob
 import json
 import math
 import os
-import platform
 import re
-import shutil
-import signal
 import sys
-import time
-import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Collection, Iterator, NoReturn
+from typing import Any, Collection, Iterator
 
 import numpy as np
 import torch
@@ -39,12 +46,49 @@ from torch import Tensor, nn
 
 REPO_DIR = Path(__file__).resolve().parent
 
+
 # -----------------------------------------------------------------------------
-# Config
+# Errors: every error class a user can cause or meet, and the exit code scripts give it
+#
+#   ConfigError      exit 2  a flag, environment variable, .env line or preset value is invalid
+#   DataError        exit 2  a shard, text or conversation file is missing or malformed (names the file/record)
+#   TokenizerError   exit 2  the GPT-2 ranks file is missing or is not the verified one
+#   CheckpointError  exit 2  a checkpoint or run directory is missing, unreadable or does not fit
+#   TrainingError    exit 1  a run cannot go on (non-finite loss, failed write); its good checkpoints are kept
+# Scripts turn these into one line on stderr through runs.exit_policy / runs.exit_with; the library only raises.
 
 
 class ConfigError(ValueError):
-    """A user-supplied setting is invalid; scripts print it as one line and exit 2."""
+    """A user-supplied setting is invalid; the message names the flag."""
+
+
+class DataError(ValueError):
+    """A data file is missing or malformed; the message names the file."""
+
+
+class TokenizerError(RuntimeError):
+    """The GPT-2 BPE ranks cannot be found or fail their checksum."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not fit the model; the message names the file."""
+
+
+class TrainingError(RuntimeError):
+    """A run cannot go on (non-finite loss, a lost rank, a failed write): one line, exit 1, good checkpoints kept."""
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError)  # bad input: one line and exit 2
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An error as one line of at most `limit` characters, for messages that must stay one line."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# -----------------------------------------------------------------------------
+# Config: Hyperparameters, presets, validation, coercion of text and JSON values
 
 
 @dataclass
@@ -85,7 +129,7 @@ class Hyperparameters:
     adam_beta2: float = 0.95  # Adam beta2 (record)
     adam_eps: float = 1e-10  # Adam epsilon; tiny so updates do not depend on the loss scale (record)
     optimizer: str = "muon"  # hidden matrices: muon (record) or adamw (GPT-2-style AdamW: the ablation of Muon)
-    adamw_lr: float = 1e-3  # AdamW LR of the hidden matrices; best of 3e-4, 1e-3, 3e-3, 1e-2 on Shakespeare (README)
+    adamw_lr: float = 1e-3  # AdamW LR of the hidden matrices; best of four on Shakespeare (docs/muon_vs_adamw.md)
     adamw_weight_decay: float = 0.1  # AdamW decoupled weight decay of the hidden matrices (GPT-2)
     # evaluation, logging and checkpoints
     val_loss_every: int = 125  # steps between validations; 0 = only at the last step
@@ -99,7 +143,7 @@ class Hyperparameters:
     device: str = "auto"  # auto (cuda, mps, cpu) or a torch device string
     dtype: str = "auto"  # autocast dtype: auto (bf16 where it pays), bf16 or fp32
     compile: str = "auto"  # torch.compile: on (whole model), head (the loss only), off; auto = on for CUDA and
-    # for CPU pretraining, else head
+    #   for CPU pretraining, else head
     fp8_head: str = "auto"  # FP8 lm_head matmul: auto (GPUs with compute capability >= 8.9), on, off
     collective_timeout: int = 600  # seconds a rank waits for the others in a collective before the run stops
 
@@ -187,12 +231,10 @@ class Hyperparameters:
 PRESETS: dict[str, dict[str, Any]] = {
     # May-2025 record: 12 layers, 6x128 heads, dim 768, 48k tokens x 8 ranks, 1770 steps, FineWeb.
     "speedrun": {},
-    # CPU-sized: `python pretraining.py` on 2 cores in about 5 minutes (measured figures in README.md).
-    # Chosen by 4-5 minute runs on 2 cores (README.md, "Measured figures"): 8192-token steps beat 2048 and 4096
-    # per second; dim 384 or 8 layers did not beat dim 256 x 6 layers in the same time (the 50k-vocab head
-    # dominates the step); shuffled rows beat the record's sequential stream by 0.4 nats at step 30; half the
-    # record's Adam LRs beat the record's (-0.07) and a quarter of them; Muon LR 0.08 and a 15-step momentum
-    # warm-up were worse, cooldown 0.6 within noise.
+    # CPU-sized: `python pretraining.py` on 2 cores in minutes. Chosen by equal-time runs on 2 cores against
+    # shorter steps, a wider or deeper model (the 50k-vocab head dominates the step), the record's sequential data
+    # stream, other Adam and Muon LRs, momentum warm-ups and cooldowns (docs/measurements.md, "How the preset was
+    # chosen").
     "shakespeare": dict(
         train_files="data/shakespeare/shakespeare_train_*.bin", val_files="data/shakespeare/shakespeare_val_*.bin",
         val_tokens=32_768, train_seq_len=4096, val_seq_len=8192, row_len=256, rank_equivalents=2,
@@ -237,96 +279,8 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"--{_flag(name)}: invalid value {value!r} ({e})") from None
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports bad flags as one line (no usage block) and exits 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-ENV_PREFIX = "NANOGPT_"  # NANOGPT_NUM_ITERATIONS=20 sets num_iterations
-
-
-def field_comments() -> dict[str, str]:
-    """The trailing comment of each Hyperparameters field: the one place a field is documented."""
-    import inspect
-
-    source = inspect.getsource(Hyperparameters)
-    return dict(re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", source, flags=re.MULTILINE))
-
-
-def build_arg_parser(prog: str, description: str = "") -> argparse.ArgumentParser:
-    """A CLI generated from Hyperparameters: --num-iterations 20 (or --num_iterations 20)."""
-    parser = OneLineParser(prog=prog, description=description, allow_abbrev=False,
-                            epilog=f"Every flag is also an environment variable ({ENV_PREFIX}NUM_ITERATIONS=20) "
-                                   "or a .env line. Precedence: CLI > environment > .env > preset > default.")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="named starting point (default: speedrun with "
-                        "CUDA and FineWeb shards, else shakespeare)")
-    comments = field_comments()
-    for f in dataclasses.fields(Hyperparameters):
-        if f.name == "preset":
-            continue
-        flags = [f"--{_flag(f.name)}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=str(f.type).upper(),
-                            help=f"{comments.get(f.name, '')} (default {f.default!r})")
-    return parser
-
-
-def default_preset() -> str:
-    """speedrun when CUDA and FineWeb shards are both present, else shakespeare."""
-    has_fineweb = bool(glob.glob(str(REPO_DIR / PRESETS["speedrun"].get(
-        "train_files", Hyperparameters.train_files))))
-    return "speedrun" if torch.cuda.is_available() and has_fineweb else "shakespeare"
-
-
-def explicit_overrides(argv: list[str] | None = None, prog: str = "pretraining.py",
-                       env: dict[str, str] | None = None, dotenv_path: str | None = ".env",
-                       parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:
-    """Values the user set (CLI over process environment over .env), typed; 'preset' included when given.
-
-    parser: build_arg_parser(prog) with a script's own flags added (finetune.py); those are left out here."""
-    from dotenv import dotenv_values
-
-    known = {f.name for f in dataclasses.fields(Hyperparameters)}
-    args = vars((parser or build_arg_parser(prog)).parse_args(argv))
-    args = {k: v for k, v in args.items() if k in known}
-    merged_env: dict[str, str] = {}
-    if dotenv_path and Path(dotenv_path).is_file():
-        merged_env.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
-    merged_env.update(os.environ if env is None else env)
-    values: dict[str, Any] = {}
-    for key, raw in merged_env.items():
-        if not key.startswith(ENV_PREFIX) or key == "NANOGPT_RANKS_FILE":
-            continue
-        name = key[len(ENV_PREFIX):].lower()
-        if name not in known:
-            raise ConfigError(f"environment variable {key} names no hyperparameter")
-        values[name] = raw
-    # argparse turns `--flag=--` into [] (its "--" marker); the user meant the text "--"
-    values.update({k: "--" if v == [] else v for k, v in args.items() if v is not None})
-    return {k: _coerce(k, v) for k, v in values.items()}
-
-
-def load_config(argv: list[str] | None = None, prog: str = "pretraining.py", env: dict[str, str] | None = None,
-                dotenv_path: str | None = ".env") -> Hyperparameters:
-    """Precedence: CLI > process environment > .env file > preset > dataclass default.
-
-    Raises ConfigError for bad values; argparse itself exits 2 on unknown flags.
-    """
-    return config_from_overrides(explicit_overrides(argv, prog, env, dotenv_path))
-
-
-def config_from_overrides(values: dict[str, Any]) -> Hyperparameters:
-    """Explicit values (from explicit_overrides) on top of their preset, or the default preset."""
-    values = dict(values)
-    preset = values.pop("preset", None) or default_preset()
-    if preset not in PRESETS:
-        raise ConfigError(f"--preset={preset!r} must be one of {', '.join(sorted(PRESETS))}")
-    return Hyperparameters(**dict(PRESETS[preset], preset=preset, **values))
-
-
 # -----------------------------------------------------------------------------
-# Runtime
+# Runtime: device, torchrun ranks, autocast, compile, allocator, seeding
 
 
 @dataclass
@@ -338,7 +292,6 @@ class Runtime:
     autocast_dtype: torch.dtype | None = None  # None = fp32
     compile: bool = False  # whole model
     compile_head: bool = False  # only the soft-capped cross-entropy (the CPU hot spot)
-    run_lock: Any = None  # open file holding the run directory's lock (released at exit, even on kill -9)
 
     @property
     def distributed(self) -> bool:
@@ -378,7 +331,7 @@ def detect_device(name: str = "auto") -> torch.device:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 autocast makes the CPU preset's step 1.76x faster here (README, measured)."""
+    """AVX-512 BF16 or AMX: bf16 autocast pays there (docs/measurements.md, "Where the CPU time goes")."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -402,8 +355,8 @@ def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the kernel.
 
     By default every block above 32 MB (logits, activations, their gradients) is mmap'ed and unmapped again when
-    freed, so each training step page-faults gigabytes of fresh, zeroed pages: on the 2-core CPU that was 30% of
-    a shakespeare step (bench.py, whole model compiled: 2,436 -> 3,723 tok/s; peak RSS 3.0 -> 3.2 GB). PyTorch's
+    freed, so each training step page-faults gigabytes of fresh, zeroed pages, a large part of a CPU step
+    (docs/measurements.md, "Allocator: freed memory kept"). PyTorch's
     CPU tuning guide gives the same advice (jemalloc or tcmalloc); mallopt does it without a preloaded library.
     False (and no change) where the C library is not glibc."""
     if not sys.platform.startswith("linux"):
@@ -422,8 +375,8 @@ def keep_freed_memory() -> bool:
 def init_runtime(hp: Hyperparameters, whole_model_on_cpu: bool = False) -> Runtime:
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; plain python is one process with no process group.
     whole_model_on_cpu: --compile=auto compiles the whole model on CPU too (pretraining: long runs of fixed shapes,
-    where it measured 3,723 vs 3,078 tok/s); otherwise CPU compiles only the loss head, which repays its compile in
-    seconds."""
+    where it pays: docs/measurements.md, "Whole-model compile"); otherwise CPU compiles only the loss head, which
+    repays its compile in seconds."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = detect_device(hp.device)
@@ -434,8 +387,8 @@ def init_runtime(hp: Hyperparameters, whole_model_on_cpu: bool = False) -> Runti
     if device.type == "cpu":
         keep_freed_memory()
         # compiled CPU kernels otherwise scatter-add (embedding gradients) with atomic adds whose order varies run
-        # to run: two identical compiled 6-step runs differed from step 3; no cost measured (bench.py, 2 runs
-        # each: 3,635 and 3,539 tok/s deterministic vs 3,646 and 3,454)
+        # to run, so two identical compiled runs drifted apart; the flag's cost was within noise
+        # (docs/measurements.md, "Determinism")
         torch.use_deterministic_algorithms(True, warn_only=True)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -447,17 +400,6 @@ def init_runtime(hp: Hyperparameters, whole_model_on_cpu: bool = False) -> Runti
                    autocast_dtype=pick_autocast_dtype(hp.dtype, device),
                    compile=hp.compile == "on" or (hp.compile == "auto" and whole),
                    compile_head=hp.compile == "head" or (hp.compile == "auto" and not whole))
-
-
-def warm_up_steps(hp: Hyperparameters, rt: Runtime) -> int:
-    """Steps to run (and undo) before the clock starts. A compiled CUDA run needs the record's 10: FlexAttention
-    compiles per window size. CPU attention takes the window as a tensor, so after 2 steps (the first compiles,
-    the second meets the optimizer state) a step is as fast as it will get (measured: 3.15 s, then 3.10 s)."""
-    if hp.warmup_steps >= 0:
-        return hp.warmup_steps
-    if not rt.compile:
-        return 0
-    return 10 if rt.device.type == "cuda" else 2
 
 
 def compile_with_fallback(fn: Any, name: str) -> Any:
@@ -497,9 +439,6 @@ class CompiledModule(nn.Module):
 
 
 def shutdown_runtime(rt: Runtime) -> None:
-    if rt.run_lock is not None:
-        rt.run_lock.close()
-        rt.run_lock = None
     if rt.distributed and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -509,81 +448,8 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def print0(rt: Runtime, msg: str, logfile: Path | None = None, console: bool = True) -> None:
-    """Only rank 0 prints and logs."""
-    if not rt.master:
-        return
-    if console:
-        print(msg, flush=True)
-    if logfile is not None:
-        with open(logfile, "a", encoding="utf-8") as f:
-            f.write(msg + "\n")
-
-
-class TrainingError(RuntimeError):
-    """A run cannot go on (non-finite loss, a lost rank, a failed write): one line, exit 1, good checkpoints kept."""
-
-
-class StopSignal:
-    """SIGTERM or SIGINT asks the training loop to write a checkpoint after the current step and exit 0.
-
-    Preemptible clusters send SIGTERM and allow a grace period before SIGKILL; Ctrl-C sends SIGINT. The handler only
-    sets a flag, which the loop reads between steps (ranks agree on it through one scalar all_reduce, so all stop at
-    the same step). A second Ctrl-C raises KeyboardInterrupt at once, unless it comes within a second of the first:
-    torchrun forwards the terminal's SIGINT to workers that already received it from the terminal.
-    """
-
-    def __init__(self, rank: int = 0):
-        self.rank = rank
-        self.name: str | None = None
-        self._at = 0.0
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> "StopSignal":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.name is None:
-            self.name, self._at = signal.Signals(signum).name, time.monotonic()
-            if self.rank == 0:  # os.write: print() is not safe to re-enter from a signal handler
-                os.write(2, f"{self.name} received: writing a checkpoint after the current step "
-                            f"(Ctrl-C again to quit without one)\n".encode())
-        elif signum == signal.SIGINT and time.monotonic() - self._at > 1.0:
-            raise KeyboardInterrupt
-
-    def report(self, step: int, path: Path | None, script: str) -> str:
-        """The line a stopped run ends with: where its checkpoint is and how to continue."""
-        saved = f"checkpoint {path}; continue with python {script} --resume latest" if path else "no new step to save"
-        return f"stopped by {self.name} at step {step}: {saved}"
-
-    def requested(self, rt: Runtime) -> bool:
-        """Whether any rank was signalled (a collective under torchrun: call it on every rank at the same point)."""
-        if not rt.distributed:
-            return self.name is not None
-        flag = torch.tensor(float(self.name is not None), device=rt.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-def lost_rank(error: BaseException, rt: Runtime | None) -> bool:
-    """A collective failed because another rank died (connection reset) or hung (timeout)."""
-    if rt is None or not rt.distributed:
-        return False
-    # gloo and NCCL raise plain RuntimeErrors; these are the phrases of a dead peer or an expired collective timeout
-    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and re.search(
-        r"gloo|nccl|timed out|timeout|connection (reset|closed)|pair closure|by peer", str(error), re.I) is not None)
-
-
-def first_line(error: BaseException, limit: int = 200) -> str:
-    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return text if len(text) <= limit else text[:limit] + "..."
+# -----------------------------------------------------------------------------
+# Atomic files: a reader or a crash sees the old file or the complete new one
 
 
 @contextlib.contextmanager
@@ -617,7 +483,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Model
+# Model: the speedrun GPT (attention masks, value embeddings, U-net skips, soft-capped loss)
 
 BLOCK_SIZE = 128  # attention block size of FlexAttention block masks; window sizes count these blocks
 EOT_ID = 50256  # <|endoftext|>: starts every document, so attention never crosses it
@@ -1020,7 +886,7 @@ def build_model(hp: Hyperparameters, rt: Runtime) -> tuple[GPT, nn.Module]:
 
 
 # -----------------------------------------------------------------------------
-# Muon optimizer
+# Muon optimizer: Newton-Schulz orthogonalisation, Muon + Adam groups, gradient averaging
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
@@ -1143,15 +1009,11 @@ def all_reduce_gradients(model: nn.Module, world_size: int) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Data
+# Data: token shards, checks, the distributed data generator, validation loss
 
 SHARD_MAGIC = 20240520  # llm.c / modded-nanogpt shard header
 SHARD_VERSION = 1
 HEADER_INTS = 256  # header is 256 int32; tokens follow as uint16
-
-
-class DataError(ValueError):
-    """A data file is missing or malformed; the message names the file."""
 
 
 def write_data_shard(path: str | Path, tokens: np.ndarray | list[int]) -> None:
@@ -1199,16 +1061,6 @@ def _load_data_shard(path: str | Path) -> Tensor:
     num_tokens = read_shard_header(path)
     arr = np.memmap(path, dtype=np.uint16, mode="c", offset=HEADER_INTS * 4, shape=(num_tokens,))
     return torch.from_numpy(arr)
-
-
-def import_data_script(name: str) -> Any:
-    """data/<name>.py as a module (data/ holds scripts, not a package); importing one runs nothing."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"data_{name}", REPO_DIR / "data" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def list_shards(pattern: str) -> list[Path]:
@@ -1342,47 +1194,13 @@ def evaluate(forward: Any, hp: Hyperparameters, rt: Runtime, window: Tensor | in
     return float(total)
 
 
-@torch.no_grad()
-def token_losses(model: GPT, inputs: Tensor, targets: Tensor, row_len: int, window_blocks: int,
-                 autocast: contextlib.AbstractContextManager | None = None, batch_tokens: int = 8192,
-                 head_chunk: int = 2048) -> Tensor:
-    """Cross-entropy of every target (fp32, shape of targets), the 1-D stream cut into rows of row_len as in
-    training (each row starts without context); a shorter last row is padded to whole blocks and its padding
-    ignored. The lm_head runs over head_chunk positions at a time, so the full fp32 logits of a long batch are
-    never held at once."""
-    n = inputs.numel()
-    rows_per_batch = max(1, batch_tokens // row_len)
-    out = torch.empty(n, dtype=torch.float32, device=inputs.device)
-    model.eval()
-    for start in range(0, n, row_len * rows_per_batch):
-        x = inputs[start:start + row_len * rows_per_batch]
-        rows = [x[i:i + row_len] for i in range(0, x.numel(), row_len)]
-        width = next_multiple_of_n(max(r.numel() for r in rows), n=BLOCK_SIZE)
-        model.ensure_positions(width)
-        x_BT = torch.stack([F.pad(r.long(), (0, width - r.numel())) for r in rows])  # pad id 0 is never EOT
-        with autocast or contextlib.nullcontext():
-            h = model.hidden_states(x_BT, *model.attention_masks(x_BT, window_blocks))
-        h = torch.cat([h[i, :r.numel()] for i, r in enumerate(rows)])  # (tokens, model_dim), padding dropped
-        y = targets[start:start + h.size(0)].long()
-        for c in range(0, h.size(0), head_chunk):
-            with autocast or contextlib.nullcontext():
-                logits = model.logits(h[c:c + head_chunk])
-            out[start + c:start + c + logits.size(0)] = F.cross_entropy(logits, y[c:c + head_chunk],
-                                                                       reduction="none")
-    return out
-
-
 # -----------------------------------------------------------------------------
-# Tokenizer
+# Tokenizer and chat format: GPT-2 BPE, chat template v1, conversation files
 
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # tiktoken r50k_base
 GPT2_RANKS_FILE = REPO_DIR / "data" / "gpt2.tiktoken"  # fetched and verified by data/shakespeare.py
 # Chat special tokens live in free rows of the padded vocabulary (50257..50303); user text never encodes to them.
 CHAT_SPECIAL_TOKENS = {"<|system|>": 50257, "<|user|>": 50258, "<|assistant|>": 50259, "<|end|>": 50260}
-
-
-class TokenizerError(RuntimeError):
-    pass
 
 
 class Tokenizer:
@@ -1547,20 +1365,18 @@ def get_tokenizer(ranks_file: str | Path | None = None) -> Tokenizer:
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints: save, load, restore, infer a config, find by run, step and kind
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_RE = re.compile(r"state_step(\d{6})\.pt$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or does not fit the model; the message names the file."""
-
-
 def save_checkpoint(path: str | Path, *, step: int, model: nn.Module, optimizers: list[torch.optim.Optimizer],
                     hp: Hyperparameters, code: dict[str, str], data_position: dict[str, int] | None = None,
                     val_loss: float | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """Write logs/<run_id>/state_stepNNNNNN.pt: tensors and plain types only, via a temporary file and rename."""
+    """Write a checkpoint (format 1): tensors and plain types only, via a temporary file and rename. The weights
+    come from the raw module (compile/DDP prefixes stripped); extra entries (val_step, kind, ...) go at the top
+    level. An OSError from the write propagates, and the file at `path` is then the old one or absent."""
     path = Path(path)
     state = dict(
         format=CHECKPOINT_FORMAT, step=step, code=code,
@@ -1571,73 +1387,10 @@ def save_checkpoint(path: str | Path, *, step: int, model: nn.Module, optimizers
                  cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
         val_loss=val_loss, **(extra or {}),
     )
-    previous = newest_checkpoint(path.parent)
-    check_finite(model, f"step {step}", previous)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path) as f:
-            torch.save(state, f)
-    except OSError as e:
-        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        raise TrainingError(f"{path}: checkpoint not written ({e.strerror or e}); {kept}. Free space or fix the "
-                            f"directory, then continue with --resume latest") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as f:
+        torch.save(state, f)
     return path
-
-
-DIVERGENCE_HINT = ("Lower the learning rates (--muon-lr, --embed-lr, --head-lr, --scalar-lr) or use --dtype fp32, "
-                   "then start again or --resume")
-
-
-def diverged(problem: str, previous: Path | None, hint: str = DIVERGENCE_HINT) -> TrainingError:
-    """The one-line error of a run that went non-finite: what, the checkpoint that is still good, what to change."""
-    kept = f"the newest good checkpoint is {previous}" if previous else "no checkpoint was written yet"
-    return TrainingError(f"{problem}; stopped without writing a checkpoint ({kept}). {hint}")
-
-
-def check_finite(model: nn.Module, where: str, previous: Path | None) -> None:
-    """Refuse to save non-finite weights: a NaN checkpoint would become `latest` and replace a good one."""
-    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-    if bad:
-        raise diverged(f"{where}: {len(bad)} parameter tensor(s) hold NaN or inf (first: {bad[0]})", previous)
-
-
-def checkpoint_bytes(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> int:
-    """Size of a checkpoint before the first step has created optimizer state: weights, plus two moments per
-    Adam parameter and one momentum per Muon parameter (what the states hold after step 1)."""
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    for opt in optimizers:
-        per_param = 2 if isinstance(opt, torch.optim.Adam) else 1
-        size += per_param * sum(p.numel() * p.element_size() for g in opt.param_groups for p in g["params"])
-    return size
-
-
-def check_disk_space(run_dir: Path, hp: Hyperparameters, bytes_per_checkpoint: int) -> None:
-    """Before training: room for the checkpoints the run keeps at once (plus the one being written)."""
-    if not hp.save_checkpoint:
-        return
-    saves = hp.num_iterations // hp.val_loss_every + 1 if hp.val_loss_every else 1
-    if hp.save_every:
-        saves += hp.num_iterations // hp.save_every
-    at_once = min(saves, hp.keep_checkpoints + 1) if hp.keep_checkpoints else saves
-    present = sum(p.stat().st_size for p in run_checkpoints(run_dir))  # replaced as the run goes on
-    need = at_once * bytes_per_checkpoint - present
-    free = shutil.disk_usage(run_dir).free
-    if need > free:
-        raise CheckpointError(f"{run_dir}: not enough disk space: the run keeps up to {at_once} checkpoint(s) of "
-                              f"about {bytes_per_checkpoint / 2**20:,.0f} MiB but only {free / 2**20:,.0f} MiB are "
-                              f"free; free some, pick another --log-dir, lower --keep-checkpoints or pass "
-                              f"--save-checkpoint false")
-
-
-def check_writable(run_dir: Path) -> None:
-    """Fail before training, not at the first checkpoint, when the run directory cannot be written."""
-    probe = run_dir / f".write_test{os.getpid()}"
-    try:
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise CheckpointError(f"{run_dir}: cannot write to the run directory ({e.strerror}); "
-                              f"pick another --log-dir") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -1727,6 +1480,21 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GP
     return model.to(device), hp, ckpt
 
 
+def restore(ckpt: dict, hp: Hyperparameters, raw_model: nn.Module,
+            optimizers: list[torch.optim.Optimizer]) -> tuple[int, dict | None, float | None]:
+    """Weights, full optimizer state and RNG from a checkpoint; returns (step, data position, last val loss)."""
+    load_state_into(raw_model, ckpt["model"], hp.resume)
+    saved = ckpt["optimizers"]
+    if len(saved) != len(optimizers) or any(len(s["param_groups"]) != len(o.param_groups)
+                                            for s, o in zip(saved, optimizers)):
+        raise CheckpointError(f"{hp.resume}: its optimizer state does not fit --optimizer={hp.optimizer} (a run "
+                              f"continues with the optimizer it started with)")
+    for opt, state in zip(optimizers, saved):
+        opt.load_state_dict(state)
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    return ckpt["step"], ckpt["data_position"] or None, ckpt.get("val_loss")
+
+
 def checkpoint_path(log_dir: str | Path, run_id: str, step: int) -> Path:
     return Path(log_dir) / run_id / f"state_step{step:06d}.pt"
 
@@ -1785,247 +1553,8 @@ def resolve_checkpoint(spec: str, log_dir: str | Path = "logs") -> Path:
     return path
 
 
-RUN_INFO = "run.json"  # what started a run: its script and config, so a run killed before any checkpoint resumes
-
-
-def new_run_dir(hp: Hyperparameters) -> Path:
-    """A fresh run directory; two runs started at once never share one (mkdir fails if it exists)."""
-    run_id = hp.run_id or time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    run_dir = Path(hp.log_dir) / run_id
-    try:
-        run_dir.mkdir(parents=True, exist_ok=False)
-    except FileExistsError:
-        raise ConfigError(f"run directory {run_dir} already exists; pick another --run-id or --resume") from None
-    except OSError as e:
-        raise ConfigError(f"cannot create run directory {run_dir}: {e.strerror}") from None
-    hp.run_id = run_id
-    return run_dir
-
-
-def log_header(rt: Runtime, logfile: Path, hp: Hyperparameters, code: dict[str, str]) -> None:
-    """The code that ran, the versions and the config first, as the record's logs begin."""
-    for name, src in code.items():
-        print0(rt, f"==> {name} <==\n{src}", logfile, console=False)
-    print0(rt, "=" * 100, logfile, console=False)
-    print0(rt, f"Running Python {sys.version.split()[0]} on {platform.platform()}", logfile, console=False)
-    print0(rt, f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}", logfile, console=False)
-    print0(rt, "config: " + json.dumps(hp.to_dict()), logfile, console=False)
-    print0(rt, "=" * 100, logfile, console=False)
-
-
-def lock_run_dir(run_dir: Path) -> Any:
-    """An exclusive lock on run_dir/.lock for the life of the process (the kernel drops it when the process dies,
-    even by kill -9), so two processes never train into one run, e.g. two `--resume latest` at once."""
-    import fcntl  # POSIX only; imported here so model.py still imports on Windows
-
-    handle = open(run_dir / ".lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "?"
-        handle.close()
-        raise ConfigError(f"run directory {run_dir} is in use by another process (pid {owner}); wait for it to "
-                          f"finish or pick another run") from None
-    handle.truncate(0)
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle
-
-
-def _prepare_run_dir(hp: Hyperparameters, rt: Runtime, script: str, resume_step: int | None,
-                     bytes_per_checkpoint: int, info: dict[str, Any]) -> Path:
-    """Rank 0's part of open_run_dir: create or reuse, lock, check, and record the run."""
-    if resume_step is None:
-        run_dir = new_run_dir(hp)
-    else:
-        run_dir = Path(hp.log_dir) / hp.run_id
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"cannot create run directory {run_dir}: {e.strerror}") from None
-    rt.run_lock = lock_run_dir(run_dir)
-    try:
-        check_writable(run_dir)
-        check_disk_space(run_dir, hp, bytes_per_checkpoint)
-    except CheckpointError:
-        rt.run_lock.close()
-        rt.run_lock = None
-        if resume_step is None:  # a refused start leaves no run behind
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    if resume_step is not None:
-        for partial in run_dir.glob(".state_step*.pt.tmp*"):  # left by a write that was killed
-            partial.unlink(missing_ok=True)
-        trim_metrics(run_dir / "metrics.jsonl", resume_step)
-    if resume_step is None or not (run_dir / RUN_INFO).exists():
-        with atomic_write(run_dir / RUN_INFO, "w") as f:
-            json.dump(dict(script=script, hyperparameters=hp.to_dict(), **info), f, indent=1)
-    return run_dir
-
-
-def open_run_dir(hp: Hyperparameters, rt: Runtime, script: str, resume_step: int | None = None,
-                 bytes_per_checkpoint: int = 0, info: dict[str, Any] | None = None) -> Path:
-    """The run directory, prepared by rank 0 and broadcast: a new one, or on resume (resume_step = the step the run
-    continues from) the run's own, with partial writes removed and metrics past that step dropped. run.json records
-    the script, the config and `info`. Every rank raises rank 0's error, so a refused start leaves none waiting."""
-    error = None
-    if rt.master:
-        try:
-            _prepare_run_dir(hp, rt, script, resume_step, bytes_per_checkpoint, info or {})
-        except (ConfigError, CheckpointError) as e:
-            error = e
-    if rt.distributed:
-        shared = [hp.run_id, None if error is None else str(error)]
-        dist.broadcast_object_list(shared, src=0)
-        hp.run_id = shared[0]
-        if shared[1] is not None and error is None:
-            error = CheckpointError(shared[1])
-    if error is not None:
-        raise error
-    return Path(hp.log_dir) / hp.run_id
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """On resume from `step`, drop metrics a killed run logged after it (they are logged again) and any line a
-    kill cut short; the train line of `step` itself came before the checkpoint and stays."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-            keep = record["step"] < step or (record["step"] == step and "train_loss" in record)
-        except (ValueError, KeyError, TypeError):
-            keep = False
-        if keep:
-            kept.append(line + "\n")
-    with atomic_write(path, "w") as f:
-        f.writelines(kept)
-
-
-def read_run_info(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        info = json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info, dict) else None
-
-
-def _run_script(run_dir: Path) -> str | None:
-    """Which script a run belongs to: run.json says; runs without one (train_gpt.py's, older ones) by their
-    newest checkpoint's kind."""
-    info = read_run_info(run_dir)
-    if info is not None:
-        return info.get("script")
-    newest = newest_checkpoint(run_dir)
-    if newest is None:
-        return None
-    return "finetune.py" if checkpoint_kind(newest) == "chat" else "pretraining.py"
-
-
-def latest_run(log_dir: str | Path, script: str) -> Path | None:
-    """The run of `script` under log_dir that was active last (newest file in it), checkpointed or not."""
-    runs = [d for d in Path(log_dir).glob("*") if d.is_dir() and _run_script(d) == script]
-    if not runs:
-        return None
-    return max(runs, key=lambda d: max((f.stat().st_mtime for f in d.iterdir()), default=d.stat().st_mtime))
-
-
-def resume_target(spec: str, log_dir: str | Path, script: str) -> tuple[Path, Path | None]:
-    """(run directory, newest checkpoint or None) for --resume latest | RUN_DIR | CHECKPOINT."""
-    path = Path(spec)
-    if spec == "latest":
-        run_dir = latest_run(log_dir, script)
-        if run_dir is None:
-            raise CheckpointError(f"no {script} run under {log_dir}/ to resume (start one with python {script})")
-    elif path.is_dir():
-        run_dir = path
-        if _run_script(run_dir) != script:
-            raise CheckpointError(f"{path}: not a {script} run directory (no {RUN_INFO} or checkpoints of it)")
-    elif path.is_file():
-        return path.parent, path
-    else:
-        raise CheckpointError(f"{path}: checkpoint not found")
-    return run_dir, newest_checkpoint(run_dir)
-
-
-def restore(ckpt: dict, hp: Hyperparameters, raw_model: nn.Module,
-            optimizers: list[torch.optim.Optimizer]) -> tuple[int, dict | None, float | None]:
-    """Weights, full optimizer state and RNG from a checkpoint; returns (step, data position, last val loss)."""
-    load_state_into(raw_model, ckpt["model"], hp.resume)
-    saved = ckpt["optimizers"]
-    if len(saved) != len(optimizers) or any(len(s["param_groups"]) != len(o.param_groups)
-                                            for s, o in zip(saved, optimizers)):
-        raise CheckpointError(f"{hp.resume}: its optimizer state does not fit --optimizer={hp.optimizer} (a run "
-                              f"continues with the optimizer it started with)")
-    for opt, state in zip(optimizers, saved):
-        opt.load_state_dict(state)
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    return ckpt["step"], ckpt["data_position"] or None, ckpt.get("val_loss")
-
-
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError)  # one line and exit 2 in every script
-
-
-def exit_with(code: int, prog: str, message: str) -> NoReturn:
-    """One line on stderr and the exit code. Bad input (2) is the same on every torchrun rank: rank 0 says it."""
-    if code != 2 or int(os.environ.get("RANK", "0")) == 0:
-        print(f"{prog}: error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-def newest_checkpoint_note(hp: Hyperparameters | None) -> str:
-    """Where a stopped run can be continued from, for the one-line error."""
-    run_dir = Path(hp.log_dir) / hp.run_id if hp is not None and hp.run_id else None
-    newest = newest_checkpoint(run_dir) if run_dir is not None and run_dir.is_dir() else None
-    return f"the newest checkpoint is {newest} (continue with --resume latest)" if newest else \
-        "no checkpoint of this run was written"
-
-
-def exit_on_run_failure(error: BaseException, rt: Runtime | None, hp: Hyperparameters | None, prog: str) -> None:
-    """A collective that failed because another rank died or hung, or a failed write (full disk): one line, exit 1.
-    Anything else returns, and the caller re-raises it with its traceback (that is a bug to report)."""
-    if lost_rank(error, rt):
-        exit_with(1, prog, f"rank {rt.rank} lost contact with the other ranks (one died or hung; its own output says "
-                           f"why): {first_line(error)}; {newest_checkpoint_note(hp)}; resuming works on any world size")
-    if isinstance(error, OSError):
-        exit_with(1, prog, f"{error.filename or 'write failed'}: {error.strerror or first_line(error)}; "
-                           f"{newest_checkpoint_note(hp)}")
-
-
-@dataclass
-class ScriptRun:
-    """What a training script's exit policy needs, filled in as its main() gets there."""
-    prog: str
-    hp: Hyperparameters | None = None
-    rt: Runtime | None = None
-
-
-@contextlib.contextmanager
-def exit_policy(run: ScriptRun) -> Iterator[ScriptRun]:
-    """pretraining.py's and finetune.py's ending: bad input 2, a run that cannot go on 1, a second Ctrl-C 130, each
-    one line naming the newest checkpoint where it helps; a lost rank or failed write 1; then the process group
-    is shut down. Anything else keeps its traceback."""
-    try:
-        yield run
-    except USER_ERRORS as e:
-        exit_with(2, run.prog, str(e))
-    except TrainingError as e:
-        exit_with(1, run.prog, str(e))
-    except KeyboardInterrupt:
-        exit_with(130, run.prog, "interrupted (second Ctrl-C): the current step was not saved; "
-                  + newest_checkpoint_note(run.hp))
-    except Exception as e:  # noqa: BLE001 - only a failed collective or write is turned into one line
-        exit_on_run_failure(e, run.rt, run.hp, run.prog)
-        raise
-    finally:
-        if run.rt is not None:
-            shutdown_runtime(run.rt)
-
-
 # -----------------------------------------------------------------------------
-# Schedules
+# Schedules: learning rate, Muon momentum, attention window (pure functions of the step)
 
 
 def get_lr(step: int, hp: Hyperparameters) -> float:
@@ -2058,7 +1587,7 @@ def apply_schedules(optimizers: list[torch.optim.Optimizer], step: int, hp: Hype
 
 
 # -----------------------------------------------------------------------------
-# Generation
+# Generation: KV cache, sampling, the inference loader, chat and base-model replies
 
 
 def final_window_blocks(hp: Hyperparameters) -> int:
@@ -2275,7 +1804,8 @@ def load_for_inference(spec: str = "latest", log_dir: str | Path = "logs", devic
         keep_freed_memory()  # batched scoring allocates and frees large logits too
     model, hp, ckpt = load_model(path, dev)
     score_dtype = pick_autocast_dtype(dtype, dev)
-    # batch-1 decoding is memory-bound: on CPU autocast re-casts every weight for every token (2.7x slower here)
+    # batch-1 decoding is memory-bound: on CPU autocast re-casts every weight for every token, which costs more than
+    # bf16 saves (docs/measurements.md, "Decode vs transformers")
     decode_dtype = score_dtype if dev.type != "cpu" or dtype == "bf16" else None
     return InferenceModel(path=path, model=model.eval(), hp=hp, kind="chat" if ckpt.get("kind") == "chat" else "base",
                           step=int(ckpt.get("step", 0)), tokenizer=get_tokenizer(), device=dev,

@@ -10,7 +10,7 @@ Writes logs/<run_id>/log.txt (code, config, step lines), metrics.jsonl and state
 from __future__ import annotations
 
 import copy
-import json
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 import model as M
+import runs as R
 from model import Hyperparameters, Runtime
 
 DEFAULT_REASON = {"speedrun": "CUDA and FineWeb shards found", "shakespeare": "no CUDA or no FineWeb shards"}
@@ -26,41 +27,31 @@ DEFAULT_REASON = {"speedrun": "CUDA and FineWeb shards found", "shakespeare": "n
 
 def read_code() -> dict[str, str]:
     """The source of the files that ran, logged first as the record's logs do."""
-    return {name: (M.REPO_DIR / name).read_text() for name in ("pretraining.py", "model.py")}
+    return {name: (M.REPO_DIR / name).read_text() for name in ("pretraining.py", "runs.py", "model.py")}
 
 
-def resolve_config(argv: list[str] | None) -> tuple[Hyperparameters, dict | None, bool, bool]:
+def resolve_config(argv: list[str] | None) -> tuple[Hyperparameters, R.Resume | None, bool]:
     """Config from CLI/env/preset; on --resume the run's config (its checkpoint's, or run.json's when it died before
     the first checkpoint), with explicit CLI/env values on top.
 
-    Returns (config, checkpoint or None, resuming, whether the preset came from the user or the run)."""
-    explicit = M.explicit_overrides(argv, prog="pretraining.py")
-    hp = M.config_from_overrides(explicit)
+    Returns (config, what --resume found or None, whether the preset came from the user or the run)."""
+    explicit = R.explicit_overrides(argv, prog="pretraining.py")
+    hp = R.config_from_overrides(explicit)
     if not hp.resume:
-        return hp, None, False, "preset" in explicit
-    run_dir, path = M.resume_target(hp.resume, hp.log_dir, "pretraining.py")
-    ckpt = None
-    if path is None:  # killed before its first checkpoint: run it again from step 0 with its recorded config
-        saved = M.saved_config(M.read_run_info(run_dir), run_dir / M.RUN_INFO)
-    else:
-        ckpt = M.load_checkpoint(path)
-        if "hyperparameters" not in ckpt:
-            raise M.CheckpointError(f"{path}: has no hyperparameters (a record checkpoint cannot be resumed)")
-        if ckpt.get("kind") == "chat":
-            raise M.CheckpointError(f"{path}: a fine-tuned checkpoint; continue it with finetune.py --resume")
-        saved = M.saved_config(ckpt, path)
+        return hp, None, "preset" in explicit
+    resume = R.resolve_resume(hp.resume, hp.log_dir, "pretraining.py")
     explicit.pop("preset", None)
-    values = {**saved.to_dict(), **explicit, "resume": str(path or run_dir)}
-    values["run_id"] = explicit.get("run_id", run_dir.name)
-    values["log_dir"] = explicit.get("log_dir", str(run_dir.parent))
-    return Hyperparameters(**values), ckpt, True, True
+    values = {**resume.config.to_dict(), **explicit, "resume": resume.target,
+              "run_id": explicit.get("run_id", resume.run_dir.name),
+              "log_dir": explicit.get("log_dir", str(resume.run_dir.parent))}
+    return Hyperparameters(**values), resume, True
 
 
 def ensure_data(hp: Hyperparameters, rt: Runtime) -> None:
     """Build the Shakespeare shards when the preset's files are missing (rank 0 builds, the others wait)."""
     if "data/shakespeare/" in hp.train_files and not list(M.REPO_DIR.glob("data/shakespeare/*.bin")):
         if rt.master:
-            M.import_data_script("shakespeare").prepare()
+            R.import_data_script("shakespeare").prepare()
         if rt.distributed:
             dist.barrier()
     for pattern in (hp.train_files, hp.val_files):
@@ -119,7 +110,7 @@ def make_train_loader(hp: Hyperparameters, rt: Runtime, start: dict | None = Non
 def warm_up(forward, raw_model, optimizers, hp: Hyperparameters, rt: Runtime, window: torch.Tensor) -> int:
     """Run steps to compile kernels, then restore the initial weights and optimizer state (as the record does),
     so the clock never counts compilation and the trajectory is that of a run without warm-up."""
-    steps = M.warm_up_steps(hp, rt)
+    steps = R.warm_up_steps(hp, rt)
     if steps == 0:
         return 0
     initial = dict(model=copy.deepcopy(raw_model.state_dict()),
@@ -135,60 +126,53 @@ def warm_up(forward, raw_model, optimizers, hp: Hyperparameters, rt: Runtime, wi
     return steps
 
 
-def save(rt: Runtime, run_dir: Path, step: int, raw_model, optimizers, hp, code, data_pos,
-         val: tuple[float | None, int | None], time_ms: float) -> Path | None:
-    """Rank 0 writes the checkpoint (atomically; non-finite weights are refused) and prunes older ones. It carries
-    the last validation (loss, step) and the training time so far, so a resumed run's clock continues and a run
-    stopped before its final validation is not mistaken for a finished one."""
-    if not (rt.master and hp.save_checkpoint):
-        return None
-    path = M.save_checkpoint(M.checkpoint_path(hp.log_dir, hp.run_id, step), step=step, model=raw_model,
-                             optimizers=optimizers, hp=hp, code=code, data_position=data_pos, val_loss=val[0],
-                             extra=dict(val_step=val[1], train_time_ms=time_ms))
-    M.prune_checkpoints(run_dir, hp.keep_checkpoints)  # only after the new one is safely in place
-    return path
-
-
-def log_summary(rt: Runtime, logfile: Path, hp: Hyperparameters, raw_model, run_dir: Path, preset_given: bool,
+def log_summary(log: R.RunLog, rt: Runtime, hp: Hyperparameters, raw_model, run_dir: Path, preset_given: bool,
                 start_step: int | None) -> None:
     counts = M.param_counts(raw_model)
     step_tokens = hp.tokens_per_step
     compiled = "model" if rt.compile else "loss-head" if rt.compile_head else "off"
-    M.print0(rt, f"preset:{hp.preset}{'' if preset_given else ' (default: ' + DEFAULT_REASON[hp.preset] + ')'} "
-                 f"device:{rt.device} dtype:{rt.autocast_dtype or torch.float32} compile:{compiled} "
-                 f"world_size:{rt.world_size} run:{run_dir}", logfile)
-    M.print0(rt, f"params:{counts['total']:,} (non-embedding {counts['non_embedding']:,}) "
-                 f"tokens/step:{step_tokens:,} budget:{step_tokens * hp.num_iterations:,} tokens "
-                 f"accumulation:{hp.rank_equivalents // rt.world_size}" +
-                 (f" resumed_from:{hp.resume} step:{start_step}" if start_step is not None else ""), logfile)
+    log.print(f"preset:{hp.preset}{'' if preset_given else ' (default: ' + DEFAULT_REASON[hp.preset] + ')'} "
+              f"device:{rt.device} dtype:{rt.autocast_dtype or torch.float32} compile:{compiled} "
+              f"world_size:{rt.world_size} run:{run_dir}")
+    log.print(f"params:{counts['total']:,} (non-embedding {counts['non_embedding']:,}) "
+              f"tokens/step:{step_tokens:,} budget:{step_tokens * hp.num_iterations:,} tokens "
+              f"accumulation:{hp.rank_equivalents // rt.world_size}" +
+              (f" resumed_from:{hp.resume} step:{start_step}" if start_step is not None else ""))
 
 
-def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None, resuming: bool = False,
+def train(run: R.ScriptRun, hp: Hyperparameters, rt: Runtime, resume: R.Resume | None,
           preset_given: bool = True) -> float | None:
     code = read_code()
     ensure_data(hp, rt)
     M.seed_everything(hp.seed)
     raw_model, forward = M.build_model(hp, rt)
     optimizers = M.setup_optimizers(raw_model, hp, rt.rank, rt.world_size, compile_ns=rt.compile)
+    ckpt = resume.state if resume else None
     start_step, data_pos, val_loss = 0, None, None
     if ckpt is not None:
         start_step, data_pos, val_loss = M.restore(ckpt, hp, raw_model, optimizers)
-    run_dir = M.open_run_dir(hp, rt, "pretraining.py", start_step if resuming else None,
-                             M.checkpoint_bytes(raw_model, optimizers))
-    logfile = run_dir / "log.txt"
-    M.log_header(rt, logfile, hp, code)
-    log_summary(rt, logfile, hp, raw_model, run_dir, preset_given, start_step if resuming else None)
+    run.run_dir = R.open_run_dir(hp, rt, "pretraining.py", start_step if resume else None,
+                                 R.checkpoint_bytes(raw_model, optimizers))
+    hp = dataclasses.replace(hp, run_id=run.run_dir.run_id)  # the config as checkpoints and log.txt record it
+    run_dir = run.run_dir.path
+    log = R.RunLog(rt, run_dir)
+    log.header(hp, code)
+    log_summary(log, rt, hp, raw_model, run_dir, preset_given, start_step if resume else None)
+    saver = R.Saver(rt, run.run_dir, hp, code)
     step_tokens = hp.tokens_per_step
     window = torch.zeros((), dtype=torch.int32, device=rt.device)  # a tensor, so compile does not recompile
     warmed = warm_up(forward, raw_model, optimizers, hp, rt, window)
     if warmed:
-        M.print0(rt, f"warm-up: {warmed} steps run and undone before the clock starts", logfile)
-    metrics = open(run_dir / "metrics.jsonl", "a") if rt.master else None
+        log.print(f"warm-up: {warmed} steps run and undone before the clock starts")
     train_loader = make_train_loader(hp, rt, start=data_pos)
-    stop = M.StopSignal(rt.rank).install()
+    stop = R.StopSignal(rt.rank).install()
     training_time_ms = ckpt.get("train_time_ms", 0.0) if ckpt else 0.0
     val_step = ckpt.get("val_step") if ckpt else None
     timed_from = 0 if training_time_ms else start_step  # steps the clock covers start here
+
+    def save(step: int, time_ms: float) -> Path | None:
+        return saver.save(step, raw_model, optimizers, data_pos, val_loss, val_step, train_time_ms=time_ms)
+
     t0 = time.perf_counter()
     try:
         for step in range(start_step, hp.num_iterations + 1):
@@ -196,33 +180,26 @@ def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None, resuming: bool = 
             window.fill_(M.get_window_size_blocks(step, hp))
             if not last_step and stop.requested(rt):  # SIGTERM / Ctrl-C: keep the finished steps, exit 0
                 now_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
-                path = None if step == start_step else \
-                    save(rt, run_dir, step, raw_model, optimizers, hp, code, data_pos, (val_loss, val_step), now_ms)
-                M.print0(rt, stop.report(step, path, "pretraining.py"), logfile)
+                log.print(stop.report(step, None if step == start_step else save(step, now_ms), "pretraining.py"))
                 return val_loss
             if last_step or (hp.val_loss_every and step % hp.val_loss_every == 0):
                 rt.synchronize()
                 training_time_ms += 1000 * (time.perf_counter() - t0)
                 if step > start_step:  # checkpoint first, so a failed evaluation loses nothing
-                    save(rt, run_dir, step, raw_model, optimizers, hp, code, data_pos, (val_loss, val_step),
-                         training_time_ms)
+                    save(step, training_time_ms)
                 val_loss, val_step = M.evaluate(forward, hp, rt, window, _repo_path(hp.val_files)), step
                 if not math.isfinite(val_loss):
-                    raise M.diverged(f"step {step}: the validation loss is {val_loss}", M.newest_checkpoint(run_dir))
-                M.print0(rt, f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} "
-                             f"train_time:{training_time_ms:.0f}ms "
-                             f"step_avg:{training_time_ms / max(step - timed_from, 1):.2f}ms", logfile)
-                if metrics:
-                    metrics.write(json.dumps(dict(step=step, val_loss=val_loss, train_time_ms=training_time_ms)) + "\n")
-                    metrics.flush()
+                    raise saver.diverged(f"step {step}: the validation loss is {val_loss}")
+                log.print(f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} "
+                          f"train_time:{training_time_ms:.0f}ms "
+                          f"step_avg:{training_time_ms / max(step - timed_from, 1):.2f}ms")
+                log.metrics(step=step, val_loss=val_loss, train_time_ms=training_time_ms)
                 if last_step:  # the final checkpoint carries its own val loss (also when resumed at the end)
-                    save(rt, run_dir, step, raw_model, optimizers, hp, code, data_pos, (val_loss, val_step),
-                         training_time_ms)
+                    save(step, training_time_ms)
                 rt.synchronize()
                 t0 = time.perf_counter()
             elif hp.save_every and step % hp.save_every == 0 and step > start_step:
-                save(rt, run_dir, step, raw_model, optimizers, hp, code, data_pos, (val_loss, val_step),
-                     training_time_ms + 1000 * (time.perf_counter() - t0))
+                save(step, training_time_ms + 1000 * (time.perf_counter() - t0))
             if last_step:
                 break
             batch = next(train_loader)
@@ -233,35 +210,31 @@ def train(hp: Hyperparameters, rt: Runtime, ckpt: dict | None, resuming: bool = 
                 dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
             train_loss = float(train_loss)
             if not math.isfinite(train_loss):
-                raise M.diverged(f"step {step + 1}: the training loss is {train_loss}",
-                                M.newest_checkpoint(run_dir))
+                raise saver.diverged(f"step {step + 1}: the training loss is {train_loss}")
             elapsed = training_time_ms + 1000 * (time.perf_counter() - t0)
             done = step + 1 - timed_from
-            M.print0(rt, f"step:{step + 1}/{hp.num_iterations} train_loss:{train_loss:.4f} train_time:{elapsed:.0f}ms "
-                         f"step_avg:{elapsed / done:.2f}ms tok/s:{step_tokens * done / (elapsed / 1000):.0f}", logfile)
-            if metrics:
-                metrics.write(json.dumps(dict(step=step + 1, train_loss=train_loss, train_time_ms=elapsed,
-                                              lr_mult=M.get_lr(step, hp))) + "\n")
-                metrics.flush()  # a kill -9 loses no logged step
+            log.print(f"step:{step + 1}/{hp.num_iterations} train_loss:{train_loss:.4f} train_time:{elapsed:.0f}ms "
+                      f"step_avg:{elapsed / done:.2f}ms tok/s:{step_tokens * done / (elapsed / 1000):.0f}")
+            log.metrics(step=step + 1, train_loss=train_loss, train_time_ms=elapsed, lr_mult=M.get_lr(step, hp))
     finally:
         stop.restore()
-        if metrics:
-            metrics.close()
+        log.close()
     if rt.master and hp.save_checkpoint:
-        M.print0(rt, f"checkpoint: {M.checkpoint_path(hp.log_dir, hp.run_id, hp.num_iterations)}", logfile)
+        log.print(f"checkpoint: {run_dir / f'state_step{hp.num_iterations:06d}.pt'}")
     return val_loss
 
 
 def main(argv: list[str] | None = None) -> None:
-    with M.exit_policy(M.ScriptRun("pretraining.py")) as run:
-        run.hp, ckpt, resuming, preset_given = resolve_config(argv)
+    with R.exit_policy(R.ScriptRun("pretraining.py")) as run:
+        run.hp, resume, preset_given = resolve_config(argv)
+        ckpt = resume.state if resume else None
         if ckpt is not None and ckpt["step"] >= run.hp.num_iterations and ckpt.get("val_step") == ckpt["step"]:
             print(f"pretraining.py: {run.hp.resume} is the end of its run (step {ckpt['step']} of "
                   f"{run.hp.num_iterations}); nothing to resume (pass a larger --num-iterations to train on)")
             return
         run.rt = M.init_runtime(run.hp, whole_model_on_cpu=True)
         run.hp.validate(run.rt.world_size)
-        train(run.hp, run.rt, ckpt, resuming, preset_given)
+        train(run, run.hp, run.rt, resume, preset_given)
 
 
 if __name__ == "__main__":

@@ -46,11 +46,19 @@ from torch import Tensor, nn
 REPO_DIR = Path(__file__).resolve().parent
 
 # -----------------------------------------------------------------------------
-# Config
+# Errors: both exit 2 with one line (main)
 
 
 class ConfigError(ValueError):
     """A user-supplied setting is invalid; printed as one line, exit 2."""
+
+
+class DataError(ValueError):
+    """A data file is missing or malformed; the message names the file."""
+
+
+# -----------------------------------------------------------------------------
+# Config
 
 
 @dataclass
@@ -91,7 +99,7 @@ class Hyperparameters:
     adam_beta2: float = 0.95  # Adam beta2 (record)
     adam_eps: float = 1e-10  # Adam epsilon; tiny so updates do not depend on the loss scale (record)
     optimizer: str = "muon"  # hidden matrices: muon (record) or adamw (GPT-2-style AdamW: the ablation of Muon)
-    adamw_lr: float = 1e-3  # AdamW LR of the hidden matrices; best of 3e-4, 1e-3, 3e-3, 1e-2 on Shakespeare (README)
+    adamw_lr: float = 1e-3  # AdamW LR of the hidden matrices; best of four on Shakespeare (docs/muon_vs_adamw.md)
     adamw_weight_decay: float = 0.1  # AdamW decoupled weight decay of the hidden matrices (GPT-2)
     # evaluation, logging and checkpoints
     val_loss_every: int = 125  # steps between validations; 0 = only at the last step
@@ -102,11 +110,11 @@ class Hyperparameters:
     # runtime
     seed: int = 0  # seed for weights and sampling
     warmup_steps: int = -1  # steps run then undone to compile kernels off the clock; -1 = 10 compiled on CUDA,
-    # 2 compiled on CPU (no per-window kernels there), else 0
+    #   2 compiled on CPU (no per-window kernels there), else 0
     device: str = "auto"  # auto (cuda, mps, cpu) or a torch device string
     dtype: str = "auto"  # autocast dtype: auto (bf16 where it pays), bf16 or fp32
     compile: str = "auto"  # torch.compile: on (whole model), head (the loss only), off; auto = on for CUDA and CPU,
-    # head elsewhere
+    #   head elsewhere
     fp8_head: str = "auto"  # FP8 lm_head matmul: auto (GPUs with compute capability >= 8.9), on, off
     collective_timeout: int = 600  # seconds a rank waits for the others in a collective before the run stops
 
@@ -174,7 +182,7 @@ class Hyperparameters:
         return self.row_len or max(self.train_seq_len, self.val_seq_len)
 
 
-# Only the fields that differ from the defaults (the record); reasons and measurements in model.py and README.md.
+# Only the fields that differ from the defaults (the record); reasons in model.py, measurements in docs/measurements.md.
 PRESETS: dict[str, dict[str, Any]] = {
     "speedrun": {},
     "shakespeare": dict(
@@ -219,7 +227,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                             f"variable ({ENV_PREFIX}NUM_ITERATIONS=20); CLI > environment > preset > default.")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="default: speedrun with CUDA and FineWeb "
                         "shards, else shakespeare")
-    comments = dict(re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", inspect.getsource(Hyperparameters), re.MULTILINE))
+    source = inspect.getsource(Hyperparameters).replace("\n    #   ", " ")  # a wrapped comment's hanging indent
+    comments = dict(re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", source, re.MULTILINE))
     for f in dataclasses.fields(Hyperparameters)[1:]:  # [0] is preset
         flags = [f"--{_flag(f.name)}"] + ([f"--{f.name}"] if "_" in f.name else [])
         parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=str(f.type).upper(),
@@ -301,7 +310,7 @@ def detect_device(name: str = "auto") -> torch.device:
 
 
 def pick_autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA, and on CPUs with AVX-512 BF16 or AMX (1.76x on the CPU preset, README.md)."""
+    """bf16 on CUDA, and on CPUs with AVX-512 BF16 or AMX (docs/measurements.md)."""
     if choice != "auto":
         return torch.bfloat16 if choice == "bf16" else None
     if device.type == "cuda":
@@ -317,8 +326,8 @@ def pick_autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None
 
 def keep_freed_memory() -> bool:
     """glibc malloc: keep freed memory for reuse. By default each block above 32 MB (logits, activations) is
-    mmap'ed and unmapped when freed, so every CPU step page-faults gigabytes of fresh pages (30% of a shakespeare
-    step on 2 cores). PyTorch's CPU tuning guide advises jemalloc/tcmalloc for the same reason. False elsewhere."""
+    mmap'ed and unmapped when freed, so every CPU step page-faults gigabytes of fresh pages (docs/measurements.md,
+    allocator). PyTorch's CPU tuning guide advises jemalloc/tcmalloc for the same reason. False elsewhere."""
     if not sys.platform.startswith("linux"):
         return False
     import ctypes
@@ -347,7 +356,7 @@ def init_runtime(hp: Hyperparameters) -> Runtime:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None,
                                 timeout=timedelta(seconds=hp.collective_timeout))  # a dead rank stops the others
-    whole = device.type in ("cuda", "cpu")  # on CPU the whole model measured 3,723 vs 3,078 tok/s for the loss head
+    whole = device.type in ("cuda", "cpu")  # CPU too: docs/measurements.md, "Whole-model compile"
     return Runtime(device=device, rank=rank, local_rank=local_rank, world_size=world_size,
                    autocast_dtype=pick_autocast_dtype(hp.dtype, device),
                    compile=hp.compile == "on" or (hp.compile == "auto" and whole),
@@ -819,10 +828,6 @@ def all_reduce_gradients(model: nn.Module, world_size: int) -> None:
 
 SHARD_MAGIC = 20240520  # llm.c / modded-nanogpt shard header: 256 int32 (magic, version, tokens), then uint16
 HEADER_INTS = 256
-
-
-class DataError(ValueError):
-    """A data file is missing or malformed; the message names the file."""
 
 
 def _load_data_shard(path: Path) -> Tensor:

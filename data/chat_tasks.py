@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import OneLineParser, atomic_write  # noqa: E402
+from model import atomic_write  # noqa: E402
+from runs import OneLineParser  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent / "chat_tasks"
 WORDS = """king queen lord lady night day love heart crown sword blood tears honour death life world heaven

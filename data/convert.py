@@ -27,7 +27,8 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
 sys.path.insert(0, str(REPO_DIR / "data"))
 
-from model import DataError, OneLineParser, TokenizerError, get_tokenizer, write_data_shard  # noqa: E402
+from model import DataError, TokenizerError, get_tokenizer, write_data_shard  # noqa: E402
+from runs import OneLineParser  # noqa: E402
 from shakespeare import FetchError, ensure_gpt2_ranks  # noqa: E402
 
 SUFFIXES = (".txt", ".jsonl")

@@ -19,7 +19,8 @@ from pathlib import Path
 REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
 
-from model import DataError, OneLineParser, read_shard_header  # noqa: E402
+from model import DataError, read_shard_header  # noqa: E402
+from runs import OneLineParser  # noqa: E402
 
 REPO_ID = "kjj0/fineweb10B-gpt2"  # as in github.com/KellerJordan/modded-nanogpt data/cached_fineweb10B.py
 MAX_TRAIN_SHARDS = 103  # fineweb_train_000001.bin ... fineweb_train_000103.bin

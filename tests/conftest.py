@@ -1,6 +1,10 @@
 """Shared fixtures: a tiny CPU model config and shard writers. Tests never touch the network."""
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +16,7 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
 
 import model as M  # noqa: E402
+import runs as R  # noqa: E402
 
 
 def tiny_hparams(**overrides) -> M.Hyperparameters:
@@ -31,6 +36,42 @@ def random_documents(n_tokens: int, seed: int = 0, vocab: int = 50257, mean_doc_
     tokens[rng.random(n_tokens) < 1 / mean_doc_len] = M.EOT_ID
     tokens[0] = M.EOT_ID
     return tokens.astype(np.uint16)
+
+
+def tiny_args(shard_dir: Path, log_dir: Path, run_id: str, *extra: str) -> list[str]:
+    """A 2-layer, 64-wide model on random shards, fp32 and uncompiled so runs are bitwise reproducible."""
+    return ["--preset", "shakespeare", "--train-files", str(shard_dir / "tiny_train_*.bin"),
+            "--val-files", str(shard_dir / "tiny_val_*.bin"), "--log-dir", str(log_dir), "--run-id", run_id,
+            "--num-layers", "2", "--num-heads", "2", "--head-dim", "32", "--model-dim", "64",
+            "--train-seq-len", "256", "--row-len", "128", "--val-seq-len", "256", "--val-tokens", "512",
+            "--rank-equivalents", "2", "--window-max", "256", "--num-iterations", "6", "--val-loss-every", "3",
+            "--muon-momentum-warmup", "3", "--dtype", "fp32", "--compile", "off", "--device", "cpu", *extra]
+
+
+def run(cmd: list[str], timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("NANOGPT_")}
+    full_env.update(env or {}, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=REPO_DIR, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(run_dir: Path) -> tuple[list[float], list[float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train_loss"] for r in rows if "train_loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
+
+
+def final_weights(run_dir: Path, step: int = 6) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / f"state_step{step:06d}.pt", weights_only=True)["model"]
+
+
+def run_script(argv: list[str], timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """python SCRIPT ARGS... from the repository, as a user runs it."""
+    return run([sys.executable, *argv], timeout, env)
 
 
 @pytest.fixture
@@ -60,5 +101,5 @@ def shakespeare_data() -> Path:
 
     Tests that need real data use this instead of skipping, so CI always runs them.
     """
-    M.import_data_script("shakespeare").prepare()
+    R.import_data_script("shakespeare").prepare()
     return REPO_DIR / "data" / "shakespeare"

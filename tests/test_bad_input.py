@@ -52,8 +52,9 @@ import pytest
 import torch
 
 import model as M
+import runs as R
 from conftest import REPO_DIR, random_documents, tiny_hparams
-from test_pretraining import tiny_args
+from conftest import tiny_args
 
 # -----------------------------------------------------------------------------
 # The table's vocabulary: cases, placeholders, inputs
@@ -313,7 +314,10 @@ CASES: list[Case] = [
        "{tmp}/gone/state_step000001.pt: checkpoint not found"),
     ev("latest-in-empty-log-dir", "{ev} --checkpoint latest --log-dir {empty}", "base",
        "no checkpoint found under {empty}/"),
-    ev("num-samples-zero", "{ev} --num-samples 0", "base", "--num-samples=0 must be positive"),
+    ev("num-samples-negative", "{ev} --num-samples -1", "base", "--num-samples=-1 must be >= 0"),
+    ev("max-new-tokens-negative", "{ev} --max-new-tokens -1", "base", "--max-new-tokens=-1 must be >= 0"),
+    ev("val-tokens-zero", "{ev} --val-tokens 0", "base", "--val-tokens=0 must be positive"),
+    ev("val-tokens-word", "{ev} --val-tokens most", "base", "argument --val-tokens: invalid val_budget value: 'most'"),
     ev("top-p-zero", "{ev} --top-p 0", "base", "--top-p in (0, 1]"),
     ev("text-latin1", "{ev} --text {in}/latin1.txt", "base", "{in}/latin1.txt: cannot read as UTF-8 text",
        files={"in/latin1.txt": "café, naïve\n".encode("latin-1")}),
@@ -619,7 +623,7 @@ class Outcome:
 @functools.cache
 def script_module(script: str) -> ModuleType:
     if script.startswith("data/"):
-        return M.import_data_script(Path(script).stem)
+        return R.import_data_script(Path(script).stem)
     return importlib.import_module(Path(script).stem)
 
 

@@ -12,6 +12,7 @@ from conftest import tiny_hparams
 
 import bench
 import model as M
+import runs as R
 
 
 @pytest.mark.parametrize("row, window", [(256, 128), (256, 256), (256, 1024), (1000, 1), (7, 3)])
@@ -51,7 +52,7 @@ def write_run(run_dir: Path, optimizer: str, points: list[tuple[int, float, floa
     """A finished run as pretraining.py leaves it: run.json and metrics.jsonl (step, seconds, val loss)."""
     run_dir.mkdir(parents=True)
     hp = M.Hyperparameters(**dict(M.PRESETS["shakespeare"], preset="shakespeare", optimizer=optimizer))
-    (run_dir / M.RUN_INFO).write_text(json.dumps(dict(script="pretraining.py", hyperparameters=hp.to_dict())))
+    (run_dir / R.RUN_INFO).write_text(json.dumps(dict(script="pretraining.py", hyperparameters=hp.to_dict())))
     rows = [dict(step=s, val_loss=v, train_time_ms=1000 * t) for s, t, v in points]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run_dir

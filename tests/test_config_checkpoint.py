@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import model as M
+import runs as R
 from conftest import tiny_hparams
 
 # -----------------------------------------------------------------------------
@@ -25,7 +26,7 @@ from conftest import tiny_hparams
 
 def cfg(*argv: str, env: dict[str, str] | None = None, dotenv: Path | None = None) -> M.Hyperparameters:
     """load_config isolated from the process environment and from any .env in the working directory."""
-    return M.load_config(list(argv), env=env or {}, dotenv_path=str(dotenv) if dotenv else None)
+    return R.load_config(list(argv), env=env or {}, dotenv_path=str(dotenv) if dotenv else None)
 
 
 @pytest.mark.parametrize("flag", ["--num-iterations", "--num_iterations"])
@@ -409,8 +410,8 @@ def test_prune_keeps_the_newest_steps_and_ignores_partials(tmp_path: Path) -> No
 
 def test_every_field_is_documented_in_help(capsys: pytest.CaptureFixture[str]) -> None:
     # the trailing comment of each field is its --help text (house style: one comment per field)
-    comments = M.field_comments()
+    comments = R.field_comments()
     assert sorted(comments) == sorted(f.name for f in M.dataclasses.fields(M.Hyperparameters))
     with pytest.raises(SystemExit):
-        M.build_arg_parser("pretraining.py").parse_args(["--help"])
+        R.build_arg_parser("pretraining.py").parse_args(["--help"])
     assert "tokens per rank-equivalent per step" in " ".join(capsys.readouterr().out.split())

@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 
 import model as M
+import runs as R
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 
 
-convert = M.import_data_script("convert")
-fineweb = M.import_data_script("fineweb")
+convert = R.import_data_script("convert")
+fineweb = R.import_data_script("fineweb")
 
 # tokenising tests need the GPT-2 ranks: the session fixture fetches them from the package registry once
 needs_ranks = pytest.mark.usefixtures("shakespeare_data")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import model as M
+import runs as R
 from conftest import REPO_DIR, random_documents, tiny_hparams
 
 B = 256  # global batch of the generator tests: two attention blocks, small enough for hand-made shards
@@ -383,7 +384,7 @@ def test_missing_ranks_and_no_download(tmp_path: Path, monkeypatch: pytest.Monke
 
 @pytest.fixture(scope="module")
 def shakespeare():
-    return M.import_data_script("shakespeare")
+    return R.import_data_script("shakespeare")
 
 
 def realistic_lengths(seed: int) -> dict[str, int]:

@@ -26,7 +26,7 @@ import eval as EV
 import model as M
 from conftest import REPO_DIR, random_documents, tiny_hparams
 from test_model import randomize_zero_inits
-from test_pretraining import tiny_args
+from conftest import tiny_args
 
 CPU = ("--device", "cpu")  # hermetic on machines with a GPU too; numbers compared by hand also pass --dtype fp32
 FAVOURED = 262  # " the": the multiple-choice model predicts it with probability ~0.985 everywhere

@@ -22,9 +22,10 @@ import pytest
 import torch
 
 import model as M
+import runs as R
 import pretraining
 from conftest import REPO_DIR
-from test_pretraining import free_port
+from conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -199,7 +200,7 @@ def test_kill_then_resume_is_bitwise_exact(spec: str, from_step: int, partial: s
     run_dir = tmp_path / RUN_ID
     newest = M.newest_checkpoint(run_dir)
     if from_step == 0:
-        assert newest is None and (run_dir / M.RUN_INFO).is_file()
+        assert newest is None and (run_dir / R.RUN_INFO).is_file()
     else:
         assert newest == ckpt_path(run_dir, from_step) and M.load_checkpoint(newest)["step"] == from_step
     left = partial_writes(run_dir)
@@ -364,7 +365,7 @@ def test_not_enough_disk_space_is_refused_before_training(data: Path, tmp_path: 
 def test_unwritable_run_directory_is_refused() -> None:
     """check_writable probes with a real write (so it holds for root too, who ignores permission bits)."""
     with pytest.raises(M.CheckpointError, match="cannot write to the run directory"):
-        M.check_writable(Path("/proc"))
+        R.check_writable(Path("/proc"))
 
 
 def test_log_dir_below_a_file_is_refused(data: Path, tmp_path: Path, in_process: None,
@@ -382,13 +383,13 @@ def test_log_dir_below_a_file_is_refused(data: Path, tmp_path: Path, in_process:
 
 def test_run_dir_lock_is_exclusive(tmp_path: Path) -> None:
     """A second lock on a locked run directory fails naming the holder's pid; once released it can be taken."""
-    first = M.lock_run_dir(tmp_path)
+    first = R.lock_run_dir(tmp_path)
     try:
         with pytest.raises(M.ConfigError, match=rf"is in use by another process \(pid {os.getpid()}\)"):
-            M.lock_run_dir(tmp_path)
+            R.lock_run_dir(tmp_path)
     finally:
         first.close()
-    M.lock_run_dir(tmp_path).close()
+    R.lock_run_dir(tmp_path).close()
 
 
 def test_two_runs_with_one_run_id_do_not_share_it(data: Path, tmp_path: Path) -> None:
@@ -462,7 +463,7 @@ def ft_inputs(data: Path, tmp_path_factory: pytest.TempPathFactory, shakespeare_
     r = run(["pretraining.py", *tiny_args(data, logs, "--run-id", "parent", "--vocab-size", "50257",
                                           "--num-iterations", "2", "--val-loss-every", "2")])
     assert r.returncode == 0, r.stderr
-    train, heldout = M.import_data_script("chat_tasks").build(40, 8, seed=0)
+    train, heldout = R.import_data_script("chat_tasks").build(40, 8, seed=0)
     d = tmp_path_factory.mktemp("ft_tasks")
     (d / "train.jsonl").write_text("".join(json.dumps(c) + "\n" for c in train))
     (d / "heldout.json").write_text(json.dumps({"conversations": heldout}))

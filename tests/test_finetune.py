@@ -20,8 +20,9 @@ import torch
 
 import finetune as FT
 import model as M
+import runs as R
 from conftest import random_documents, tiny_hparams
-from test_pretraining import free_port, run, tiny_args
+from conftest import free_port, run, tiny_args
 
 EOT = M.EOT_ID
 SYS, USR, AST, END = (M.CHAT_SPECIAL_TOKENS[t] for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"))
@@ -106,7 +107,7 @@ def tok(shakespeare_data: Path) -> M.Tokenizer:
 
 @pytest.fixture(scope="module")
 def chat_tasks():
-    return M.import_data_script("chat_tasks")
+    return R.import_data_script("chat_tasks")
 
 
 @pytest.fixture(scope="module")

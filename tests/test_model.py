@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import model as M
+import runs as R
 from conftest import REPO_DIR, random_documents, tiny_hparams
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -647,12 +648,12 @@ def test_compile_auto_picks_whole_model_for_cpu_pretraining_only() -> None:
         for whole in (False, True):
             hp = tiny_hparams(compile=mode)
             rt = M.init_runtime(hp, whole_model_on_cpu=whole)
-            pick[mode, whole] = (rt.compile, rt.compile_head, M.warm_up_steps(hp, rt))
+            pick[mode, whole] = (rt.compile, rt.compile_head, R.warm_up_steps(hp, rt))
     assert pick == {("auto", False): (False, True, 0), ("auto", True): (True, False, 2),
                     ("on", False): (True, False, 2), ("on", True): (True, False, 2),
                     ("head", False): (False, True, 0), ("head", True): (False, True, 0),
                     ("off", False): (False, False, 0), ("off", True): (False, False, 0)}
-    assert M.warm_up_steps(tiny_hparams(compile="on", warmup_steps=5), M.Runtime(device=torch.device("cpu"),
+    assert R.warm_up_steps(tiny_hparams(compile="on", warmup_steps=5), M.Runtime(device=torch.device("cpu"),
                                                                                  compile=True)) == 5
     assert torch.are_deterministic_algorithms_enabled()  # CPU runs: compiled scatter-adds in a fixed order
 

@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import model as M
+import runs as R
 from conftest import tiny_hparams
 
 # No example database (it would write .hypothesis/ into the repo) and no deadline (CI machines are slow).
@@ -99,7 +100,7 @@ def preset_config(**values: Any) -> M.Hyperparameters:
 @functools.cache
 def cli_parser() -> argparse.ArgumentParser:
     """Built once: the build reads model.py's source for the help texts (50 ms), parsing then takes 0.1 ms."""
-    return M.build_arg_parser("pretraining.py")
+    return R.build_arg_parser("pretraining.py")
 
 
 def parse(argv: list[str], env: dict[str, str], dotenv: Path | None = None) -> tuple[str, Any]:
@@ -109,9 +110,9 @@ def parse(argv: list[str], env: dict[str, str], dotenv: Path | None = None) -> t
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            overrides = M.explicit_overrides(argv, env=env, dotenv_path=str(dotenv) if dotenv else None,
+            overrides = R.explicit_overrides(argv, env=env, dotenv_path=str(dotenv) if dotenv else None,
                                              parser=cli_parser())
-            return "ok", M.config_from_overrides(overrides)
+            return "ok", R.config_from_overrides(overrides)
     except M.ConfigError as e:
         return "config", str(e)
     except SystemExit as e:
@@ -130,7 +131,7 @@ def test_parse_helper_is_load_config(argv: list[str], env: dict[str, str]) -> No
     """The properties below call parse(); it must agree with load_config itself."""
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            direct: tuple[str, Any] = "ok", M.load_config(argv, env=env, dotenv_path=None)
+            direct: tuple[str, Any] = "ok", R.load_config(argv, env=env, dotenv_path=None)
     except M.ConfigError as e:
         direct = "config", str(e)
     except SystemExit as e:
@@ -152,7 +153,7 @@ def test_flag_and_env_give_the_coerced_value_or_a_config_error(name: str, raw: s
     """Any string, as --flag=VALUE or NANOGPT_NAME=VALUE, sets exactly that field to _coerce(VALUE), or both routes
     raise a one-line ConfigError naming the flag; nothing else changes and no other exception escapes."""
     cli = parse([f"--preset={PRESET}", f"{flag(name)}={raw}"], {})
-    env = parse([f"--preset={PRESET}"], {f"{M.ENV_PREFIX}{name.upper()}": raw})
+    env = parse([f"--preset={PRESET}"], {f"{R.ENV_PREFIX}{name.upper()}": raw})
     assert cli[0] == env[0], (cli, env)
     if env[0] == "config":
         assert env[1].startswith(f"{flag(name)}: invalid value {raw!r}") and one_line(env[1])
@@ -191,7 +192,7 @@ def test_well_formed_values_parse_to_themselves(name: str, data: st.DataObject) 
     else:
         raw = expected = data.draw(st.text())  # strings are kept as typed, whitespace and all
     for outcome in (parse([f"--preset={PRESET}", f"{flag(name)}={raw}"], {}),
-                    parse([f"--preset={PRESET}"], {f"{M.ENV_PREFIX}{name.upper()}": raw})):
+                    parse([f"--preset={PRESET}"], {f"{R.ENV_PREFIX}{name.upper()}": raw})):
         assert outcome[0] == "ok" and same(getattr(outcome[1], name), expected), outcome
 
 
@@ -214,11 +215,11 @@ def test_preset_is_a_known_name_or_an_error(raw: str) -> None:
                      st.text(max_size=12)))
 def test_only_hyperparameters_may_use_the_env_prefix(key: str) -> None:
     """A NANOGPT_* variable that names no field (a typo) is a ConfigError naming it; other variables are ignored."""
-    name = key[len(M.ENV_PREFIX):].lower()
-    known = key.startswith(M.ENV_PREFIX) and name in FIELD_TYPES
+    name = key[len(R.ENV_PREFIX):].lower()
+    known = key.startswith(R.ENV_PREFIX) and name in FIELD_TYPES
     value = str(getattr(preset_config(), name)) if known else "1"
     outcome = parse([f"--preset={PRESET}"], {key: value})
-    if key.startswith(M.ENV_PREFIX) and not known and key != "NANOGPT_RANKS_FILE":
+    if key.startswith(R.ENV_PREFIX) and not known and key != "NANOGPT_RANKS_FILE":
         assert outcome == ("config", f"environment variable {key} names no hyperparameter")
     else:
         assert same_outcome(outcome, ("ok", preset_config()))  # the value given is the preset's own, or ignored
@@ -231,7 +232,7 @@ def test_precedence_is_cli_then_env_then_dotenv_then_preset(scratch: Path, name:
                                                             values: tuple[int | None, ...]) -> None:
     """Whichever sources set a field, the highest of CLI > environment > .env wins; with none, the preset does."""
     cli, env, dot = values
-    key = f"{M.ENV_PREFIX}{name.upper()}"
+    key = f"{R.ENV_PREFIX}{name.upper()}"
     with fresh_dir(scratch) as d:
         dotenv = d / ".env"
         dotenv.write_text(f"{key}={dot}\n" if dot is not None else "")

@@ -18,9 +18,10 @@ import pytest
 import torch
 
 import model as M
+import runs as R
 import train_gpt as T
 from conftest import REPO_DIR, random_documents, tiny_hparams
-from test_pretraining import free_port, read_metrics, run, tiny_args
+from conftest import free_port, read_metrics, run, tiny_args
 
 SOURCE = (REPO_DIR / "train_gpt.py").read_text(encoding="utf-8")
 
@@ -66,11 +67,12 @@ def test_import_does_no_work(tmp_path: Path) -> None:
 
 
 def test_sections_follow_model_py_order() -> None:
-    """The banners of train_gpt.py are model.py's, in model.py's order (tokenizer and generation excepted: training
-    needs neither), then training."""
-    banner = re.compile(r"^# -{77}\n# (\w[\w ]*)$", re.MULTILINE)
+    """The banners of train_gpt.py name model.py's sections, in model.py's order (atomic files, tokenizer and
+    generation excepted: the record's training writes with torch.save and needs no tokenizer), then training."""
+    banner = re.compile(r"^# -{77}\n# (\w[\w ]*?)(?::.*)?$", re.MULTILINE)
     ours = banner.findall(SOURCE)
-    lib = [s for s in banner.findall((REPO_DIR / "model.py").read_text()) if s not in ("Tokenizer", "Generation")]
+    skipped = ("Atomic files", "Tokenizer and chat format", "Generation")
+    lib = [s for s in banner.findall((REPO_DIR / "model.py").read_text()) if s not in skipped]
     assert ours == lib + ["Training"], ours
 
 
@@ -97,7 +99,7 @@ def test_hyperparameters_fields_and_presets_equal() -> None:
 ])
 def test_same_flags_give_same_config(argv: list[str], env: dict[str, str]) -> None:
     ours = T.load_config(argv, env=env)
-    lib = M.load_config(argv, env=env, dotenv_path=None)
+    lib = R.load_config(argv, env=env, dotenv_path=None)
     assert dataclasses.asdict(ours) == lib.to_dict()
 
 
@@ -109,7 +111,7 @@ def test_same_flags_give_same_config(argv: list[str], env: dict[str, str]) -> No
 ])
 def test_bad_values_give_same_message(argv: list[str], env: dict[str, str]) -> None:
     with pytest.raises(M.ConfigError) as lib:
-        M.load_config(argv, env=env, dotenv_path=None)
+        R.load_config(argv, env=env, dotenv_path=None)
     with pytest.raises(T.ConfigError) as ours:
         T.load_config(argv, env=env)
     assert str(ours.value) == str(lib.value)
@@ -133,7 +135,7 @@ def test_validation_messages_equal(overrides: dict, world_size: int) -> None:
 
 def test_help_lists_every_field_with_its_comment() -> None:
     text = T.build_arg_parser().format_help()
-    for name, comment in M.field_comments().items():
+    for name, comment in R.field_comments().items():
         if name != "preset":
             assert f"--{name.replace('_', '-')}" in text, name
     assert "optimizer steps" in text
