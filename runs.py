@@ -246,6 +246,26 @@ def trim_metrics(path: Path, step: int) -> None:
         f.writelines(kept)
 
 
+def set_aside_later_checkpoints(run_dir: Path, step: int) -> list[Path]:
+    """A run resumed from an earlier checkpoint than its newest starts a new branch: its checkpoints past `step`
+    move to run_dir/superseded/ (kept, never deleted), so `--resume latest` and pruning see only the new branch, as
+    metrics.jsonl does after trim_metrics."""
+    later = [p for p in M.run_checkpoints(run_dir) if int(M.CHECKPOINT_RE.fullmatch(p.name).group(1)) > step]
+    if not later:
+        return []
+    aside = run_dir / "superseded"
+    aside.mkdir(exist_ok=True)
+    moved = []
+    for p in later:
+        target = aside / p.name
+        if target.exists():  # set aside twice at the same step: keep both
+            target = aside / f"{p.stem}.{time.strftime('%Y%m%d-%H%M%S')}{p.suffix}"
+        p.rename(target)
+        moved.append(target)
+    print(f"{run_dir}: resuming at step {step}: {len(moved)} later checkpoint(s) moved to {aside}/", flush=True)
+    return moved
+
+
 def _prepare_run_dir(hp: Hyperparameters, script: str, resume_step: int | None, bytes_per_checkpoint: int,
                      info: dict[str, Any]) -> RunDir:
     """Rank 0's part of open_run_dir: create or reuse, lock, check, and record the run."""
@@ -270,6 +290,7 @@ def _prepare_run_dir(hp: Hyperparameters, script: str, resume_step: int | None, 
         for partial in path.glob(".state_step*.pt.tmp*"):  # left by a write that was killed
             partial.unlink(missing_ok=True)
         trim_metrics(path / "metrics.jsonl", resume_step)
+        set_aside_later_checkpoints(path, resume_step)
     if resume_step is None or not (path / RUN_INFO).exists():
         config = dict(hp.to_dict(), run_id=run.run_id)
         with M.atomic_write(path / RUN_INFO, "w") as f:
@@ -441,6 +462,14 @@ def diverged(problem: str, previous: Path | None, hint: str = DIVERGENCE_HINT) -
     return TrainingError(f"{problem}; stopped without writing a checkpoint ({kept}). {hint}")
 
 
+def write_failure(error: BaseException) -> OSError | None:
+    """The OSError behind a failed write. torch.save's zip writer reports a write the kernel refused part way (full
+    disk, file-size limit) as a RuntimeError ("unexpected pos ..."), with the OSError as its context."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
 class Saver:
     """Rank 0 writes the run's checkpoints. Non-finite weights are refused (a NaN checkpoint would become `latest`
     and replace a good one), older checkpoints are pruned only after the new one is in place, and a failed write is
@@ -475,10 +504,13 @@ class Saver:
             M.save_checkpoint(path, step=step, model=model, optimizers=optimizers, hp=self.hp, code=self.code,
                               data_position=data_position, val_loss=val_loss,
                               extra={**self.extra, "val_step": val_step, **extra})
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
+            cause = write_failure(e)
+            if cause is None:
+                raise
             kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-            raise TrainingError(f"{path}: checkpoint not written ({e.strerror or e}); {kept}. Free space or fix the "
-                                f"directory, then continue with --resume latest") from None
+            raise TrainingError(f"{path}: checkpoint not written ({cause.strerror or cause}); {kept}. Free space or "
+                                f"fix the directory, then continue with --resume latest") from None
         M.prune_checkpoints(self.run.path, self.hp.keep_checkpoints)  # only after the new one is safely in place
         return path
 

@@ -401,10 +401,6 @@ def test_saver_failed_write_keeps_the_previous_checkpoint(tmp_path: Path, monkey
     assert sorted(p.name for p in saver.run.path.iterdir()) == ["state_step000002.pt"]
 
 
-@pytest.mark.xfail(strict=True, reason="runs.py bug: Saver.save catches only OSError, but when the kernel refuses "
-                   "a write inside torch.save (full disk, file-size limit) torch's zip writer usually raises "
-                   "RuntimeError('[enforce fail at inline_container.cc:...] unexpected pos ...') with the OSError as "
-                   "its __context__, so the run ends in a traceback instead of the one-line TrainingError")
 def test_saver_real_failed_write_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     """A write the kernel refuses part way (RLIMIT_FSIZE, like a full disk), through the real torch.save: one
     TrainingError naming the previous checkpoint, which stays byte-identical, and no file left behind."""
@@ -539,9 +535,6 @@ def resumed_from_an_earlier_checkpoint(log_dir: Path, keep: int) -> tuple[R.RunD
     return run, R.Saver(cpu(), run, hp, {}), small_model(hp)
 
 
-@pytest.mark.xfail(strict=True, reason="runs.py bug: resuming from an earlier checkpoint leaves the abandoned "
-                   "branch's later checkpoints in place (metrics past the step are trimmed, checkpoints are not), "
-                   "so the `--resume latest` that StopSignal.report tells the user to run picks the stale step 6")
 def test_resume_latest_after_resuming_an_earlier_checkpoint_continues_the_new_branch(log_dir: Path) -> None:
     """Stopped at step 4 after resuming from step 3: --resume latest continues from the step-4 checkpoint."""
     run, saver, model = resumed_from_an_earlier_checkpoint(log_dir, keep=2)
@@ -552,9 +545,6 @@ def test_resume_latest_after_resuming_an_earlier_checkpoint_continues_the_new_br
     assert R.resolve_resume("latest", log_dir, "pretraining.py").checkpoint == written
 
 
-@pytest.mark.xfail(strict=True, reason="runs.py bug: Saver.save prunes by step, so after resuming from an earlier "
-                   "checkpoint with --keep-checkpoints 1 it deletes the checkpoint it just wrote (keeping the stale "
-                   "step 6) and returns the path of a file that no longer exists")
 def test_saver_never_prunes_the_checkpoint_it_just_wrote(log_dir: Path) -> None:
     """save() returns a checkpoint that exists, also in a run resumed from an earlier checkpoint."""
     run, saver, model = resumed_from_an_earlier_checkpoint(log_dir, keep=1)
