@@ -126,8 +126,11 @@ def warm_up(forward, raw_model, optimizers, hp: Hyperparameters, rt: Runtime, wi
     return steps
 
 
-def log_summary(log: R.RunLog, rt: Runtime, hp: Hyperparameters, raw_model, run_dir: Path, preset_given: bool,
-                start_step: int | None) -> None:
+def open_log(rt: Runtime, hp: Hyperparameters, code: dict[str, str], raw_model, run_dir: Path, preset_given: bool,
+             start_step: int | None) -> R.RunLog:
+    """The run's log: code and config first, then what runs where and how large it is."""
+    log = R.RunLog(rt, run_dir)
+    log.header(hp, code)
     counts = M.param_counts(raw_model)
     step_tokens = hp.tokens_per_step
     compiled = "model" if rt.compile else "loss-head" if rt.compile_head else "off"
@@ -138,6 +141,7 @@ def log_summary(log: R.RunLog, rt: Runtime, hp: Hyperparameters, raw_model, run_
               f"tokens/step:{step_tokens:,} budget:{step_tokens * hp.num_iterations:,} tokens "
               f"accumulation:{hp.rank_equivalents // rt.world_size}" +
               (f" resumed_from:{hp.resume} step:{start_step}" if start_step is not None else ""))
+    return log
 
 
 def train(run: R.ScriptRun, hp: Hyperparameters, rt: Runtime, resume: R.Resume | None,
@@ -155,11 +159,8 @@ def train(run: R.ScriptRun, hp: Hyperparameters, rt: Runtime, resume: R.Resume |
                                  R.checkpoint_bytes(raw_model, optimizers))
     hp = dataclasses.replace(hp, run_id=run.run_dir.run_id)  # the config as checkpoints and log.txt record it
     run_dir = run.run_dir.path
-    log = R.RunLog(rt, run_dir)
-    log.header(hp, code)
-    log_summary(log, rt, hp, raw_model, run_dir, preset_given, start_step if resume else None)
+    log = open_log(rt, hp, code, raw_model, run_dir, preset_given, start_step if resume else None)
     saver = R.Saver(rt, run.run_dir, hp, code)
-    step_tokens = hp.tokens_per_step
     window = torch.zeros((), dtype=torch.int32, device=rt.device)  # a tensor, so compile does not recompile
     warmed = warm_up(forward, raw_model, optimizers, hp, rt, window)
     if warmed:
@@ -214,7 +215,7 @@ def train(run: R.ScriptRun, hp: Hyperparameters, rt: Runtime, resume: R.Resume |
             elapsed = training_time_ms + 1000 * (time.perf_counter() - t0)
             done = step + 1 - timed_from
             log.print(f"step:{step + 1}/{hp.num_iterations} train_loss:{train_loss:.4f} train_time:{elapsed:.0f}ms "
-                      f"step_avg:{elapsed / done:.2f}ms tok/s:{step_tokens * done / (elapsed / 1000):.0f}")
+                      f"step_avg:{elapsed / done:.2f}ms tok/s:{hp.tokens_per_step * done / (elapsed / 1000):.0f}")
             log.metrics(step=step + 1, train_loss=train_loss, train_time_ms=elapsed, lr_mult=M.get_lr(step, hp))
     finally:
         stop.restore()

