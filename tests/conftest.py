@@ -1,4 +1,8 @@
-"""Shared fixtures: a tiny CPU model config and shard writers. Tests never touch the network."""
+"""Every helper and fixture that more than one test file uses: the tiny CPU model config, shard writers, script
+runners, the GPT-2 tokenizer, tiny checkpoints for eval.py and chat.py, and a tiny pretrained parent with its chat
+task for finetune.py. Test modules import from here (`from conftest import ...`), never from each other; tests
+never touch the network.
+"""
 from __future__ import annotations
 
 import json
@@ -6,17 +10,29 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
 
 import model as M  # noqa: E402
 import runs as R  # noqa: E402
+
+CPU = ("--device", "cpu")  # hermetic on machines with a GPU too; numbers compared by hand also pass --dtype fp32
+CPU_FP32 = ("--dtype", "fp32", "--compile", "off", "--device", "cpu")  # bitwise reproducible finetune.py runs
+PADDED_VOCAB = 50304  # 50257 rounded up to a multiple of 128, as GPT pads it
+NEVER = -1000.0  # lm_head weight on the constant hidden dimension: raw logit ~ -5000, soft-capped to ~0 (vs ~15)
+
+
+# -----------------------------------------------------------------------------
+# The tiny model: config, random data, weights
 
 
 def tiny_hparams(**overrides) -> M.Hyperparameters:
@@ -29,6 +45,11 @@ def tiny_hparams(**overrides) -> M.Hyperparameters:
     return M.Hyperparameters(**values)
 
 
+def cfg(*argv: str, env: dict[str, str] | None = None, dotenv: Path | None = None) -> M.Hyperparameters:
+    """runs.load_config isolated from the process environment and from any .env in the working directory."""
+    return R.load_config(list(argv), env=env or {}, dotenv_path=str(dotenv) if dotenv else None)
+
+
 def random_documents(n_tokens: int, seed: int = 0, vocab: int = 50257, mean_doc_len: int = 200) -> np.ndarray:
     """Random tokens with <|endoftext|> at random document starts (first token included)."""
     rng = np.random.default_rng(seed)
@@ -36,6 +57,64 @@ def random_documents(n_tokens: int, seed: int = 0, vocab: int = 50257, mean_doc_
     tokens[rng.random(n_tokens) < 1 / mean_doc_len] = M.EOT_ID
     tokens[0] = M.EOT_ID
     return tokens.astype(np.uint16)
+
+
+def random_tokens(B: int, T: int, seed: int, eot_positions: dict[int, list[int]] | None = None) -> Tensor:
+    """(B, T) int64 tokens below EOT_ID, with <|endoftext|> exactly at eot_positions[row]."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, M.EOT_ID, (B, T), generator=gen)
+    for row, positions in (eot_positions or {}).items():
+        tokens[row, positions] = M.EOT_ID
+    return tokens
+
+
+def doc_ids(tokens_BT: Tensor) -> Tensor:
+    """(B, T) index of the document each token belongs to: the count of <|endoftext|> up to and including it."""
+    return (tokens_BT == M.EOT_ID).cumsum(dim=1)
+
+
+def randomize_zero_inits(model: M.GPT, seed: int = 1, head_std: float = 1.0) -> M.GPT:
+    """Give lm_head and every c_proj non-zero weights: they start at zero, which would hide attention and MLPs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=gen) * head_std)
+        for name, p in model.named_parameters():
+            if name.endswith("c_proj.weight"):
+                p.copy_(torch.randn(p.shape, generator=gen) * p.size(-1) ** -0.5)
+    return model
+
+
+def never_stopping_model(hp: M.Hyperparameters, tok: M.Tokenizer) -> M.GPT:
+    """Random weights, but <|endoftext|>, the chat tokens and every token holding a newline are practically
+    impossible: a large constant embedding dimension keeps hidden dimension 0 positive at every position, and
+    their lm_head rows weigh it by NEVER (raw logit ~ -5000, capped logit ~0 against ~15 for the others)."""
+    torch.manual_seed(0)
+    model = randomize_zero_inits(M.GPT.from_hparams(hp), seed=1)
+    banned = [i for i in range(M.EOT_ID) if b"\n" in tok.token_bytes(i) or b"\r" in tok.token_bytes(i)]
+    banned += range(M.EOT_ID, model.lm_head.weight.size(0))
+    with torch.no_grad():
+        model.embed.weight[:, 0] = 50.0
+        model.lm_head.weight[banned] = 0.0
+        model.lm_head.weight[banned, 0] = NEVER
+        x = torch.randint(0, M.EOT_ID, (4, 128), generator=torch.Generator().manual_seed(2))
+        logits = model(x, None, M.final_window_blocks(hp))  # (B, T, V)
+    assert float(logits[..., banned].max()) < 1 < 10 < float(logits.topk(50, dim=-1).values[..., -1].min())
+    return model
+
+
+def write_checkpoint(log_dir: Path, run_id: str, step: int, model: M.GPT, hp: M.Hyperparameters,
+                     kind: str = "base", age_s: float = 0.0) -> Path:
+    """A checkpoint as pretraining.py (base) or finetune.py (chat) writes it; age_s moves its mtime back."""
+    path = M.save_checkpoint(M.checkpoint_path(log_dir, run_id, step), step=step, model=model, optimizers=[], hp=hp,
+                             code={}, extra={"kind": "chat"} if kind == "chat" else None)
+    if age_s:
+        t = time.time() - age_s
+        os.utime(path, (t, t))
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Running the scripts
 
 
 def tiny_args(shard_dir: Path, log_dir: Path, run_id: str, *extra: str) -> list[str]:
@@ -48,25 +127,17 @@ def tiny_args(shard_dir: Path, log_dir: Path, run_id: str, *extra: str) -> list[
             "--muon-momentum-warmup", "3", "--dtype", "fp32", "--compile", "off", "--device", "cpu", *extra]
 
 
+def ft_args(log_dir: Path, run_id: str, *extra: str) -> list[str]:
+    """finetune.py for 4 steps with a validation every 2 (checkpoints at steps 2 and 4), fp32, uncompiled."""
+    return ["finetune.py", "--log-dir", str(log_dir), "--run-id", run_id, "--num-iterations", "4",
+            "--val-loss-every", "2", *CPU_FP32, *extra]
+
+
 def run(cmd: list[str], timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """cmd in the repository with one thread and no NANOGPT_* variable (plus env), output captured as text."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("NANOGPT_")}
     full_env.update(env or {}, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, cwd=REPO_DIR, capture_output=True, text=True, timeout=timeout, env=full_env)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def read_metrics(run_dir: Path) -> tuple[list[float], list[float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["train_loss"] for r in rows if "train_loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
-
-
-def final_weights(run_dir: Path, step: int = 6) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / f"state_step{step:06d}.pt", weights_only=True)["model"]
 
 
 def run_script(argv: list[str], timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -74,8 +145,59 @@ def run_script(argv: list[str], timeout: int = 300, env: dict[str, str] | None =
     return run([sys.executable, *argv], timeout, env)
 
 
+def script_env() -> dict[str, str]:
+    """As run(): one thread, no NANOGPT_* variables; a dumb terminal so readline adds no escapes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NANOGPT_")}
+    env.update(OMP_NUM_THREADS="1", TERM="dumb")
+    return env
+
+
+def script(name: str, *args: str, stdin: bytes = b"", timeout: int = 120) -> subprocess.CompletedProcess:
+    """python NAME ARGS in the repository with stdin bytes (piped, not a terminal); output decoded as UTF-8."""
+    r = subprocess.run([sys.executable, name, *args], cwd=REPO_DIR, input=stdin, capture_output=True,
+                       env=script_env(), timeout=timeout)
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode())
+
+
+def eval_json(*args: str) -> dict:
+    """eval.py --device cpu --json ARGS: its results, after checking it exited 0 without a traceback."""
+    r = script("eval.py", *CPU, "--json", *args)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    return json.loads(r.stdout)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for torchrun's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(run_dir: Path) -> tuple[list[float], list[float]]:
+    """(train losses, val losses) of a run's metrics.jsonl, in order."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train_loss"] for r in rows if "train_loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
+
+
+def metric_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train rows, val rows) of metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "train_loss" in r], [r for r in rows if "val_loss" in r]
+
+
+def final_weights(run_dir: Path, step: int = 6) -> dict[str, torch.Tensor]:
+    """The model weights of a run's checkpoint at step."""
+    return torch.load(run_dir / f"state_step{step:06d}.pt", weights_only=True)["model"]
+
+
+# -----------------------------------------------------------------------------
+# Fixtures: the tiny config and shards, the real data and tokenizer
+
+
 @pytest.fixture
 def tiny_hp() -> M.Hyperparameters:
+    """tiny_hparams() with no override."""
     return tiny_hparams()
 
 
@@ -92,6 +214,7 @@ def shard_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
+    """Every test starts from torch's global seed 0."""
     torch.manual_seed(0)
 
 
@@ -103,3 +226,79 @@ def shakespeare_data() -> Path:
     """
     R.import_data_script("shakespeare").prepare()
     return REPO_DIR / "data" / "shakespeare"
+
+
+@pytest.fixture(scope="session")
+def tok(shakespeare_data: Path) -> M.Tokenizer:
+    """The GPT-2 tokenizer from the ranks file shakespeare_data fetched and verified, named by path, so that neither
+    NANOGPT_RANKS_FILE nor tiktoken's download and cache (reached only when the file is missing) take part."""
+    ranks = shakespeare_data.parent / "gpt2.tiktoken"
+    assert ranks == M.GPT2_RANKS_FILE and ranks.is_file()
+    return M.get_tokenizer(ranks)
+
+
+# -----------------------------------------------------------------------------
+# Fixtures: tiny checkpoints for eval.py and chat.py
+
+
+@pytest.fixture(scope="session")
+def ckpt_hp(tmp_path_factory: pytest.TempPathFactory, shakespeare_data: Path) -> M.Hyperparameters:
+    """The tiny model's config, with train and val shards of random documents of its own (and, through
+    shakespeare_data, the data/gpt2.tiktoken that every checkpoint fixture's scripts need)."""
+    d = tmp_path_factory.mktemp("shards")
+    M.write_data_shard(d / "tiny_train_000000.bin", random_documents(3000, seed=1))
+    M.write_data_shard(d / "tiny_val_000000.bin", random_documents(3000, seed=3))
+    return tiny_hparams(train_files=str(d / "tiny_train_*.bin"), val_files=str(d / "tiny_val_*.bin"))
+
+
+@pytest.fixture(scope="session")
+def long_logs(ckpt_hp: M.Hyperparameters, tok: M.Tokenizer,
+              tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One log dir with a never-stopping base checkpoint (step 10, newest) and the same weights fine-tuned
+    ('chat', step 5, a minute older)."""
+    model, logs = never_stopping_model(ckpt_hp, tok), tmp_path_factory.mktemp("chat_logs")
+    return dict(logs=logs, chat=write_checkpoint(logs, "sft", 5, model, ckpt_hp, kind="chat", age_s=60),
+                base=write_checkpoint(logs, "pre", 10, model, ckpt_hp))
+
+
+# -----------------------------------------------------------------------------
+# Fixtures: a tiny pretrained parent and the synthetic chat task for finetune.py
+
+
+@pytest.fixture(scope="session")
+def chat_tasks() -> ModuleType:
+    """data/chat_tasks.py, imported without running it."""
+    return R.import_data_script("chat_tasks")
+
+
+@pytest.fixture(scope="session")
+def parent(tmp_path_factory: pytest.TempPathFactory, shakespeare_data: Path) -> Path:
+    """pretraining.py's step-6 checkpoint of the 2-layer, 64-wide model on random shards, in its own log dir
+    (shakespeare_data provides the tokenizer ranks that finetune.py needs)."""
+    shards = tmp_path_factory.mktemp("ft_shards")
+    M.write_data_shard(shards / "tiny_train_000000.bin", random_documents(6000, seed=1))
+    M.write_data_shard(shards / "tiny_val_000000.bin", random_documents(3000, seed=3))
+    logs = tmp_path_factory.mktemp("ft_logs")
+    r = run([sys.executable, "pretraining.py", *tiny_args(shards, logs, "parent")])
+    assert r.returncode == 0, r.stderr
+    return logs / "parent" / "state_step000006.pt"
+
+
+@pytest.fixture(scope="session")
+def task_files(tmp_path_factory: pytest.TempPathFactory, chat_tasks: ModuleType) -> tuple[Path, Path]:
+    """40 training conversations of the synthetic task as JSONL and 8 held-out ones as JSON."""
+    train, heldout = chat_tasks.build(40, 8, seed=0)
+    d = tmp_path_factory.mktemp("tasks")
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (d / "heldout.json").write_text(json.dumps({"conversations": heldout}))
+    return d / "train.jsonl", d / "heldout.json"
+
+
+@pytest.fixture(scope="session")
+def straight(parent: Path, task_files: tuple[Path, Path]) -> Path:
+    """The run the resume, torchrun and Adam tests compare against: 4 Muon steps on the task in one process."""
+    logs = parent.parent.parent
+    r = run([sys.executable, *ft_args(logs, "straight", "--checkpoint", str(parent), "--data", str(task_files[0]),
+                                      "--val-data", str(task_files[1]))])
+    assert r.returncode == 0, r.stderr
+    return logs / "straight"

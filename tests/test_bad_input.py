@@ -1,9 +1,11 @@
-"""Bad input, one table for every script. The policy (STYLE.md rule 16): every way a user can get input wrong ends
-in exactly one stderr line `<script>: error: ...` that names the file, record, line or flag and what to do, exit
-code 2, no traceback, and nothing already on disk damaged: every file under the case's directory is byte-identical
-afterwards and no file or directory has appeared (no partial output, no empty run directory). Odd but valid input
-to chat.py (empty lines, 50,000 characters, invalid UTF-8, special-token spellings, emoji) is not an error: exit 0,
-no traceback, and typed special tokens stay plain text.
+"""The bad-input contract of every script, in one table.
+
+The policy: every way a user can get input wrong ends in exactly one line on stderr, `<script>: error: ...`, naming
+the file, record, line or flag and what to do, with exit code 2, no traceback, and nothing on disk changed. Checked
+here as: every file under the case's directory is byte-identical afterwards and no file or directory has appeared
+(no partial output, no empty run directory). Odd but valid input to chat.py (empty lines, 50,000 characters,
+invalid UTF-8, special-token spellings, emoji) is not an error: exit 0, no traceback, and typed special tokens stay
+plain text.
 
 Every row of CASES runs in-process: the script's main(argv) under capsys, with the case's directory as the working
 directory (so no .env but the case's own is read) and no NANOGPT_* variable set. An exception other than SystemExit
@@ -21,7 +23,7 @@ code=0 (must succeed), replies= (chat.py: replies expected), timeout= (seconds, 
 
 Placeholders: {tmp} the case's directory, {in} {logs} {empty} {data} its folders, {ckpt} the tiny base checkpoint
 (logs/base/state_step000006.pt, setup "base"), {chat} a fine-tuned one (logs/sft/state_step000004.pt, setup "chat");
-{tiny} the tiny model's pretraining flags (tests/test_pretraining.py tiny_args, run id "run"), {ft}, {ev}, {ch}
+{tiny} the tiny model's pretraining flags (tests/conftest.py tiny_args, run id "run"), {ft}, {ev}, {ch}
 the base flags of finetune.py, eval.py and chat.py.
 
     python -m pytest tests/test_bad_input.py -q       # about 75 s on 2 cores, 15 s of it the 100 MB record (slow)
@@ -309,7 +311,7 @@ CASES: list[Case] = [
     ft("architecture-flags-differ", "{ft} --model-dim 128 --num-heads 4", "base",
        "embed.weight has shape (50304, 64) in the checkpoint", files=dj(GOOD3)),
 
-    # eval.py (moved from test_eval_chat.py: the first nine)
+    # eval.py (moved from the former test_eval_chat.py, now test_eval.py and test_chat.py: the first nine)
     ev("checkpoint-missing", "{ev} --checkpoint {tmp}/gone/state_step000001.pt", "base",
        "{tmp}/gone/state_step000001.pt: checkpoint not found"),
     ev("latest-in-empty-log-dir", "{ev} --checkpoint latest --log-dir {empty}", "base",

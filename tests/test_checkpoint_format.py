@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import read_metrics, run_script, tiny_args
+from conftest import metric_rows, read_metrics, run_script, tiny_args
 
 pytestmark = pytest.mark.slow
 
@@ -56,9 +56,14 @@ def test_an_old_checkpoint_evaluates_chats_and_resumes_bitwise(shard_dir: Path, 
     assert scored.returncode == 0, scored.stderr
     results = json.loads(scored.stdout)
     assert results["step"] == 3 and results["kind"] == "base" and "samples" not in results
-    # the same 512 validation tokens in rows of 128 as training validated: the loss the checkpoint recorded
+    # the same 512 validation tokens in rows of 128 as training validated: the loss training logged at step 3. A
+    # checkpoint is written before its step's validation (so a failed evaluation loses nothing), so the val loss it
+    # records is the one of its val_step
     assert results["val"]["tokens"] == 512
-    assert results["val"]["loss"] == pytest.approx(torch.load(old_path, weights_only=True)["val_loss"], rel=1e-5)
+    logged = {r["step"]: r["val_loss"] for r in metric_rows(tmp_path / "a" / "full")[1]}
+    old = torch.load(old_path, weights_only=True)
+    assert old["val_loss"] == logged[old["val_step"]]
+    assert results["val"]["loss"] == pytest.approx(logged[3], rel=1e-5)
 
     chat = run_script(["chat.py", "--checkpoint", str(old_path), "--prompt", "Good morrow", "--max-new-tokens", "5"])
     assert chat.returncode == 0, chat.stderr

@@ -1,4 +1,4 @@
-"""GPU-only paths: compiled FlexAttention vs the SDPA reference, the FP8 head, a compiled training step.
+"""model.py's GPU-only paths: compiled FlexAttention vs the SDPA reference, the FP8 head, a compiled training step.
 
 Skipped on machines without CUDA (CI has none); run them with `python -m pytest tests/test_cuda.py` on a GPU.
 """

@@ -354,7 +354,7 @@ def test_not_enough_disk_space_is_refused_before_training(data: Path, tmp_path: 
                                                           monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture) -> None:
     """1 MB free: exit 2 with one line, and the refused run leaves no run directory."""
-    monkeypatch.setattr(M.shutil, "disk_usage", lambda path: DiskUsage(10**9, 10**9 - 10**6, 10**6))
+    monkeypatch.setattr(R.shutil, "disk_usage", lambda path: DiskUsage(10**9, 10**9 - 10**6, 10**6))  # runs.py checks
     logs = tmp_path / "logs"
     code, err = main_exit(tiny_args(data, logs), capsys)
     assert code == 2 and len(err) == 1 and "not enough disk space" in err[0], err

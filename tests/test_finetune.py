@@ -1,6 +1,6 @@
 """finetune.py: the chat template and its loss mask, truncation, packing, and short real runs (loss down, chat
-checkpoint, exact resume, torchrun parity, Adam) from a tiny pretrained parent made here (bad input:
-tests/test_bad_input.py). CPU only.
+checkpoint, exact resume, Adam) from a tiny pretrained parent (conftest.py's `parent` and `straight`; torchrun
+parity: tests/test_torchrun.py; bad input: tests/test_bad_input.py). CPU only.
 
     python -m pytest tests/test_finetune.py -q       # about 2 min on 2 cores
 """
@@ -20,15 +20,12 @@ import torch
 
 import finetune as FT
 import model as M
-import runs as R
-from conftest import random_documents, tiny_hparams
-from conftest import free_port, run, tiny_args
+from conftest import ft_args, metric_rows, run, tiny_hparams
 
 EOT = M.EOT_ID
 SYS, USR, AST, END = (M.CHAT_SPECIAL_TOKENS[t] for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"))
 IGNORE = FT.IGNORE
 CONTEXT = 128  # the parent's row_len: the longest conversation a row holds
-CPU_FP32 = ("--dtype", "fp32", "--compile", "off", "--device", "cpu")  # bitwise reproducible runs
 
 
 # -----------------------------------------------------------------------------
@@ -43,24 +40,8 @@ def convo(*messages: dict) -> dict:
     return {"messages": list(messages)}
 
 
-def doc(*records: object) -> str:
-    return json.dumps({"conversations": list(records)})
-
-
 LONG = " ".join(["word"] * 150)  # ~150 tokens: longer than a 128-token row on its own
 LONG_FIRST = convo(msg("user", LONG), msg("assistant", "Too late."))  # dropped: its first exchange does not fit
-
-
-def ft_args(log_dir: Path, run_id: str, *extra: str) -> list[str]:
-    """finetune.py for 4 steps with a validation every 2 (checkpoints at steps 2 and 4), fp32, uncompiled."""
-    return ["finetune.py", "--log-dir", str(log_dir), "--run-id", run_id, "--num-iterations", "4",
-            "--val-loss-every", "2", *CPU_FP32, *extra]
-
-
-def metric_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(train rows, val rows) of metrics.jsonl."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "train_loss" in r], [r for r in rows if "val_loss" in r]
 
 
 def data_line(log: str) -> str:
@@ -94,53 +75,6 @@ def check_layout(rows: list[FT.Example], examples: list[FT.Example], order: list
         o += n
     assert rows[r].inputs[o:] == [EOT] * (row_len - o) and rows[r].targets[o:] == [IGNORE] * (row_len - o)
     assert r == len(rows) - 1
-
-
-# -----------------------------------------------------------------------------
-# Fixtures: the tokenizer, the synthetic chat task, a tiny pretrained parent, runs several tests compare against
-
-
-@pytest.fixture(scope="module")
-def tok(shakespeare_data: Path) -> M.Tokenizer:
-    return M.get_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def chat_tasks():
-    return R.import_data_script("chat_tasks")
-
-
-@pytest.fixture(scope="module")
-def parent(tmp_path_factory: pytest.TempPathFactory, shakespeare_data: Path) -> Path:
-    """pretraining.py's step-6 checkpoint of the 2-layer, 64-wide model on random shards, in its own log dir
-    (shakespeare_data provides the tokenizer ranks that finetune.py needs)."""
-    shards = tmp_path_factory.mktemp("ft_shards")
-    M.write_data_shard(shards / "tiny_train_000000.bin", random_documents(6000, seed=1))
-    M.write_data_shard(shards / "tiny_val_000000.bin", random_documents(3000, seed=3))
-    logs = tmp_path_factory.mktemp("ft_logs")
-    r = run([sys.executable, "pretraining.py", *tiny_args(shards, logs, "parent")])
-    assert r.returncode == 0, r.stderr
-    return logs / "parent" / "state_step000006.pt"
-
-
-@pytest.fixture(scope="module")
-def task_files(tmp_path_factory: pytest.TempPathFactory, chat_tasks) -> tuple[Path, Path]:
-    """40 training conversations of the synthetic task as JSONL and 8 held-out ones as JSON."""
-    train, heldout = chat_tasks.build(40, 8, seed=0)
-    d = tmp_path_factory.mktemp("tasks")
-    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
-    (d / "heldout.json").write_text(doc(*heldout))
-    return d / "train.jsonl", d / "heldout.json"
-
-
-@pytest.fixture(scope="module")
-def straight(parent: Path, task_files: tuple[Path, Path]) -> Path:
-    """The run the resume, torchrun and Adam tests compare against: 4 Muon steps on the task in one process."""
-    logs = parent.parent.parent
-    r = run([sys.executable, *ft_args(logs, "straight", "--checkpoint", str(parent), "--data", str(task_files[0]),
-                                      "--val-data", str(task_files[1]))])
-    assert r.returncode == 0, r.stderr
-    return logs / "straight"
 
 
 # -----------------------------------------------------------------------------
@@ -438,27 +372,10 @@ def test_resume_latest_is_the_newest_finetuning_run(straight: Path, parent: Path
         (logs / run_id).mkdir(parents=True)
     os.link(straight / "state_step000004.pt", logs / "sft" / "state_step000004.pt")
     shutil.copy(parent, logs / "base" / parent.name)  # written now: newer than the fine-tuning checkpoint
-    hp, _, parent_path, _, resumed, resuming = FT.resolve(["--resume", "latest", "--log-dir", str(logs)])
+    hp, _, parent_path, _, resume = FT.resolve(["--resume", "latest", "--log-dir", str(logs)])
     assert hp.resume == str(logs / "sft" / "state_step000004.pt") and hp.run_id == "sft"
-    assert resumed["step"] == 4 and parent_path == parent and resuming
-
-
-@pytest.mark.slow
-def test_torchrun_two_processes_match_one(straight: Path, parent: Path, task_files: tuple[Path, Path]) -> None:
-    logs = parent.parent.parent
-    r = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-             f"--master_port={free_port()}", *ft_args(logs, "two", "--checkpoint", str(parent), "--data",
-                                                      str(task_files[0]), "--val-data", str(task_files[1]))])
-    assert r.returncode == 0, r.stderr
-    assert "world_size:2" in r.stdout
-    train1, val1 = metric_rows(straight)
-    train2, val2 = metric_rows(logs / "two")
-    assert [t["trained_tokens"] for t in train1] == [t["trained_tokens"] for t in train2]
-    assert len(train1) == 4 and len(val1) == len(val2) == 3
-    pairs = [(a["train_loss"], b["train_loss"]) for a, b in zip(train1, train2, strict=True)]
-    pairs += [(a["val_loss"], b["val_loss"]) for a, b in zip(val1, val2, strict=True)]
-    for a, b in pairs:
-        assert abs(a - b) <= 1e-5 * abs(a), pairs
+    assert resume is not None and resume.checkpoint == logs / "sft" / "state_step000004.pt"
+    assert resume.state["step"] == 4 and parent_path == parent
 
 
 @pytest.mark.slow

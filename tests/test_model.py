@@ -1,4 +1,6 @@
-"""Tests of model.py's math against references: Newton-Schulz, Muon (1 and 2 processes), attention masks, GPT.
+"""model.py's model, Muon optimizer and schedules sections against references: Newton-Schulz, Muon (1 and 2
+processes), attention masks, the GPT, the schedules (the record script's checkpoints:
+tests/test_config_and_checkpoints.py).
 
     python -m pytest tests/test_model.py -q      # CPU, about 35 s on 2 cores
 """
@@ -6,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import subprocess
 import sys
 import warnings
@@ -22,38 +23,14 @@ from torch import Tensor, nn
 
 import model as M
 import runs as R
-from conftest import REPO_DIR, random_documents, tiny_hparams
+from conftest import (PADDED_VOCAB, REPO_DIR, doc_ids, random_documents, random_tokens, randomize_zero_inits,
+                      tiny_hparams)
 
 TESTS_DIR = Path(__file__).resolve().parent
-PADDED_VOCAB = 50304  # 50257 rounded up to a multiple of 128, as GPT pads it
 
 
 # -----------------------------------------------------------------------------
 # Helpers
-
-
-def randomize_zero_inits(model: M.GPT, seed: int = 1, head_std: float = 1.0) -> M.GPT:
-    """Give lm_head and every c_proj non-zero weights: they start at zero, which would hide attention and MLPs."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=gen) * head_std)
-        for name, p in model.named_parameters():
-            if name.endswith("c_proj.weight"):
-                p.copy_(torch.randn(p.shape, generator=gen) * p.size(-1) ** -0.5)
-    return model
-
-
-def random_tokens(B: int, T: int, seed: int, eot_positions: dict[int, list[int]] | None = None) -> Tensor:
-    """(B, T) int64 tokens below EOT_ID, with <|endoftext|> exactly at eot_positions[row]."""
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, M.EOT_ID, (B, T), generator=gen)
-    for row, positions in (eot_positions or {}).items():
-        tokens[row, positions] = M.EOT_ID
-    return tokens
-
-
-def doc_ids(tokens_BT: Tensor) -> Tensor:
-    return (tokens_BT == M.EOT_ID).cumsum(dim=1)
 
 
 def document_causal(docs_BT: Tensor) -> Tensor:
@@ -158,7 +135,7 @@ COLLECTIVES = ["all_gather_into_tensor", "all_gather", "all_gather_single", "all
 
 
 def test_world_size_one_makes_no_collective_call(monkeypatch: pytest.MonkeyPatch) -> None:
-    # house rule 6: plain `python pretraining.py` has no process group, so any collective would crash it.
+    # distributed is optional: plain `python pretraining.py` has no process group, so any collective would crash it.
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("collective called at world size 1")
 
@@ -468,75 +445,6 @@ def test_value_embed_layout_and_long_windows_small(num_layers: int, layout: list
     k = num_layers // 2
     assert layout[:k] == layout[num_layers - k:]
     assert len(M.GPT(M.EOT_ID + 1, num_layers, 1, 16, 16, 128, -1).value_embeds) == max(layout) + 1
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints from the record script
-
-
-def record_style_state_dict(model: M.GPT) -> dict[str, Tensor]:
-    """The record's layout: `_orig_mod.` keys (compiled model) and bf16 embeddings with 50257 rows."""
-    out = {}
-    for key, value in model.state_dict().items():
-        if key == "embed.weight" or key.startswith("value_embeds."):
-            value = value[:50257].bfloat16()
-        out["_orig_mod." + key] = value.clone()
-    return out
-
-
-def test_infer_hparams_record_layout() -> None:
-    # The real 12-layer record layout, built on the meta device: shapes only, no memory.
-    with torch.device("meta"):
-        record = M.GPT(50257, 12, 6, 128, 768, 1024, no_attn_layer=7)
-    sd = record_style_state_dict(record)
-    assert "_orig_mod.blocks.7.attn.qkv_w" not in sd and "_orig_mod.value_embeds.2.weight" in sd
-    hp = M.infer_hparams(sd)
-    assert (hp.num_layers, hp.model_dim, hp.num_heads, hp.head_dim, hp.no_attn_layer, hp.vocab_size) == \
-        (12, 768, 6, 128, 7, 50257)
-    with torch.device("meta"):
-        target = M.GPT.from_hparams(hp)
-    M.load_state_into(target, sd, "record")  # keys and (padded) shapes fit
-
-
-def small_record_model() -> M.GPT:
-    """4 layers, layer 1 without attention, one 128-wide head (infer_hparams assumes head_dim 128; value embeddings
-    need model_dim = num_heads * head_dim)."""
-    model = randomize_zero_inits(M.GPT(50257, 4, 1, 128, 128, 256, no_attn_layer=1), head_std=0.5)
-    with torch.no_grad():  # as in a record checkpoint: bf16 embeddings, nothing in the padding rows
-        for emb in [model.embed, *model.value_embeds]:
-            emb.weight.copy_(emb.weight.bfloat16().float())
-            emb.weight[50257:] = 0
-    return model.eval()
-
-
-def test_record_checkpoint_loads(tmp_path: Path) -> None:
-    source = small_record_model()
-    sd = record_style_state_dict(source)
-    tokens = random_tokens(1, 129, seed=4, eot_positions={0: [0, 90]})
-    with torch.no_grad():
-        want = source(tokens[:, :-1], tokens[:, 1:])
-
-    target = M.GPT(50257, 4, 1, 128, 128, 256, no_attn_layer=1).eval()
-    M.load_state_into(target, sd, "record")
-    path = tmp_path / "state_step001770.pt"
-    torch.save({"step": 1770, "code": "# train_gpt.py source", "model": sd, "optimizers": []}, path)
-    loaded, hp, ckpt = M.load_model(path)
-    assert ckpt["step"] == 1770
-    assert (hp.num_layers, hp.model_dim, hp.num_heads, hp.head_dim, hp.no_attn_layer) == (4, 128, 1, 128, 1)
-    assert loaded.blocks[1].attn is None and loaded.embed.weight.shape == (PADDED_VOCAB, 128)
-    with torch.no_grad():
-        for model in (target, loaded.eval()):
-            torch.testing.assert_close(model(tokens[:, :-1], tokens[:, 1:]), want, atol=1e-6, rtol=0)
-
-
-def test_load_state_into_names_mismatching_tensor(tiny_hp: M.Hyperparameters) -> None:
-    model = M.GPT.from_hparams(tiny_hp)
-    sd = model.state_dict()
-    sd["blocks.0.mlp.c_fc.weight"] = torch.zeros(128, 64)
-    expected = ("ckpt.pt: blocks.0.mlp.c_fc.weight has shape (128, 64) in the checkpoint but (256, 64) in the "
-                "model config")
-    with pytest.raises(M.CheckpointError, match=f"^{re.escape(expected)}$"):
-        M.load_state_into(model, sd, "ckpt.pt")
 
 
 # -----------------------------------------------------------------------------

@@ -572,11 +572,6 @@ END_ID = M.CHAT_SPECIAL_TOKENS["<|end|>"]
 FRAGMENTS = [*SPECIAL_STRINGS, "<|", "|>", "<|end", "endoftext|>", "<|im_start|>", "\n", " ", "\u2028"]
 
 
-@pytest.fixture(scope="module")
-def tok(shakespeare_data: Path) -> M.Tokenizer:
-    return M.get_tokenizer()
-
-
 def texts(min_size: int = 0) -> st.SearchStrategy[str]:
     """Arbitrary text with special-token spellings (whole, split, nested) spliced in anywhere."""
     return st.lists(st.text(max_size=10) | st.sampled_from(FRAGMENTS), min_size=min_size, max_size=6).map("".join)

@@ -1,5 +1,6 @@
-"""The harness (runs.py): help text, import direction, run directories, RunLog, Saver, resume, exit policy,
-signals and script helpers, in process on CPU.
+"""The harness (runs.py): flags, the environment and .env into a config (load_config, precedence, unknown flags and
+bad values), help text, import direction, run directories, RunLog, Saver, resume, exit policy, signals and script
+helpers, in process on CPU.
 
     python -m pytest -q tests/test_runs.py
 """
@@ -26,7 +27,7 @@ import torch
 
 import model as M
 import runs as R
-from conftest import REPO_DIR, tiny_hparams
+from conftest import REPO_DIR, cfg, tiny_hparams
 
 SCRIPTS = ("runs", "pretraining", "finetune", "eval", "chat", "bench", "train_gpt")
 # The section headings of Hyperparameters (the same in model.py and train_gpt.py); any other comment-only line
@@ -136,6 +137,99 @@ def test_train_gpt_help_holds_every_field_comment_whole(wide_help: None) -> None
     warmup = re.search(r"--warmup_steps INT (.*?) \(default -1\)", help_text).group(1)
     assert "2 compiled on CPU (no per-window kernels there), else 0" in warmup
     assert "head elsewhere" in re.search(r"--compile STR (.*?) \(default 'auto'\)", help_text).group(1)
+
+
+def test_every_field_is_documented_in_help(capsys: pytest.CaptureFixture[str]) -> None:
+    # the trailing comment of each field is its --help text (house style: one comment per field)
+    comments = R.field_comments()
+    assert sorted(comments) == sorted(f.name for f in M.dataclasses.fields(M.Hyperparameters))
+    with pytest.raises(SystemExit):
+        R.build_arg_parser("pretraining.py").parse_args(["--help"])
+    assert "tokens per rank-equivalent per step" in " ".join(capsys.readouterr().out.split())
+
+
+# -----------------------------------------------------------------------------
+# load_config: typed flags, unknown flags, bad values
+
+
+@pytest.mark.parametrize("flag", ["--num-iterations", "--num_iterations"])
+def test_cli_sets_typed_value(flag: str) -> None:
+    hp = cfg(flag, "20")
+    assert hp.num_iterations == 20 and isinstance(hp.num_iterations, int)
+
+
+def test_cli_parses_bools_and_floats() -> None:
+    hp = cfg("--save-checkpoint", "false", "--cooldown-frac", "0.25", "--val-tokens", "1_048_576")
+    assert hp.save_checkpoint is False and hp.cooldown_frac == 0.25 and hp.val_tokens == 1_048_576
+
+
+def test_unknown_flag_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cfg("--num-iterations", "20", "--bogus-flag", "1")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "usage:" not in err  # one line, no usage block
+    assert "unrecognized arguments: --bogus-flag 1" in err
+
+
+@pytest.mark.parametrize("argv, flag", [(["--num-iterations", "abc"], "--num-iterations"),
+                                        (["--cooldown-frac", "x"], "--cooldown-frac"),
+                                        (["--save-checkpoint", "maybe"], "--save-checkpoint"),
+                                        (["--val-tokens", "1.5"], "--val-tokens")])
+def test_bad_cli_value_names_the_flag(argv: list[str], flag: str) -> None:
+    with pytest.raises(M.ConfigError, match=rf"^{flag}: invalid value '{re.escape(argv[1])}'"):
+        cfg(*argv)
+
+
+# -----------------------------------------------------------------------------
+# Precedence: CLI > process environment > .env file > preset > dataclass default
+
+
+@pytest.fixture
+def dotenv(tmp_path: Path) -> Path:
+    path = tmp_path / ".env"
+    path.write_text("NANOGPT_NUM_ITERATIONS=7\nNANOGPT_VAL_LOSS_EVERY=3\n")
+    return path
+
+
+def test_precedence_cli_env_dotenv(dotenv: Path) -> None:
+    env = {"NANOGPT_NUM_ITERATIONS": "9"}
+    assert cfg("--preset", "shakespeare", "--num-iterations", "11", env=env, dotenv=dotenv).num_iterations == 11
+    assert cfg("--preset", "shakespeare", env=env, dotenv=dotenv).num_iterations == 9  # env beats .env
+    hp = cfg("--preset", "shakespeare", dotenv=dotenv)
+    assert (hp.num_iterations, hp.val_loss_every) == (7, 3)  # .env beats the preset (400, 100)
+    # a .env key the process environment does not set still applies next to one it does
+    assert cfg("--preset", "shakespeare", env=env, dotenv=dotenv).val_loss_every == 3
+
+
+def test_precedence_preset_over_default_under_env() -> None:
+    default = M.Hyperparameters.val_loss_every
+    preset = M.PRESETS["shakespeare"]["val_loss_every"]
+    assert preset != default  # otherwise the test proves nothing
+    assert cfg("--preset", "shakespeare").val_loss_every == preset
+    assert cfg("--preset", "shakespeare", env={"NANOGPT_VAL_LOSS_EVERY": "5"}).val_loss_every == 5
+    # a field the preset leaves alone keeps the dataclass default
+    assert cfg("--preset", "shakespeare").muon_lr == M.Hyperparameters.muon_lr
+
+
+def test_preset_from_environment() -> None:
+    assert cfg(env={"NANOGPT_PRESET": "speedrun"}).preset == "speedrun"
+    assert cfg("--preset", "shakespeare", env={"NANOGPT_PRESET": "speedrun"}).preset == "shakespeare"
+
+
+@pytest.mark.parametrize("where", ["env", "dotenv"])
+def test_unknown_env_var_is_an_error(tmp_path: Path, where: str) -> None:
+    # a typo such as NANOGPT_NUM_ITERATION must not be ignored silently
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("NANOGPT_FOO=1\n" if where == "dotenv" else "")
+    env = {"NANOGPT_FOO": "1"} if where == "env" else {}
+    with pytest.raises(M.ConfigError, match="environment variable NANOGPT_FOO names no hyperparameter"):
+        cfg(env=env, dotenv=dotenv)
+
+
+def test_bad_env_value_names_the_flag() -> None:
+    with pytest.raises(M.ConfigError, match=r"^--num-iterations: invalid value 'many'"):
+        cfg(env={"NANOGPT_NUM_ITERATIONS": "many"})
 
 
 # -----------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""Config (CLI, environment, .env, presets, validate, JSON) and checkpoints (round trip, discovery, safe loading).
+"""model.py's config and checkpoint sections: Hyperparameters (presets, validate(), JSON round trip) and checkpoints
+(round trip, resume, discovery, safe loading, pruning). How flags, the environment and .env become a config is the
+harness's (tests/test_runs.py); the on-disk format is tests/test_checkpoint_format.py's.
 
-    pytest tests/test_config_checkpoint.py
+    python -m pytest tests/test_config_and_checkpoints.py -q
 """
 from __future__ import annotations
 
@@ -14,99 +16,14 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import model as M
-import runs as R
-from conftest import tiny_hparams
-
-# -----------------------------------------------------------------------------
-# CLI
-
-
-def cfg(*argv: str, env: dict[str, str] | None = None, dotenv: Path | None = None) -> M.Hyperparameters:
-    """load_config isolated from the process environment and from any .env in the working directory."""
-    return R.load_config(list(argv), env=env or {}, dotenv_path=str(dotenv) if dotenv else None)
-
-
-@pytest.mark.parametrize("flag", ["--num-iterations", "--num_iterations"])
-def test_cli_sets_typed_value(flag: str) -> None:
-    hp = cfg(flag, "20")
-    assert hp.num_iterations == 20 and isinstance(hp.num_iterations, int)
-
-
-def test_cli_parses_bools_and_floats() -> None:
-    hp = cfg("--save-checkpoint", "false", "--cooldown-frac", "0.25", "--val-tokens", "1_048_576")
-    assert hp.save_checkpoint is False and hp.cooldown_frac == 0.25 and hp.val_tokens == 1_048_576
-
-
-def test_unknown_flag_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exc:
-        cfg("--num-iterations", "20", "--bogus-flag", "1")
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "usage:" not in err  # one line, no usage block
-    assert "unrecognized arguments: --bogus-flag 1" in err
-
-
-@pytest.mark.parametrize("argv, flag", [(["--num-iterations", "abc"], "--num-iterations"),
-                                        (["--cooldown-frac", "x"], "--cooldown-frac"),
-                                        (["--save-checkpoint", "maybe"], "--save-checkpoint"),
-                                        (["--val-tokens", "1.5"], "--val-tokens")])
-def test_bad_cli_value_names_the_flag(argv: list[str], flag: str) -> None:
-    with pytest.raises(M.ConfigError, match=rf"^{flag}: invalid value '{re.escape(argv[1])}'"):
-        cfg(*argv)
+from conftest import PADDED_VOCAB, cfg, random_tokens, randomize_zero_inits, tiny_hparams
 
 
 # -----------------------------------------------------------------------------
-# Precedence: CLI > process environment > .env file > preset > dataclass default
-
-
-@pytest.fixture
-def dotenv(tmp_path: Path) -> Path:
-    path = tmp_path / ".env"
-    path.write_text("NANOGPT_NUM_ITERATIONS=7\nNANOGPT_VAL_LOSS_EVERY=3\n")
-    return path
-
-
-def test_precedence_cli_env_dotenv(dotenv: Path) -> None:
-    env = {"NANOGPT_NUM_ITERATIONS": "9"}
-    assert cfg("--preset", "shakespeare", "--num-iterations", "11", env=env, dotenv=dotenv).num_iterations == 11
-    assert cfg("--preset", "shakespeare", env=env, dotenv=dotenv).num_iterations == 9  # env beats .env
-    hp = cfg("--preset", "shakespeare", dotenv=dotenv)
-    assert (hp.num_iterations, hp.val_loss_every) == (7, 3)  # .env beats the preset (400, 100)
-    # a .env key the process environment does not set still applies next to one it does
-    assert cfg("--preset", "shakespeare", env=env, dotenv=dotenv).val_loss_every == 3
-
-
-def test_precedence_preset_over_default_under_env() -> None:
-    default = M.Hyperparameters.val_loss_every
-    preset = M.PRESETS["shakespeare"]["val_loss_every"]
-    assert preset != default  # otherwise the test proves nothing
-    assert cfg("--preset", "shakespeare").val_loss_every == preset
-    assert cfg("--preset", "shakespeare", env={"NANOGPT_VAL_LOSS_EVERY": "5"}).val_loss_every == 5
-    # a field the preset leaves alone keeps the dataclass default
-    assert cfg("--preset", "shakespeare").muon_lr == M.Hyperparameters.muon_lr
-
-
-def test_preset_from_environment() -> None:
-    assert cfg(env={"NANOGPT_PRESET": "speedrun"}).preset == "speedrun"
-    assert cfg("--preset", "shakespeare", env={"NANOGPT_PRESET": "speedrun"}).preset == "shakespeare"
-
-
-@pytest.mark.parametrize("where", ["env", "dotenv"])
-def test_unknown_env_var_is_an_error(tmp_path: Path, where: str) -> None:
-    # a typo such as NANOGPT_NUM_ITERATION must not be ignored silently
-    dotenv = tmp_path / ".env"
-    dotenv.write_text("NANOGPT_FOO=1\n" if where == "dotenv" else "")
-    env = {"NANOGPT_FOO": "1"} if where == "env" else {}
-    with pytest.raises(M.ConfigError, match="environment variable NANOGPT_FOO names no hyperparameter"):
-        cfg(env=env, dotenv=dotenv)
-
-
-def test_bad_env_value_names_the_flag() -> None:
-    with pytest.raises(M.ConfigError, match=r"^--num-iterations: invalid value 'many'"):
-        cfg(env={"NANOGPT_NUM_ITERATIONS": "many"})
+# Presets and validate()
 
 
 def test_speedrun_preset_is_the_record() -> None:
@@ -117,9 +34,6 @@ def test_speedrun_preset_is_the_record() -> None:
     assert {k: getattr(hp, k) for k in record} == record
     assert hp.preset == "speedrun"
 
-
-# -----------------------------------------------------------------------------
-# validate()
 
 POSITIVE = ["val_tokens", "train_seq_len", "val_seq_len", "rank_equivalents", "vocab_size", "num_layers",
             "num_heads", "head_dim", "model_dim", "window_max", "num_iterations", "muon_momentum_warmup",
@@ -263,7 +177,7 @@ def assert_same(a: Any, b: Any, where: str = "") -> None:
 
 def test_checkpoint_round_trip(saved: Path, trained) -> None:
     model, optimizers, hp = trained
-    # loadable without our helper, in the safe mode (rule 12)
+    # loadable without our helper, in the safe mode (torch.load(weights_only=True), which runs no pickled code)
     raw = torch.load(saved, map_location="cpu", weights_only=True)
     ckpt = M.load_checkpoint(saved)
     assert_same(ckpt, raw)
@@ -326,6 +240,31 @@ def test_find_latest_checkpoint(tmp_path: Path) -> None:
     # same modification time: the higher step wins
     same = touch(logs / "b" / "state_step000011.pt", 2_000)
     assert M.find_latest_checkpoint(logs) == same
+
+
+def test_find_latest_checkpoint_by_kind(tmp_path: Path) -> None:
+    # chat.py looks for the newest fine-tuned checkpoint, eval.py for the newest of any kind; a newer base
+    # checkpoint must not hide an older chat one, and unreadable files are never candidates of a kind.
+    logs, hp, tiny = tmp_path / "logs", tiny_hparams(), nn.Linear(4, 4)
+    chat = M.save_checkpoint(M.checkpoint_path(logs, "sft", 5), step=5, model=tiny, optimizers=[], hp=hp, code={},
+                             extra={"kind": "chat"})
+    base = M.save_checkpoint(M.checkpoint_path(logs, "pre", 10), step=10, model=tiny, optimizers=[], hp=hp, code={})
+    os.utime(chat, (1_000, 1_000))
+    os.utime(base, (2_000, 2_000))
+    assert (M.checkpoint_kind(chat), M.checkpoint_kind(base)) == ("chat", "base")
+    assert M.find_latest_checkpoint(logs) == base
+    assert M.find_latest_checkpoint(logs, kind="base") == base
+    assert M.find_latest_checkpoint(logs, kind="chat") == chat
+    assert M.find_latest_checkpoint(logs, run_id="pre", kind="chat") is None
+    garbage = logs / "junk" / "state_step000001.pt"
+    garbage.parent.mkdir()
+    garbage.write_bytes(b"not a checkpoint")
+    os.utime(garbage, (3_000, 3_000))  # the newest file of all
+    assert M.checkpoint_kind(garbage) == "none"
+    assert M.find_latest_checkpoint(logs, kind="base") == base
+    assert M.find_latest_checkpoint(logs, kind="chat") == chat
+    os.utime(chat, (4_000, 4_000))
+    assert M.find_latest_checkpoint(logs, kind="chat") == chat and M.find_latest_checkpoint(logs, kind="base") == base
 
 
 def test_resolve_checkpoint_errors(tmp_path: Path) -> None:
@@ -408,10 +347,70 @@ def test_prune_keeps_the_newest_steps_and_ignores_partials(tmp_path: Path) -> No
     assert M.prune_checkpoints(tmp_path, keep=0) == []  # 0 keeps everything
 
 
-def test_every_field_is_documented_in_help(capsys: pytest.CaptureFixture[str]) -> None:
-    # the trailing comment of each field is its --help text (house style: one comment per field)
-    comments = R.field_comments()
-    assert sorted(comments) == sorted(f.name for f in M.dataclasses.fields(M.Hyperparameters))
-    with pytest.raises(SystemExit):
-        R.build_arg_parser("pretraining.py").parse_args(["--help"])
-    assert "tokens per rank-equivalent per step" in " ".join(capsys.readouterr().out.split())
+# -----------------------------------------------------------------------------
+# Checkpoints from the record script
+
+
+def record_style_state_dict(model: M.GPT) -> dict[str, Tensor]:
+    """The record's layout: `_orig_mod.` keys (compiled model) and bf16 embeddings with 50257 rows."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if key == "embed.weight" or key.startswith("value_embeds."):
+            value = value[:50257].bfloat16()
+        out["_orig_mod." + key] = value.clone()
+    return out
+
+
+def test_infer_hparams_record_layout() -> None:
+    # The real 12-layer record layout, built on the meta device: shapes only, no memory.
+    with torch.device("meta"):
+        record = M.GPT(50257, 12, 6, 128, 768, 1024, no_attn_layer=7)
+    sd = record_style_state_dict(record)
+    assert "_orig_mod.blocks.7.attn.qkv_w" not in sd and "_orig_mod.value_embeds.2.weight" in sd
+    hp = M.infer_hparams(sd)
+    assert (hp.num_layers, hp.model_dim, hp.num_heads, hp.head_dim, hp.no_attn_layer, hp.vocab_size) == \
+        (12, 768, 6, 128, 7, 50257)
+    with torch.device("meta"):
+        target = M.GPT.from_hparams(hp)
+    M.load_state_into(target, sd, "record")  # keys and (padded) shapes fit
+
+
+def small_record_model() -> M.GPT:
+    """4 layers, layer 1 without attention, one 128-wide head (infer_hparams assumes head_dim 128; value embeddings
+    need model_dim = num_heads * head_dim)."""
+    model = randomize_zero_inits(M.GPT(50257, 4, 1, 128, 128, 256, no_attn_layer=1), head_std=0.5)
+    with torch.no_grad():  # as in a record checkpoint: bf16 embeddings, nothing in the padding rows
+        for emb in [model.embed, *model.value_embeds]:
+            emb.weight.copy_(emb.weight.bfloat16().float())
+            emb.weight[50257:] = 0
+    return model.eval()
+
+
+def test_record_checkpoint_loads(tmp_path: Path) -> None:
+    source = small_record_model()
+    sd = record_style_state_dict(source)
+    tokens = random_tokens(1, 129, seed=4, eot_positions={0: [0, 90]})
+    with torch.no_grad():
+        want = source(tokens[:, :-1], tokens[:, 1:])
+
+    target = M.GPT(50257, 4, 1, 128, 128, 256, no_attn_layer=1).eval()
+    M.load_state_into(target, sd, "record")
+    path = tmp_path / "state_step001770.pt"
+    torch.save({"step": 1770, "code": "# train_gpt.py source", "model": sd, "optimizers": []}, path)
+    loaded, hp, ckpt = M.load_model(path)
+    assert ckpt["step"] == 1770
+    assert (hp.num_layers, hp.model_dim, hp.num_heads, hp.head_dim, hp.no_attn_layer) == (4, 128, 1, 128, 1)
+    assert loaded.blocks[1].attn is None and loaded.embed.weight.shape == (PADDED_VOCAB, 128)
+    with torch.no_grad():
+        for model in (target, loaded.eval()):
+            torch.testing.assert_close(model(tokens[:, :-1], tokens[:, 1:]), want, atol=1e-6, rtol=0)
+
+
+def test_load_state_into_names_mismatching_tensor(tiny_hp: M.Hyperparameters) -> None:
+    model = M.GPT.from_hparams(tiny_hp)
+    sd = model.state_dict()
+    sd["blocks.0.mlp.c_fc.weight"] = torch.zeros(128, 64)
+    expected = ("ckpt.pt: blocks.0.mlp.c_fc.weight has shape (128, 64) in the checkpoint but (256, 64) in the "
+                "model config")
+    with pytest.raises(M.CheckpointError, match=f"^{re.escape(expected)}$"):
+        M.load_state_into(model, sd, "ckpt.pt")
