@@ -110,7 +110,7 @@ def token_losses(model: M.GPT, inputs: Tensor, targets: Tensor, row_len: int, wi
 def score_tokens(im: M.InferenceModel, inputs: torch.Tensor, targets: torch.Tensor, row: int) -> dict[str, Any]:
     """Loss, perplexity and bits per byte of targets given inputs (rows of `row` tokens, as in training)."""
     losses = token_losses(im.model, inputs.to(im.device), targets.to(im.device), row, im.window_blocks,
-                            im.autocast(im.score_dtype)).cpu().double()
+                          im.autocast(im.score_dtype)).cpu().double()
     nbytes = im.tokenizer.byte_lengths(im.model.embed.weight.size(0))[targets.long().cpu()]
     text = nbytes > 0
     loss = float(losses.mean())
@@ -199,7 +199,7 @@ def ending_logprobs(im: M.InferenceModel, ctx: list[int], tails: list[list[int]]
         inputs += ids[:-1] + pad
         targets += ids[1:] + pad
     losses = token_losses(im.model, torch.tensor(inputs, device=im.device), torch.tensor(targets, device=im.device),
-                            width, im.window_blocks, im.autocast(im.score_dtype)).view(len(tails), width).double().cpu()
+                          width, im.window_blocks, im.autocast(im.score_dtype)).view(len(tails), width).double().cpu()
     return [-float(losses[i, len(ctx) - 1:len(ctx) - 1 + len(t)].sum()) for i, t in enumerate(tails)]
 
 

@@ -350,7 +350,7 @@ def train(run: R.ScriptRun, hp: Hyperparameters, args: argparse.Namespace, rt: R
     finally:
         stop.restore()
         log.close()
-    log.print(f"chat model: {run.run_dir.path / f'state_step{hp.num_iterations:06d}.pt'} (python chat.py loads it)")
+    log.print(f"chat model: {M.checkpoint_path(hp.log_dir, hp.run_id, hp.num_iterations)} (python chat.py loads it)")
     return val_loss
 
 

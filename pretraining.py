@@ -221,7 +221,7 @@ def train(run: R.ScriptRun, hp: Hyperparameters, rt: Runtime, resume: R.Resume |
         stop.restore()
         log.close()
     if rt.master and hp.save_checkpoint:
-        log.print(f"checkpoint: {run_dir / f'state_step{hp.num_iterations:06d}.pt'}")
+        log.print(f"checkpoint: {M.checkpoint_path(hp.log_dir, hp.run_id, hp.num_iterations)}")
     return val_loss
 
 

@@ -494,7 +494,7 @@ class Saver:
         then not mistaken for a finished one. Other ranks, and runs with --save-checkpoint false, write nothing."""
         if not (self.rt.master and self.hp.save_checkpoint):
             return None
-        path = self.run.path / f"state_step{step:06d}.pt"
+        path = M.checkpoint_path(self.run.path.parent, self.run.run_id, step)
         previous = self.newest()
         bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
         if bad:
