@@ -10,6 +10,10 @@ train: tokens/s of full training steps (forward+backward, Newton-Schulz, the res
     shakespeare preset and the 124M speedrun shape, after --warmup steps, with MFU against this run's matmul peak
     (model FLOPs: 6 per matmul weight per token, plus attention over the keys each query attends), and peak
     memory. Each shape runs in its own process, so peak memory is that shape's.
+modifiers: tokens/s of the shakespeare preset's training step with each loss modifier (label smoothing, z-loss,
+    entropy, all three), each in its own process, against the plain step timed first and last in the same run.
+trackers: milliseconds per logged step (step line + metrics record) with console and metrics.jsonl only, and with
+    TensorBoard, W&B (offline) and both on top, as a ratio against console-only.
 decode: greedy tokens/s of model.generate (KV cache, and the full-recompute reference) and of Hugging Face
     transformers' GPT2LMHeadModel.generate (use_cache on and off) at the same width, depth and vocabulary,
     random weights, batch 1 and 8, after one warm-up call; the median of --repeats runs.
@@ -17,8 +21,11 @@ data: tokens/s of the shard loader (the training generator over the Shakespeare 
 
     python bench.py --ablation logs/ablation/muon logs/ablation/adamw-3e-3 --plot docs/muon_vs_adamw.png
 
+    python bench.py --ablation logs/ablation-loss/none logs/ablation-loss/ls-0.1 --plot docs/loss_modifiers.png
+
 ablation: final val loss of finished pretraining runs and the training time each needed to reach the first run's
-    final val loss (docs/muon_vs_adamw.md), plus a PNG of val loss against tokens and against seconds.
+    final val loss (docs/muon_vs_adamw.md, docs/loss_modifiers.md), plus a PNG of val loss against tokens and
+    against seconds.
 """
 from __future__ import annotations
 
@@ -96,13 +103,14 @@ def bench_matmul(device: torch.device, repeats: int, n: int = 2048) -> dict[str,
 # training throughput
 
 
-def train_config(shape: str, device: torch.device, compile: str = "auto") -> M.Hyperparameters:
+def train_config(shape: str, device: torch.device, compile: str = "auto",
+                 overrides: dict[str, Any] | None = None) -> M.Hyperparameters:
     """The shakespeare preset as `python pretraining.py` runs it; the 124M speedrun shape with the record's
     micro-batch on a GPU, and on a CPU one 4096-token micro-batch per step (a record step of 393k tokens would
     take minutes there)."""
     preset = "shakespeare" if shape == "shakespeare" else "speedrun"
     hp = M.Hyperparameters(**dict(M.PRESETS[preset], preset=preset, device=str(device), warmup_steps=0,
-                                  compile=compile))
+                                  compile=compile, **(overrides or {})))
     if preset == "speedrun" and device.type != "cuda":
         hp.train_seq_len, hp.rank_equivalents = 4096, 1
     return hp.validate()
@@ -133,11 +141,11 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak RSS
 
 
-def bench_train_shape(shape: str, device: torch.device, steps: int, warmup: int,
-                      compile: str = "auto") -> dict[str, Any]:
+def bench_train_shape(shape: str, device: torch.device, steps: int, warmup: int, compile: str = "auto",
+                      overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Full optimizer steps on random tokens, timed in three parts: forward+backward, Newton-Schulz (inside
     Muon.step), and the rest of the optimizer step (Adam, Muon's momentum and all-gathers)."""
-    hp = train_config(shape, device, compile)
+    hp = train_config(shape, device, compile, overrides)
     rt = M.init_runtime(hp, whole_model_on_cpu=True)  # what pretraining.py runs
     torch.manual_seed(0)
     raw, forward = M.build_model(hp, rt)
@@ -191,12 +199,7 @@ def bench_train(device: torch.device, steps: int, warmup: int, peak: dict[str, f
     """Each shape in a fresh process (its own peak memory); MFU against the matmul peak of the training dtype."""
     rows = []
     for shape in ("shakespeare", "speedrun-124M"):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--train-shape", shape, "--device", str(device),
-               "--steps", str(steps), "--warmup", str(warmup), "--compile", compile]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            raise SystemExit(f"bench.py: training benchmark of {shape} failed:\n{out.stderr[-2000:]}")
-        row = json.loads(out.stdout)
+        row = train_shape_process(shape, device, steps, warmup, compile)
         reference = peak.get(row["dtype"].replace("bfloat16", "bf16").replace("float32", "fp32"))
         row["mfu"] = round(1000 * row["model_tflops"] / reference, 3) if reference else None
         rows.append(row)
@@ -205,6 +208,73 @@ def bench_train(device: torch.device, steps: int, warmup: int, peak: dict[str, f
               f"rest {row['optimizer_rest_ms']:.0f})"
               f"  {1000 * row['model_tflops']:.0f} GFLOP/s = MFU {row['mfu']:.0%} of {row['dtype']} peak  "
               f"peak memory {row['peak_memory_mib']:,} MiB", file=sys.stderr, flush=True)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# loss modifiers and trackers: what each costs against the plain run, in the same sitting
+
+MODIFIER_SETTINGS = [("plain cross-entropy", {}), ("label smoothing 0.1", dict(label_smoothing=0.1)),
+                     ("z-loss 1e-4", dict(z_loss=1e-4)), ("entropy -0.01", dict(entropy_weight=-0.01)),
+                     ("all three", dict(label_smoothing=0.1, z_loss=1e-4, entropy_weight=-0.01))]
+
+
+def train_shape_process(shape: str, device: torch.device, steps: int, warmup: int, compile: str,
+                        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--train-shape", shape, "--device", str(device),
+           "--steps", str(steps), "--warmup", str(warmup), "--compile", compile,
+           "--overrides", json.dumps(overrides or {})]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"bench.py: training benchmark of {shape} {overrides or ''} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def bench_modifiers(device: torch.device, steps: int, warmup: int, compile: str = "auto") -> list[dict[str, Any]]:
+    """Tokens/s of the shakespeare preset's training step with each loss modifier, against the plain step timed
+    first and again last (their mean is the baseline, which cancels a slow drift of the machine)."""
+    settings = MODIFIER_SETTINGS + [MODIFIER_SETTINGS[0]]
+    rows = [dict(setting=name, **train_shape_process("shakespeare", device, steps, warmup, compile, over))
+            for name, over in settings]
+    plain = statistics.mean([rows[0]["tokens_per_s"], rows[-1]["tokens_per_s"]])
+    for row in rows:
+        row["vs_plain"] = round(row["tokens_per_s"] / plain, 3)
+        print(f"modifiers {row['setting']:<20} {row['tokens_per_s']:>7,} tok/s  {row['vs_plain']:.3f}x plain  "
+              f"peak memory {row['peak_memory_mib']:,} MiB", file=sys.stderr, flush=True)
+    return rows
+
+
+def bench_trackers(calls: int = 200) -> list[dict[str, Any]]:
+    """Seconds per logged step (a step line on the console plus its metrics record) with console + metrics.jsonl
+    only, then with TensorBoard and with W&B offline as well; the ratio is against console-only."""
+    import contextlib
+    import io
+    import os
+    import tempfile
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    record = dict(train_loss=4.6, train_ce=4.5, train_z_loss=0.07, train_time_ms=1e5, lr_mult=0.5)
+    rows = []
+    for trackers in ("", "tensorboard", "wandb", "tensorboard,wandb"):
+        with tempfile.TemporaryDirectory() as tmp:
+            run_dir = Path(tmp) / "bench"
+            run_dir.mkdir()
+            hp = M.Hyperparameters(trackers=trackers, run_id="bench").validate()
+            rt = M.Runtime(device=torch.device("cpu"))
+            with contextlib.redirect_stdout(io.StringIO()):
+                log = R.RunLog(rt, run_dir, R.open_trackers(hp, rt, run_dir, resumed=False))
+                log.header(hp, {"model.py": "# code"})
+                start = time.perf_counter()
+                for step in range(1, calls + 1):
+                    log.print(f"step:{step} train_loss:4.6000")
+                    log.metrics(step=step, **record)
+                per_step = (time.perf_counter() - start) / calls
+                log.close()
+        rows.append(dict(trackers=trackers or "console + metrics.jsonl", ms_per_step=round(1000 * per_step, 3)))
+    for row in rows:
+        row["vs_console"] = round(row["ms_per_step"] / rows[0]["ms_per_step"], 1)
+        print(f"trackers {row['trackers']:<24} {row['ms_per_step']:>8.3f} ms per logged step  "
+              f"{row['vs_console']:.1f}x console-only", file=sys.stderr, flush=True)
     return rows
 
 
@@ -240,7 +310,10 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     hp = M.saved_config(json.loads((run_dir / R.RUN_INFO).read_text()), run_dir / R.RUN_INFO)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if "val_loss" in r]
-    label = ("Muon + Adam" if hp.optimizer == "muon" else f"AdamW lr {hp.adamw_lr:g}") + f", {hp.num_iterations} steps"
+    label = ", ".join([("Muon + Adam" if hp.optimizer == "muon" else f"AdamW lr {hp.adamw_lr:g}"),
+                       *[f"{name.replace('_', ' ')} {getattr(hp, field):g}"
+                         for name, (field, _) in M.BUILTIN_MODIFIERS.items() if getattr(hp, field)],
+                       *([hp.loss_terms] if hp.loss_terms else []), f"{hp.num_iterations} steps"])
     return dict(run=run_dir.name, label=label, optimizer=hp.optimizer, steps=[r["step"] for r in val],
                 tokens=[r["step"] * hp.tokens_per_step for r in val], seconds=[r["train_time_ms"] / 1000 for r in val],
                 val_loss=[r["val_loss"] for r in val])
@@ -265,7 +338,7 @@ def ablation(run_dirs: list[Path], png: Path | None) -> list[dict[str, Any]]:
     for row in rows:
         reach = row["seconds_to_reference"]
         ratio = f"{reach / rows[0]['seconds_to_reference']:.1f}x" if reach and rows[0]["seconds_to_reference"] else ""
-        print(f"{row['label']:<32} {row['tokens']:>9,} tokens {row['seconds']:>7.0f} s  val {row['final_val_loss']:.4f}"
+        print(f"{row['label']:<44} {row['tokens']:>9,} tokens {row['seconds']:>7.0f} s  val {row['final_val_loss']:.4f}"
               f"  reaches {target:.4f} at " + (f"{reach:.0f} s ({ratio})" if reach else "never"))
     if png is not None:
         plot_ablation(runs, png)
@@ -293,7 +366,8 @@ def plot_ablation(runs: list[dict[str, Any]], png: Path) -> None:
         ax.axhline(runs[0]["val_loss"][-1], color="gray", linewidth=0.8, linestyle=":")  # the reference's final
         ax.grid(alpha=0.3)
     axes[1].legend()
-    fig.suptitle("Shakespeare preset on a 2-core CPU: Muon vs the AdamW ablation")
+    compared = "Muon vs the AdamW ablation" if any(r["optimizer"] != "muon" for r in runs) else "loss modifiers"
+    fig.suptitle(f"Shakespeare preset on a 2-core CPU: {compared}")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
@@ -340,7 +414,7 @@ def bench_decode(device: torch.device, repeats: int, new_tokens: int) -> list[di
     return rows
 
 
-BENCHMARKS = ("matmul", "train", "decode", "data")
+BENCHMARKS = ("matmul", "train", "modifiers", "trackers", "decode", "data")
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -355,6 +429,10 @@ def print_table(results: dict[str, Any]) -> None:
             print(f"{r['shape']:<14} {r['tokens_per_s']:>8,} {r['step_ms']:>8.0f} {r['fwd_bwd_ms']:>8.0f} "
                   f"{r['newton_schulz_ms']:>7.0f} {r['optimizer_rest_ms']:>8.0f} {1000 * r['model_tflops']:>8.0f} "
                   f"{r['mfu']:>6.0%} {r['dtype']:>9} {r['peak_memory_mib']:>9,}")
+    for r in results.get("modifiers", []):
+        print(f"training with {r['setting']:<20} {r['tokens_per_s']:>7,} tok/s  {r['vs_plain']:.3f}x plain")
+    for r in results.get("trackers", []):
+        print(f"logging to {r['trackers']:<24} {r['ms_per_step']:>8.3f} ms/step  {r['vs_console']:.1f}x console-only")
     if "decode" in results:
         print(f"{'decode shape':<14} {'batch':>5} {'ours KV':>9} {'ours full':>9} {'HF KV':>9} {'HF full':>9} "
               f"{'ours/HF':>8}  (tokens/s)")
@@ -380,6 +458,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="compare finished pretraining runs (the first is the reference) instead of benchmarking")
     p.add_argument("--plot", type=Path, help="with --ablation: write val loss vs tokens and vs time to this PNG")
     p.add_argument("--train-shape", help=argparse.SUPPRESS)  # internal: one training shape in a fresh process
+    p.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)  # internal: config fields, as JSON
     args = p.parse_args(argv)
     if args.ablation:
         rows = ablation(args.ablation, args.plot)
@@ -388,7 +467,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     device = M.detect_device(args.device)
     if args.train_shape:
-        print(json.dumps(bench_train_shape(args.train_shape, device, args.steps, args.warmup, args.compile)))
+        print(json.dumps(bench_train_shape(args.train_shape, device, args.steps, args.warmup, args.compile,
+                                           json.loads(args.overrides))))
         return
     chosen = args.only or BENCHMARKS
     results: dict[str, Any] = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads())
@@ -396,6 +476,10 @@ def main(argv: list[str] | None = None) -> None:
         results["matmul"] = bench_matmul(device, args.repeats)
     if "train" in chosen:
         results["train"] = bench_train(device, args.steps, args.warmup, results["matmul"], args.compile)
+    if "modifiers" in chosen:
+        results["modifiers"] = bench_modifiers(device, args.steps, args.warmup, args.compile)
+    if "trackers" in chosen:
+        results["trackers"] = bench_trackers()
     if "decode" in chosen:
         results["decode"] = bench_decode(device, args.repeats, args.new_tokens)
     if "data" in chosen:

@@ -224,35 +224,57 @@ def load_data(hp: Hyperparameters, args: argparse.Namespace, tok: M.Tokenizer, r
 # Training
 
 
+def conversation_weights(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """For --loss-normalization sequence: each trained token's 1 / (trained tokens of its conversation), and how
+    many conversations have trained tokens. Divided by the step's conversation count, every conversation's tokens
+    weigh 1 in total, however many there are. Conversations are told apart by the <|endoftext|> each starts with."""
+    docs = (x == M.EOT_ID).cumsum(dim=1).long()
+    docs = docs + docs.size(1) * torch.arange(docs.size(0), device=docs.device)[:, None]  # unique across rows
+    trained = y != IGNORE
+    counts = torch.zeros(docs.numel(), dtype=torch.float64, device=x.device)
+    counts.index_add_(0, docs.flatten(), trained.flatten().double())
+    weights = torch.where(trained, 1 / counts[docs].clamp(min=1), 0.0)
+    return weights, int((counts > 0).sum())
+
+
 def train_step(forward, raw, optimizers, rows: list[Example], step: int, hp: Hyperparameters, rt: Runtime,
-               window: int) -> tuple[float, int]:
-    """Loss averaged over every trained token of the step on all ranks; returns (mean loss, trained tokens)."""
+               window: int) -> tuple[float, int, dict[str, float]]:
+    """Loss averaged over every trained token of the step on all ranks (or, with --loss-normalization sequence,
+    over conversations, each counting the same); returns (loss, trained tokens, cross-entropy and modifier terms)."""
     accum = hp.rank_equivalents // rt.world_size
     per_micro = len(rows) // accum
     micro = [to_batch(rows[j * per_micro:(j + 1) * per_micro], rt.device) for j in range(accum)]
     counts = torch.tensor([int((y != IGNORE).sum()) for _, y in micro], dtype=torch.float64)
-    total = counts.sum().to(rt.device)
+    by_conversation = hp.loss_normalization == "sequence"
+    weights = [conversation_weights(x, y) for x, y in micro] if by_conversation else [(None, 0)] * accum
+    totals = torch.tensor([float(counts.sum()), float(sum(n for _, n in weights))], dtype=torch.float64,
+                          device=rt.device)
     if rt.distributed:
-        dist.all_reduce(total)
+        dist.all_reduce(totals)
+    total, conversations = totals[0], totals[1]
     if float(total) == 0:
         raise M.DataError(f"step {step}: the batch has no assistant tokens to train on (loss mask empty)")
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    for (x, y), n in zip(micro, counts):
+    sums: dict[str, torch.Tensor] = {}
+    for (x, y), n, (w, _) in zip(micro, counts, weights):
         if n == 0:
             continue
         with rt.autocast():
-            loss = forward(x, y, window)
-        (loss * float(n * rt.world_size / total)).backward()  # gradients are then averaged over ranks
-        loss_sum += loss.detach().double().cpu() * n
+            loss, parts = forward(x, y, window, None if w is None else (w / conversations).float(), True)
+        # per token: a micro-batch's mean weighs its share of the step's tokens; per conversation the weights
+        # already sum to the micro-batch's share. Either way x world_size, as gradients are then averaged over ranks.
+        share = 1.0 if by_conversation else n
+        (loss * float(share * rt.world_size / (1.0 if by_conversation else total))).backward()
+        for key, value in dict(loss=loss.detach(), **parts).items():
+            sums[key] = sums.get(key, 0.0) + value.double() * share
     M.all_reduce_gradients(raw, rt.world_size)
     M.apply_schedules(optimizers, step, hp)
     for opt in optimizers:
         opt.step()
     raw.zero_grad(set_to_none=True)
-    if rt.distributed:
-        loss_sum = loss_sum.to(rt.device)
-        dist.all_reduce(loss_sum)
-    return float(loss_sum) / float(total), int(total)
+    reduced = M.reduce_metrics(sums, rt.world_size, op="sum")  # one sync for the loss and every term
+    scale = 1.0 if by_conversation else float(total)
+    result = {key: value / scale for key, value in reduced.items()}
+    return result.pop("loss"), int(total), result
 
 
 @torch.no_grad()
@@ -281,7 +303,7 @@ def train(run: R.ScriptRun, hp: Hyperparameters, args: argparse.Namespace, rt: R
     data = load_data(hp, args, tok, rt)  # every record is checked before anything is written
     code = {name: (M.REPO_DIR / name).read_text() for name in ("finetune.py", "runs.py", "model.py")}
     M.seed_everything(hp.seed)
-    raw, forward = M.build_model(hp, rt)
+    raw, forward = M.build_model(hp, rt, chat=True)
     resumed = resume.state if resume else None
     M.load_state_into(raw, (resumed or parent)["model"], str(parent_path))
     optimizers = M.setup_optimizers(raw, hp, rt.rank, rt.world_size, compile_ns=rt.compile)
@@ -292,7 +314,7 @@ def train(run: R.ScriptRun, hp: Hyperparameters, args: argparse.Namespace, rt: R
     run.run_dir = R.open_run_dir(hp, rt, "finetune.py", start_step if resume else None,
                                  R.checkpoint_bytes(raw, optimizers), info=dict(finetune=lineage))
     hp = dataclasses.replace(hp, run_id=run.run_dir.run_id)  # the config as checkpoints and log.txt record it
-    log = R.RunLog(rt, run.run_dir.path)
+    log = R.RunLog(rt, run.run_dir.path, R.open_trackers(hp, rt, run.run_dir.path, resumed=resume is not None))
     log.header(hp, code)
     saver = R.Saver(rt, run.run_dir, hp, code, hint=DIVERGENCE_HINT,
                     extra=dict(kind="chat", chat_template=M.CHAT_TEMPLATE_VERSION, finetune=lineage))
@@ -340,13 +362,14 @@ def train(run: R.ScriptRun, hp: Hyperparameters, args: argparse.Namespace, rt: R
             data_pos = picked[-1][1]
             per_rank = rows_per_step // rt.world_size  # contiguous slices: rank r's rows are 1 process's micro-batch r
             mine = [r for r, _ in picked][rt.rank * per_rank:(rt.rank + 1) * per_rank]
-            loss, trained = train_step(forward, raw, optimizers, mine, step, hp, rt, window)
+            loss, trained, parts = train_step(forward, raw, optimizers, mine, step, hp, rt, window)
             if not math.isfinite(loss):
                 raise saver.diverged(f"step {step + 1}: the training loss is {loss}")
             ms = elapsed_ms + 1000 * (time.perf_counter() - t0)
-            log.print(f"step:{step + 1}/{hp.num_iterations} train_loss:{loss:.4f} trained_tokens:{trained} "
-                      f"train_time:{ms:.0f}ms step_avg:{ms / (step + 1 - start_step):.2f}ms")
-            log.metrics(step=step + 1, train_loss=loss, trained_tokens=trained, train_time_ms=ms)
+            log.print(f"step:{step + 1}/{hp.num_iterations} train_loss:{loss:.4f}{R.loss_parts_text(parts)} "
+                      f"trained_tokens:{trained} train_time:{ms:.0f}ms step_avg:{ms / (step + 1 - start_step):.2f}ms")
+            log.metrics(step=step + 1, train_loss=loss, **{f"train_{k}": v for k, v in parts.items()},
+                        trained_tokens=trained, train_time_ms=ms)
     finally:
         stop.restore()
         log.close()
@@ -359,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         run.hp, args, parent_path, parent, resume = resolve(argv)
         run.rt = M.init_runtime(run.hp)
         run.hp.validate(run.rt.world_size)
+        R.check_extensions(run.hp)
         train(run, run.hp, args, run.rt, parent_path, parent, resume)
 
 

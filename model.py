@@ -11,6 +11,7 @@ Sections, in order:
     Runtime         device, torchrun ranks, autocast, compile, allocator, seeding
     Atomic files    atomic_write
     Model           the GPT: attention and its masks, blocks, soft-capped loss, build_model
+    Loss modifiers  label smoothing, z-loss, entropy, custom registered terms, token weights
     Muon optimizer  Newton-Schulz, Muon, the Adam groups, gradient averaging
     Data            token shards, checks, distributed_data_generator, evaluate
     Tokenizer       GPT-2 BPE, chat template v1, conversation files
@@ -36,7 +37,7 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Collection, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import numpy as np
 import torch
@@ -131,6 +132,16 @@ class Hyperparameters:
     optimizer: str = "muon"  # hidden matrices: muon (record) or adamw (GPT-2-style AdamW: the ablation of Muon)
     adamw_lr: float = 1e-3  # AdamW LR of the hidden matrices; best of four on Shakespeare (docs/muon_vs_adamw.md)
     adamw_weight_decay: float = 0.1  # AdamW decoupled weight decay of the hidden matrices (GPT-2)
+    # training-loss modifiers, all off by default (validation and eval.py always report plain cross-entropy)
+    label_smoothing: float = 0.0  # share of each target's probability spread evenly over the real vocabulary
+    #   (rows below vocab_size, plus the chat tokens in a fine-tune; never the padding rows)
+    z_loss: float = 0.0  # weight of the mean squared log-partition, logsumexp(logits)^2 (PaLM used 1e-4)
+    entropy_weight: float = 0.0  # adds this times the mean predictive entropy in nats: < 0 rewards spread-out
+    #   predictions (a confidence penalty), > 0 rewards confident ones
+    loss_terms: str = ""  # registered custom modifiers as name=weight,... (model.register_loss_modifier)
+    plugins: str = ""  # comma-separated modules imported before the run, e.g. to register custom modifiers
+    loss_normalization: str = "token"  # fine-tuning: token (every assistant token counts the same) or sequence
+    #   (every conversation counts the same, however few assistant tokens it has)
     # evaluation, logging and checkpoints
     val_loss_every: int = 125  # steps between validations; 0 = only at the last step
     save_every: int = 0  # steps between checkpoints; 0 = only before validations and at the end
@@ -146,6 +157,10 @@ class Hyperparameters:
     #   for CPU pretraining, else head
     fp8_head: str = "auto"  # FP8 lm_head matmul: auto (GPUs with compute capability >= 8.9), on, off
     collective_timeout: int = 600  # seconds a rank waits for the others in a collective before the run stops
+    # experiment trackers (log.txt and metrics.jsonl are always written; metrics.jsonl is the source of truth)
+    trackers: str = ""  # comma-separated: tensorboard, wandb; "" = none
+    tracker_dir: str = ""  # where tracker files go: "" = the run directory, else DIR/<run_id>/
+    wandb_project: str = "modded-nanogpt"  # W&B project; WANDB_MODE=offline records locally with no network
 
     # ---- validation -------------------------------------------------------
     def validate(self, world_size: int = 1) -> "Hyperparameters":
@@ -199,9 +214,30 @@ class Hyperparameters:
                               ("fp8_head", ("auto", "on", "off"))]:
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{_flag(name)}={getattr(self, name)!r} must be one of {', '.join(choices)}")
+        self._validate_loss()
+        if self.trackers and (bad := sorted(set(self.tracker_names) - set(TRACKERS))):
+            raise ConfigError(f"--trackers={self.trackers!r}: unknown tracker {bad[0]!r} (choose from "
+                              f"{', '.join(TRACKERS)})")
+        if not self.wandb_project.strip():
+            raise ConfigError("--wandb-project must not be empty")
         if self.run_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_id):
             raise ConfigError(f"--run-id={self.run_id!r} may hold only letters, digits, '.', '_' and '-'")
         return self
+
+    def _validate_loss(self) -> None:
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--label-smoothing={self.label_smoothing} must be in [0, 1)")
+        if not 0 <= self.z_loss < math.inf:
+            raise ConfigError(f"--z-loss={self.z_loss} must be >= 0 and finite")
+        if not math.isfinite(self.entropy_weight):
+            raise ConfigError(f"--entropy-weight={self.entropy_weight} must be finite")
+        if self.loss_normalization not in ("token", "sequence"):
+            raise ConfigError(f"--loss-normalization={self.loss_normalization!r} must be one of token, sequence")
+        parse_loss_terms(self.loss_terms)
+
+    @property
+    def tracker_names(self) -> list[str]:
+        return [name.strip() for name in self.trackers.split(",") if name.strip()]
 
     @property
     def tokens_per_step(self) -> int:
@@ -226,6 +262,8 @@ class Hyperparameters:
             raise ConfigError(f"unknown hyperparameter(s): {names}")
         return cls(**{k: _coerce(k, v) for k, v in d.items()})
 
+
+TRACKERS = ("tensorboard", "wandb")  # what --trackers accepts; runs.py writes them
 
 # Named presets: only the fields that differ from the dataclass defaults (which are the speedrun record).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -777,6 +815,9 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(num_layers // 2))  # U-net skips (record)
         self.use_flex = False  # FlexAttention block masks (CUDA); SDPA with a dense mask otherwise
         self.loss_fn = softcap_cross_entropy  # build_model may swap in a compiled copy
+        self.modified_loss_fn = softcap_modified_loss  # the same, with loss modifiers or token weights
+        self.loss_modifiers: tuple[LossModifier, ...] = ()  # training only; evaluation stays plain cross-entropy
+        self.loss_classes = vocab_size  # rows a target can be: label smoothing spreads its mass over these
 
     @classmethod
     def from_hparams(cls, hp: Hyperparameters) -> "GPT":
@@ -821,16 +862,29 @@ class GPT(nn.Module):
         return softcap(self.lm_head(x).float(), self.model_dim)
 
     def forward(self, input_seq: Tensor, target_seq: Tensor | None = None,
-                sliding_window_num_blocks: Tensor | int = 1 << 30) -> Tensor:
-        """(B, T) or the record's 1-D (T,) tokens. With targets: mean cross-entropy; without: logits (B, T, V)."""
+                sliding_window_num_blocks: Tensor | int = 1 << 30, token_weights: Tensor | None = None,
+                parts: bool = False) -> Any:
+        """(B, T) or the record's 1-D (T,) tokens. Without targets: logits (B, T, V). With targets: mean
+        cross-entropy, or in training with loss modifiers or token_weights (B, T) the modified loss; parts=True
+        returns (loss, {"ce": ..., modifier terms and metrics}) instead, empty when nothing modifies the loss."""
         input_BT = input_seq[None] if input_seq.ndim == 1 else input_seq
         x = self.hidden_states(input_BT, *self.attention_masks(input_BT, sliding_window_num_blocks))
-        if target_seq is None or (self.lm_head.use_fp8 and self.training):
+        if target_seq is None:
+            return self.logits(x)
+        if self.training and (self.loss_modifiers or token_weights is not None):
+            if self.lm_head.use_fp8:
+                out = modified_cross_entropy(self.logits(x), target_seq, self.loss_modifiers, self.loss_classes,
+                                             token_weights)
+            else:
+                out = self.modified_loss_fn(x, self.lm_head.weight, target_seq, token_weights,
+                                            self.loss_modifiers, self.loss_classes)
+            return out if parts else out[0]
+        if self.lm_head.use_fp8 and self.training:
             logits = self.logits(x)
-            if target_seq is None:
-                return logits
-            return F.cross_entropy(logits.view(-1, logits.size(-1)), target_seq.reshape(-1).long())
-        return self.loss_fn(x, self.lm_head.weight, target_seq)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), target_seq.reshape(-1).long())
+        else:
+            loss = self.loss_fn(x, self.lm_head.weight, target_seq)
+        return (loss, {}) if parts else loss
 
     def forward_cached(self, input_BT: Tensor, cache: "KVCache", window_blocks: int) -> Tensor:
         """Logits (B, T, V) of T new tokens that follow the cache's tokens; their keys and values join the cache.
@@ -864,9 +918,12 @@ def param_counts(model: nn.Module) -> dict[str, int]:
     return {"total": total, "embedding": embed, "non_embedding": total - embed}
 
 
-def build_model(hp: Hyperparameters, rt: Runtime) -> tuple[GPT, nn.Module]:
-    """The raw model (for checkpoints and optimizers) and the module to call (compiled where asked)."""
+def build_model(hp: Hyperparameters, rt: Runtime, chat: bool = False) -> tuple[GPT, nn.Module]:
+    """The raw model (for checkpoints and optimizers) and the module to call (compiled where asked). chat: a
+    fine-tune, whose targets include the chat tokens (label smoothing covers them too)."""
     model = GPT.from_hparams(hp).to(rt.device)
+    model.loss_modifiers = loss_modifiers(hp)
+    model.loss_classes = hp.vocab_size + (len(CHAT_SPECIAL_TOKENS) if chat else 0)
     if rt.device.type == "cuda":
         for m in model.modules():
             if isinstance(m, nn.Embedding):
@@ -881,8 +938,160 @@ def build_model(hp: Hyperparameters, rt: Runtime) -> tuple[GPT, nn.Module]:
             dist.broadcast(p.detach(), 0)
     if rt.compile_head and not rt.compile:
         model.loss_fn = compile_with_fallback(softcap_cross_entropy, "the loss head")
+        model.modified_loss_fn = compile_with_fallback(softcap_modified_loss, "the loss head")
     forward = CompiledModule(model, "the model") if rt.compile else model
     return model, forward
+
+
+# -----------------------------------------------------------------------------
+# Loss modifiers: label smoothing, z-loss, entropy and registered custom terms, added to the cross-entropy
+#
+# A modifier is a name, a weight and a function of the per-token quantities the soft-capped cross-entropy already
+# computes (TokenStats); it returns one added loss per token and named per-token metrics. modified_cross_entropy
+# averages every term with the same token weights (per token, or per conversation in fine-tuning) and adds
+# weight * term to the cross-entropy, so terms compose by summing and none replaces another. Nothing builds a
+# one-hot target; everything stays a tensor until the training script syncs once per logged step.
+
+IGNORE_INDEX = -100  # F.cross_entropy's ignore_index: fine-tuning marks the tokens it does not train with it
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """What the cross-entropy of N target tokens computes anyway, handed to every modifier."""
+    logits: Tensor  # (N, V) soft-capped fp32 logits over the padded vocabulary
+    lse: Tensor  # (N,) log-partition logsumexp(logits)
+    nll: Tensor  # (N,) cross-entropy of each target; 0 where not trained
+    targets: Tensor  # (N,) target ids; IGNORE_INDEX where not trained
+    classes: int  # rows 0..classes-1 are real targets; the rest are padding no target ever takes
+
+
+ModifierFn = Callable[[TokenStats], tuple[Tensor, dict[str, Tensor]]]
+
+
+@dataclass(frozen=True)
+class LossModifier:
+    name: str
+    weight: float
+    fn: ModifierFn  # (N,) added loss per token, {metric: (N,) per token}
+
+
+LOSS_MODIFIERS: dict[str, ModifierFn] = {}  # what --loss-terms name=weight can switch on
+
+
+def register_loss_modifier(name: str) -> Callable[[ModifierFn], ModifierFn]:
+    """Decorator: make fn available as --loss-terms NAME=WEIGHT (import its module with --plugins)."""
+    def register(fn: ModifierFn) -> ModifierFn:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            raise ValueError(f"loss modifier name {name!r} must be lower-case letters, digits and '_'")
+        LOSS_MODIFIERS[name] = fn
+        return fn
+    return register
+
+
+def label_smoothing_term(t: TokenStats) -> tuple[Tensor, dict[str, Tensor]]:
+    """Smoothed minus plain cross-entropy per unit of smoothing: eps * (this) turns the target into
+    (1 - eps) * one-hot + eps * uniform over the real classes, without building either."""
+    uniform_nll = t.lse - t.logits[:, :t.classes].mean(dim=-1)
+    return uniform_nll - t.nll, {}
+
+
+def z_loss_term(t: TokenStats) -> tuple[Tensor, dict[str, Tensor]]:
+    """logsumexp(logits)^2: pulls the softmax normaliser towards 1 (PaLM, Chowdhery et al. 2022, sec. 5)."""
+    return t.lse.square(), {"lse": t.lse}
+
+
+def entropy_term(t: TokenStats) -> tuple[Tensor, dict[str, Tensor]]:
+    """Entropy of the predicted distribution in nats: lse - sum(p * logits). A negative weight is the confidence
+    penalty of Pereyra et al. 2017 (arXiv:1701.06548); a positive one is entropy minimisation."""
+    probs = torch.softmax(t.logits, dim=-1)
+    return t.lse - (probs * t.logits).sum(dim=-1), {}
+
+
+# name -> (the Hyperparameters field holding its weight, its function)
+BUILTIN_MODIFIERS = {"label_smoothing": ("label_smoothing", label_smoothing_term), "z_loss": ("z_loss", z_loss_term),
+                     "entropy": ("entropy_weight", entropy_term)}
+
+
+def parse_loss_terms(text: str) -> list[tuple[str, float]]:
+    """--loss-terms "name=weight,..." -> [(name, weight)]; ConfigError naming the item that is wrong."""
+    terms = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        try:
+            weight = float(value) if sep else math.nan
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight):
+            raise ConfigError(f"--loss-terms item {item!r} must be NAME=WEIGHT with a finite number")
+        if name in BUILTIN_MODIFIERS:
+            raise ConfigError(f"--loss-terms: {name!r} has its own flag, --{_flag(BUILTIN_MODIFIERS[name][0])}")
+        terms.append((name, weight))
+    return terms
+
+
+def registered_modifier(name: str) -> ModifierFn:
+    if name not in LOSS_MODIFIERS:
+        known = ", ".join(sorted(LOSS_MODIFIERS)) or "none"
+        raise ConfigError(f"--loss-terms: no loss modifier {name!r} is registered (registered: {known}; a module "
+                          f"given to --plugins registers one)")
+    return LOSS_MODIFIERS[name]
+
+
+def loss_modifiers(hp: Hyperparameters) -> tuple[LossModifier, ...]:
+    """The run's modifiers in a fixed order: the built-in ones switched on, then --loss-terms as given."""
+    chosen = [LossModifier(name, getattr(hp, field), fn) for name, (field, fn) in BUILTIN_MODIFIERS.items()
+              if getattr(hp, field)]
+    chosen += [LossModifier(name, weight, registered_modifier(name))
+               for name, weight in parse_loss_terms(hp.loss_terms)]
+    return tuple(chosen)
+
+
+def modified_cross_entropy(logits: Tensor, targets: Tensor, modifiers: tuple[LossModifier, ...], classes: int,
+                           token_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Cross-entropy plus sum(weight * term), every part averaged with the same token weights (default: the mean
+    over trained tokens; fine-tuning passes per-conversation weights that sum to its share of the step)."""
+    logits = logits.view(-1, logits.size(-1))
+    targets = targets.reshape(-1).long()
+    trained = targets != IGNORE_INDEX
+    nll = F.cross_entropy(logits, targets, reduction="none")  # 0 where not trained
+    if token_weights is None:
+        weights = trained.float() / trained.sum().clamp(min=1)
+    else:
+        weights = token_weights.reshape(-1).float() * trained
+    stats = TokenStats(logits, torch.logsumexp(logits, dim=-1), nll, targets, classes)
+
+    def average(per_token: Tensor) -> Tensor:
+        return (torch.where(trained, per_token, 0.0) * weights).sum()
+
+    loss = average(nll)
+    metrics = {"ce": loss}
+    for modifier in modifiers:
+        term, extra = modifier.fn(stats)
+        metrics[modifier.name] = modifier.weight * average(term)
+        loss = loss + metrics[modifier.name]
+        metrics.update({f"{modifier.name}_{key}": average(value) for key, value in extra.items()})
+    return loss, {key: value.detach() for key, value in metrics.items()}
+
+
+def softcap_modified_loss(x_normed: Tensor, head_weight: Tensor, targets: Tensor, token_weights: Tensor | None,
+                          modifiers: tuple[LossModifier, ...], classes: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """softcap_cross_entropy with loss modifiers and token weights; pure, so the head compiles with them."""
+    logits = softcap(F.linear(x_normed, head_weight.type_as(x_normed)).float(), x_normed.size(-1))
+    return modified_cross_entropy(logits, targets, modifiers, classes, token_weights)
+
+
+def reduce_metrics(parts: dict[str, Tensor], world_size: int, op: str = "avg") -> dict[str, float]:
+    """Step metrics as floats: one stacked all_reduce and one device sync for all of them, not one per metric."""
+    if not parts:
+        return {}
+    dtype = next(iter(parts.values())).dtype  # the first one's (the loss): the sum stays as exact as before
+    stacked = torch.stack([value.to(dtype) for value in parts.values()])
+    if world_size > 1:
+        dist.all_reduce(stacked, op=dist.ReduceOp.AVG if op == "avg" else dist.ReduceOp.SUM)
+    return dict(zip(parts, stacked.tolist()))
 
 
 # -----------------------------------------------------------------------------

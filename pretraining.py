@@ -68,8 +68,10 @@ def _repo_path(pattern: str) -> str:
     return pattern if Path(pattern).is_absolute() else str(M.REPO_DIR / pattern)
 
 
-def train_micro_batches(forward, batch: tuple, hp: Hyperparameters, rt: Runtime, window: torch.Tensor) -> float:
-    """Forward/backward over this rank's micro-batches; returns this rank's mean loss.
+def train_micro_batches(forward, batch: tuple, hp: Hyperparameters, rt: Runtime, window: torch.Tensor
+                        ) -> dict[str, torch.Tensor]:
+    """Forward/backward over this rank's micro-batches; returns this rank's mean loss ("loss") and, with loss
+    modifiers, the mean cross-entropy ("ce") and each modifier's term and metrics, all still tensors.
 
     The record backpropagates the *summed* loss of each rank's 48k tokens and averages over 8 ranks; scaling
     each micro-batch's mean loss by train_seq_len / accumulation reproduces exactly that gradient for any
@@ -78,19 +80,20 @@ def train_micro_batches(forward, batch: tuple, hp: Hyperparameters, rt: Runtime,
     inputs, targets = batch[0], batch[1]
     accum = hp.rank_equivalents // rt.world_size
     row = hp.row_len or hp.train_seq_len
-    total = 0.0
+    total: dict[str, torch.Tensor] = {}
     for j in range(accum):
         x = inputs[j * hp.train_seq_len:(j + 1) * hp.train_seq_len].view(-1, row)
         y = targets[j * hp.train_seq_len:(j + 1) * hp.train_seq_len].view(-1, row)
         with rt.autocast():
-            loss = forward(x, y, window)
+            loss, parts = forward(x, y, window, None, True)
         (loss * (hp.train_seq_len / accum)).backward()
-        total += loss.detach()
-    return total / accum
+        for key, value in dict(loss=loss.detach(), **parts).items():
+            total[key] = total.get(key, 0.0) + value
+    return {key: value / accum for key, value in total.items()}
 
 
 def train_step(forward, raw_model, optimizers, batch: tuple, step: int, hp: Hyperparameters, rt: Runtime,
-               window: torch.Tensor) -> torch.Tensor:
+               window: torch.Tensor) -> dict[str, torch.Tensor]:
     """One optimizer step: micro-batches, gradient averaging over ranks, schedules, Adam + Muon."""
     train_loss = train_micro_batches(forward, batch, hp, rt, window)
     M.all_reduce_gradients(raw_model, rt.world_size)
@@ -128,8 +131,8 @@ def warm_up(forward, raw_model, optimizers, hp: Hyperparameters, rt: Runtime, wi
 
 def open_log(rt: Runtime, hp: Hyperparameters, code: dict[str, str], raw_model, run_dir: Path, preset_given: bool,
              start_step: int | None) -> R.RunLog:
-    """The run's log: code and config first, then what runs where and how large it is."""
-    log = R.RunLog(rt, run_dir)
+    """The run's log and trackers: code and config first, then what runs where and how large it is."""
+    log = R.RunLog(rt, run_dir, R.open_trackers(hp, rt, run_dir, resumed=start_step is not None))
     log.header(hp, code)
     counts = M.param_counts(raw_model)
     step_tokens = hp.tokens_per_step
@@ -205,18 +208,18 @@ def train(run: R.ScriptRun, hp: Hyperparameters, rt: Runtime, resume: R.Resume |
                 break
             batch = next(train_loader)
             data_pos = batch[2]
-            train_loss = train_step(forward, raw_model, optimizers, batch, step, hp, rt, window)
-            if rt.distributed:
-                train_loss = train_loss.clone()
-                dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
-            train_loss = float(train_loss)
+            parts = M.reduce_metrics(train_step(forward, raw_model, optimizers, batch, step, hp, rt, window),
+                                     rt.world_size)  # one sync for the loss and every modifier's term
+            train_loss = parts.pop("loss")
             if not math.isfinite(train_loss):
                 raise saver.diverged(f"step {step + 1}: the training loss is {train_loss}")
             elapsed = training_time_ms + 1000 * (time.perf_counter() - t0)
             done = step + 1 - timed_from
-            log.print(f"step:{step + 1}/{hp.num_iterations} train_loss:{train_loss:.4f} train_time:{elapsed:.0f}ms "
-                      f"step_avg:{elapsed / done:.2f}ms tok/s:{hp.tokens_per_step * done / (elapsed / 1000):.0f}")
-            log.metrics(step=step + 1, train_loss=train_loss, train_time_ms=elapsed, lr_mult=M.get_lr(step, hp))
+            log.print(f"step:{step + 1}/{hp.num_iterations} train_loss:{train_loss:.4f}{R.loss_parts_text(parts)} "
+                      f"train_time:{elapsed:.0f}ms step_avg:{elapsed / done:.2f}ms "
+                      f"tok/s:{hp.tokens_per_step * done / (elapsed / 1000):.0f}")
+            log.metrics(step=step + 1, train_loss=train_loss, **{f"train_{k}": v for k, v in parts.items()},
+                        train_time_ms=elapsed, lr_mult=M.get_lr(step, hp))
     finally:
         stop.restore()
         log.close()
@@ -235,6 +238,10 @@ def main(argv: list[str] | None = None) -> None:
             return
         run.rt = M.init_runtime(run.hp, whole_model_on_cpu=True)
         run.hp.validate(run.rt.world_size)
+        if run.hp.loss_normalization != "token":
+            raise M.ConfigError(f"--loss-normalization={run.hp.loss_normalization} is for fine-tuning "
+                                "(pretraining rows are a token stream, not conversations)")
+        R.check_extensions(run.hp)
         train(run, run.hp, run.rt, resume, preset_given)
 
 

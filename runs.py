@@ -6,7 +6,8 @@ one way: scripts -> runs.py -> model.py (and scripts -> model.py); model.py neve
 Sections, in order:
     Flags           CLI, environment and .env into Hyperparameters; generated --help
     Run directories RunDir (path, run id, lock), run.json, preflight disk and writability checks
-    RunLog          log.txt and metrics.jsonl, written by rank 0
+    RunLog          log.txt and metrics.jsonl, written by rank 0, and the trackers it feeds
+    Trackers        TensorBoard and Weights & Biases sinks: lazy imports, rank 0, resume without duplicates
     Resume          --resume latest | RUN_DIR | CHECKPOINT into a Resume
     Saver           checkpoints: finite weights only, atomic, pruned, a failed write keeps the previous one
     Stopping        StopSignal, divergence, lost ranks, the exit policy
@@ -133,6 +134,38 @@ def load_config(argv: list[str] | None = None, prog: str = "pretraining.py", env
     Raises ConfigError for bad values; argparse itself exits 2 on unknown flags.
     """
     return config_from_overrides(explicit_overrides(argv, prog, env, dotenv_path))
+
+
+def import_plugins(hp: Hyperparameters) -> None:
+    """--plugins a.b,c: import each module (from the working directory too) so it can register components, such as
+    custom loss modifiers with model.register_loss_modifier."""
+    import importlib
+
+    for name in (part.strip() for part in hp.plugins.split(",")):
+        if not name:
+            continue
+        added = os.getcwd() not in sys.path
+        if added:
+            sys.path.append(os.getcwd())
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - any error in the user's module is theirs to see, on one line
+            raise ConfigError(f"--plugins: cannot import {name!r} ({type(e).__name__}: {M.first_line(e)})") from None
+        finally:
+            if added:
+                sys.path.remove(os.getcwd())
+
+
+def check_extensions(hp: Hyperparameters) -> None:
+    """Before anything is written: plugins import, every loss modifier is known, every tracker can start."""
+    import_plugins(hp)
+    M.loss_modifiers(hp)
+    check_trackers(hp)
+
+
+def loss_parts_text(parts: dict[str, float]) -> str:
+    """ ' (ce:4.1234 z_loss:0.0012 ...)' for a step line; '' when nothing modifies the loss."""
+    return f" ({' '.join(f'{k}:{v:.4f}' for k, v in parts.items())})" if parts else ""
 
 
 # -----------------------------------------------------------------------------
@@ -336,12 +369,15 @@ def read_run_info(run_dir: Path) -> dict[str, Any] | None:
 
 class RunLog:
     """A run's log.txt (the code, the config, then every line the script prints) and metrics.jsonl (one JSON object
-    per call, flushed at once, so a kill -9 loses no logged step). Only rank 0 prints or writes."""
+    per call, flushed at once, so a kill -9 loses no logged step), plus the trackers asked for, which get the same
+    config, code and scalars. Only rank 0 prints or writes. A tracker that fails warns once and is dropped: the run
+    and the other sinks go on, and metrics.jsonl stays the source of truth."""
 
-    def __init__(self, rt: Runtime, run_dir: Path):
+    def __init__(self, rt: Runtime, run_dir: Path, trackers: list["Tracker"] | None = None):
         self.master = rt.master
         self.logfile = run_dir / "log.txt"
         self._metrics = open(run_dir / "metrics.jsonl", "a") if self.master else None
+        self.trackers = list(trackers or []) if self.master else []
 
     def print(self, msg: str, console: bool = True) -> None:
         if not self.master:
@@ -360,16 +396,183 @@ class RunLog:
         self.print(f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}", console=False)
         self.print("config: " + json.dumps(hp.to_dict()), console=False)
         self.print("=" * 100, console=False)
+        self._each("record the config", lambda t: t.config(hp, code))
 
     def metrics(self, **record: Any) -> None:
-        if self._metrics is not None:
-            self._metrics.write(json.dumps(record) + "\n")
-            self._metrics.flush()
+        if self._metrics is None:
+            return
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        self._each(f"log step {record.get('step')}", lambda t: t.scalars(record["step"], scalars))
+
+    def _each(self, what: str, call: Any) -> None:
+        for tracker in list(self.trackers):
+            try:
+                call(tracker)
+            except Exception as e:  # noqa: BLE001 - a tracker must never stop training
+                self.trackers.remove(tracker)
+                print(f"warning: the {tracker.name} tracker failed to {what} ({type(e).__name__}: "
+                      f"{M.first_line(e)}); continuing without it (metrics.jsonl has every step)",
+                      file=sys.stderr, flush=True)
+                with contextlib.suppress(Exception):
+                    tracker.close()
 
     def close(self) -> None:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+        self._each("close", lambda t: t.close())
+        self.trackers = []
+
+
+# -----------------------------------------------------------------------------
+# Trackers: TensorBoard and Weights & Biases, imported only when asked for, written by rank 0
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard==2.21.0", "wandb": "wandb==0.31.0"}  # as pinned in requirements.txt
+TRACKER_MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
+
+
+class Tracker:
+    """A sink of RunLog: the config and code once, then every metrics record's numbers at its step."""
+    name = ""
+
+    def config(self, hp: Hyperparameters, code: dict[str, str]) -> None:
+        raise NotImplementedError
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def tracker_root(hp: Hyperparameters, run_dir: Path) -> Path:
+    """The run directory, or --tracker-dir/<run_id> (one folder per run, so `tensorboard --logdir` sees them all)."""
+    return Path(hp.tracker_dir) / run_dir.name if hp.tracker_dir else run_dir
+
+
+def check_trackers(hp: Hyperparameters) -> None:
+    """Before anything is written: every tracker asked for imports, and --tracker-dir can be written."""
+    import importlib
+
+    for name in hp.tracker_names:
+        try:
+            importlib.import_module(TRACKER_MODULES[name])
+        except ImportError:
+            raise ConfigError(f"--trackers={name} needs the {name} package, which is not installed: "
+                              f"pip install {TRACKER_PACKAGES[name]}") from None
+    if hp.tracker_names and hp.tracker_dir:
+        root = Path(hp.tracker_dir)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            check_writable(root)
+        except (OSError, CheckpointError) as e:
+            reason = e.strerror if isinstance(e, OSError) else "not writable"
+            raise ConfigError(f"--tracker-dir={hp.tracker_dir}: cannot write there ({reason})") from None
+
+
+class TensorBoardTracker(Tracker):
+    """Event files in <tracker root>/tensorboard, one scalar per metrics key (tag = the key, step = the step).
+
+    On resume the folder is rebuilt from metrics.jsonl (already trimmed to the resume step): earlier event files
+    move to superseded/ and the kept records are written again, so the events hold exactly metrics.jsonl's
+    scalars, with no step twice, whatever a killed run had written."""
+    name = "tensorboard"
+
+    def __init__(self, directory: Path, metrics_file: Path, resumed: bool):
+        from torch.utils.tensorboard import SummaryWriter
+
+        if resumed:  # renamed so that `tensorboard --logdir` no longer reads them
+            aside = directory.parent / "superseded"
+            for old in sorted(directory.glob("events.out.tfevents.*")):
+                aside.mkdir(exist_ok=True)
+                old.rename(aside / old.name.replace("tfevents", "superseded"))
+        directory.mkdir(parents=True, exist_ok=True)
+        check_writable(directory)
+        self.writer = SummaryWriter(str(directory), max_queue=1000, flush_secs=3600)
+        if resumed and metrics_file.exists():
+            for line in metrics_file.read_text(encoding="utf-8").splitlines():
+                record = json.loads(line)
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)):
+                        self.writer.add_scalar(key, value, record["step"])
+            self.writer.flush()
+
+    def config(self, hp: Hyperparameters, code: dict[str, str]) -> None:
+        self.writer.add_text("config", "```\n" + json.dumps(hp.to_dict(), indent=1) + "\n```")
+        for name, src in code.items():
+            self.writer.add_text(f"code/{name}", "```python\n" + src + "\n```")
+        self.writer.flush()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()  # as metrics.jsonl is: a kill loses no logged step
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbTracker(Tracker):
+    """A Weights & Biases run with the id kept in run.json, so --resume continues the same run. WANDB_MODE=offline
+    records under <tracker root>/wandb with no network (`wandb sync` uploads it later)."""
+    name = "wandb"
+
+    def __init__(self, directory: Path, hp: Hyperparameters, wandb_id: str):
+        import wandb
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=hp.wandb_project, id=wandb_id, name=hp.run_id, resume="allow",
+                              dir=str(directory), config=hp.to_dict(),
+                              settings=wandb.Settings(console="off", quiet=True))
+
+    def config(self, hp: Hyperparameters, code: dict[str, str]) -> None:
+        self.run.config.update(hp.to_dict(), allow_val_change=True)
+        code_dir = Path(self.run.dir) / "code"  # the run's files: `wandb sync` uploads them with it
+        code_dir.mkdir(parents=True, exist_ok=True)
+        for name, src in code.items():
+            (code_dir / name).write_text(src, encoding="utf-8")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B id recorded in run.json; a run that has none yet (started without W&B) gets one now."""
+    info = read_run_info(run_dir) or {}
+    if not info.get("wandb_id"):
+        info["wandb_id"] = uuid.uuid4().hex[:12]
+        with M.atomic_write(run_dir / RUN_INFO, "w") as f:
+            json.dump(info, f, indent=1)
+    return info["wandb_id"]
+
+
+def open_trackers(hp: Hyperparameters, rt: Runtime, run_dir: Path, resumed: bool) -> list[Tracker]:
+    """The trackers of --trackers, started on rank 0 before training; one that cannot start is a ConfigError."""
+    if not rt.master:
+        return []
+    root, trackers = tracker_root(hp, run_dir), []
+    for name in hp.tracker_names:
+        try:
+            if name == "tensorboard":
+                trackers.append(TensorBoardTracker(root / "tensorboard", run_dir / "metrics.jsonl", resumed))
+            else:
+                trackers.append(WandbTracker(root, hp, wandb_run_id(run_dir)))
+        except Exception as e:  # noqa: BLE001 - whatever a tracker's package raises
+            for started in trackers:
+                with contextlib.suppress(Exception):
+                    started.close()
+            if not resumed:  # a refused start leaves no run behind
+                shutil.rmtree(run_dir, ignore_errors=True)
+                shutil.rmtree(root, ignore_errors=True)
+            hint = "; WANDB_MODE=offline records locally, with no account" if name == "wandb" else ""
+            raise ConfigError(f"--trackers={name}: the tracker could not start ({type(e).__name__}: "
+                              f"{M.first_line(e)}){hint}") from None
+    return trackers
 
 
 # -----------------------------------------------------------------------------

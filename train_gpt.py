@@ -101,6 +101,16 @@ class Hyperparameters:
     optimizer: str = "muon"  # hidden matrices: muon (record) or adamw (GPT-2-style AdamW: the ablation of Muon)
     adamw_lr: float = 1e-3  # AdamW LR of the hidden matrices; best of four on Shakespeare (docs/muon_vs_adamw.md)
     adamw_weight_decay: float = 0.1  # AdamW decoupled weight decay of the hidden matrices (GPT-2)
+    # training-loss modifiers, all off by default (validation and eval.py always report plain cross-entropy)
+    label_smoothing: float = 0.0  # share of each target's probability spread evenly over the real vocabulary
+    #   (rows below vocab_size, plus the chat tokens in a fine-tune; never the padding rows)
+    z_loss: float = 0.0  # weight of the mean squared log-partition, logsumexp(logits)^2 (PaLM used 1e-4)
+    entropy_weight: float = 0.0  # adds this times the mean predictive entropy in nats: < 0 rewards spread-out
+    #   predictions (a confidence penalty), > 0 rewards confident ones
+    loss_terms: str = ""  # registered custom modifiers as name=weight,... (model.register_loss_modifier)
+    plugins: str = ""  # comma-separated modules imported before the run, e.g. to register custom modifiers
+    loss_normalization: str = "token"  # fine-tuning: token (every assistant token counts the same) or sequence
+    #   (every conversation counts the same, however few assistant tokens it has)
     # evaluation, logging and checkpoints
     val_loss_every: int = 125  # steps between validations; 0 = only at the last step
     save_every: int = 0  # steps between checkpoints; 0 = only before validations and at the end
@@ -117,6 +127,10 @@ class Hyperparameters:
     #   head elsewhere
     fp8_head: str = "auto"  # FP8 lm_head matmul: auto (GPUs with compute capability >= 8.9), on, off
     collective_timeout: int = 600  # seconds a rank waits for the others in a collective before the run stops
+    # experiment trackers (log.txt and metrics.jsonl are always written; metrics.jsonl is the source of truth)
+    trackers: str = ""  # comma-separated: tensorboard, wandb; "" = none
+    tracker_dir: str = ""  # where tracker files go: "" = the run directory, else DIR/<run_id>/
+    wandb_project: str = "modded-nanogpt"  # W&B project; WANDB_MODE=offline records locally with no network
 
     def validate(self, world_size: int = 1) -> "Hyperparameters":
         """Raise ConfigError naming the flag (the same checks and messages as model.py)."""
@@ -181,6 +195,10 @@ class Hyperparameters:
     def max_seq_len(self) -> int:
         return self.row_len or max(self.train_seq_len, self.val_seq_len)
 
+
+# Fields of the shared config that only the library scripts implement (refuse_library_only)
+LIBRARY_ONLY = ("label_smoothing", "z_loss", "entropy_weight", "loss_terms", "plugins", "loss_normalization",
+                "trackers", "tracker_dir", "wandb_project")
 
 # Only the fields that differ from the defaults (the record); reasons in model.py, measurements in docs/measurements.md.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -1191,6 +1209,15 @@ def train(hp: Hyperparameters, rt: Runtime) -> float:
     return val_loss
 
 
+def refuse_library_only(hp: Hyperparameters) -> None:
+    """This script trains the record's plain loss and writes log.txt only; the loss modifiers, plugins and trackers
+    of the shared library are pretraining.py's, which takes the same flags."""
+    for f in dataclasses.fields(Hyperparameters):
+        if f.name in LIBRARY_ONLY and getattr(hp, f.name) != f.default:
+            raise ConfigError(f"--{_flag(f.name)} is not in train_gpt.py (it trains the record's plain loss and "
+                              f"logs to log.txt); `python pretraining.py` takes the same flags and has it")
+
+
 def main(argv: list[str] | None = None) -> None:
     rt = None
     try:
@@ -1198,6 +1225,7 @@ def main(argv: list[str] | None = None) -> None:
         if hp.resume:
             raise ConfigError("train_gpt.py always starts fresh; continue its checkpoints with "
                               f"`python pretraining.py --resume {hp.resume}`")
+        refuse_library_only(hp)
         rt = init_runtime(hp)
         hp.validate(rt.world_size)
         train(hp, rt)
