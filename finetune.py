@@ -35,6 +35,9 @@ IGNORE = -100  # F.cross_entropy's ignore_index: targets the loss skips
 FINETUNE_DEFAULTS: dict[str, Any] = dict(num_iterations=60, val_loss_every=20, cooldown_frac=0.5,
                                          muon_momentum_warmup=1, save_every=0, shuffle_rows=False,
                                          optimizer="muon", adamw_lr=1e-4, adamw_weight_decay=0.0)
+# The parent's loss modifiers, plugins and trackers are its own choices: a fine-tune starts with none of them
+FINETUNE_DEFAULTS.update({name: M.Hyperparameters.__dataclass_fields__[name].default for name in (
+    "label_smoothing", "z_loss", "entropy_weight", "loss_terms", "plugins", "trackers", "tracker_dir")})
 # A diverged fine-tuning run: what to change (its LR flags are not pretraining's)
 DIVERGENCE_HINT = "Lower --lr-scale (or --adamw-lr) or use --dtype fp32, then start again or --resume"
 LR_SCALE = 1.0  # Muon and Adam LRs as a fraction of the parent's: 1.0 was best on the demo (docs/finetuning.md)

@@ -1028,6 +1028,8 @@ def parse_loss_terms(text: str) -> list[tuple[str, float]]:
             raise ConfigError(f"--loss-terms item {item!r} must be NAME=WEIGHT with a finite number")
         if name in BUILTIN_MODIFIERS:
             raise ConfigError(f"--loss-terms: {name!r} has its own flag, --{_flag(BUILTIN_MODIFIERS[name][0])}")
+        if name in dict(terms):
+            raise ConfigError(f"--loss-terms: {name!r} is given twice (its metrics are logged under its name)")
         terms.append((name, weight))
     return terms
 
