@@ -311,7 +311,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if "val_loss" in r]
     label = ", ".join([("Muon + Adam" if hp.optimizer == "muon" else f"AdamW lr {hp.adamw_lr:g}"),
-                       *[f"{name.replace('_', ' ')} {getattr(hp, field):g}"
+                       *[f"{name.replace('z_', 'z-').replace('_', ' ')} {getattr(hp, field):g}"
                          for name, (field, _) in M.BUILTIN_MODIFIERS.items() if getattr(hp, field)],
                        *([hp.loss_terms] if hp.loss_terms else []), f"{hp.num_iterations} steps"])
     return dict(run=run_dir.name, label=label, optimizer=hp.optimizer, steps=[r["step"] for r in val],

@@ -132,7 +132,7 @@ class Hyperparameters:
     optimizer: str = "muon"  # hidden matrices: muon (record) or adamw (GPT-2-style AdamW: the ablation of Muon)
     adamw_lr: float = 1e-3  # AdamW LR of the hidden matrices; best of four on Shakespeare (docs/muon_vs_adamw.md)
     adamw_weight_decay: float = 0.1  # AdamW decoupled weight decay of the hidden matrices (GPT-2)
-    # training-loss modifiers, all off by default (validation and eval.py always report plain cross-entropy)
+    # loss modifiers: all off by default; validation and eval.py report plain cross-entropy
     label_smoothing: float = 0.0  # share of each target's probability spread evenly over the real vocabulary
     #   (rows below vocab_size, plus the chat tokens in a fine-tune; never the padding rows)
     z_loss: float = 0.0  # weight of the mean squared log-partition, logsumexp(logits)^2 (PaLM used 1e-4)
@@ -157,7 +157,7 @@ class Hyperparameters:
     #   for CPU pretraining, else head
     fp8_head: str = "auto"  # FP8 lm_head matmul: auto (GPUs with compute capability >= 8.9), on, off
     collective_timeout: int = 600  # seconds a rank waits for the others in a collective before the run stops
-    # experiment trackers (log.txt and metrics.jsonl are always written; metrics.jsonl is the source of truth)
+    # experiment trackers: log.txt and metrics.jsonl are always written
     trackers: str = ""  # comma-separated: tensorboard, wandb; "" = none
     tracker_dir: str = ""  # where tracker files go: "" = the run directory, else DIR/<run_id>/
     wandb_project: str = "modded-nanogpt"  # W&B project; WANDB_MODE=offline records locally with no network

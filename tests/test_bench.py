@@ -38,7 +38,8 @@ def test_model_flops_count_every_matmul_weight_and_the_attended_keys() -> None:
 
 def test_train_benchmark_times_the_three_parts_of_a_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a tiny config: the step splits into forward+backward, Newton-Schulz and the rest; FLOPs and tokens agree."""
-    monkeypatch.setattr(bench, "train_config", lambda shape, device, compile: tiny_hparams())
+    monkeypatch.setattr(bench, "train_config",
+                        lambda shape, device, compile, overrides: tiny_hparams(**(overrides or {})))
     row = bench.bench_train_shape("shakespeare", torch.device("cpu"), steps=2, warmup=1)
     hp = tiny_hparams()
     assert row["tokens_per_step"] == hp.tokens_per_step and row["dtype"] == "float32"
@@ -46,12 +47,25 @@ def test_train_benchmark_times_the_three_parts_of_a_step(monkeypatch: pytest.Mon
     assert row["newton_schulz_ms"] > 0 and parts == pytest.approx(row["step_ms"], abs=0.2)
     assert row["tokens_per_s"] == pytest.approx(hp.tokens_per_step / (row["step_ms"] / 1000), rel=0.01)
     assert row["peak_memory_mib"] > 0
+    with_terms = bench.bench_train_shape("shakespeare", torch.device("cpu"), steps=1, warmup=0,
+                                         overrides=dict(z_loss=1e-4, label_smoothing=0.1))
+    assert with_terms["tokens_per_step"] == hp.tokens_per_step and with_terms["tokens_per_s"] > 0
 
 
-def write_run(run_dir: Path, optimizer: str, points: list[tuple[int, float, float]]) -> Path:
+def test_tracker_benchmark_times_each_sink_against_console(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """bench_trackers logs through real RunLogs: one row per sink set, the first (console only) the 1.0x baseline,
+    and W&B offline under WANDB_MODE=offline (no network)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    rows = bench.bench_trackers(calls=3)
+    assert [r["trackers"] for r in rows] == ["console + metrics.jsonl", "tensorboard", "wandb", "tensorboard,wandb"]
+    assert rows[0]["vs_console"] == 1.0 and all(r["ms_per_step"] > 0 for r in rows)
+
+
+def write_run(run_dir: Path, optimizer: str, points: list[tuple[int, float, float]], **fields: object) -> Path:
     """A finished run as pretraining.py leaves it: run.json and metrics.jsonl (step, seconds, val loss)."""
     run_dir.mkdir(parents=True)
-    hp = M.Hyperparameters(**dict(M.PRESETS["shakespeare"], preset="shakespeare", optimizer=optimizer))
+    hp = M.Hyperparameters(**dict(M.PRESETS["shakespeare"], preset="shakespeare", optimizer=optimizer, **fields))
     (run_dir / R.RUN_INFO).write_text(json.dumps(dict(script="pretraining.py", hyperparameters=hp.to_dict())))
     rows = [dict(step=s, val_loss=v, train_time_ms=1000 * t) for s, t, v in points]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -70,3 +84,11 @@ def test_ablation_reports_time_to_the_reference_loss(tmp_path: Path, capsys: pyt
     assert rows[1]["tokens"] == 20 * M.Hyperparameters(**M.PRESETS["shakespeare"]).tokens_per_step
     out = capsys.readouterr().out
     assert "at 45 s (1.5x)" in out and "reaches 4.0000 at never" in out
+
+
+def test_ablation_labels_name_the_loss_modifiers(tmp_path: Path) -> None:
+    """A loss-modifier ablation's rows say which terms each run had, with their weights."""
+    plain = write_run(tmp_path / "none", "muon", [(0, 0, 10.0), (75, 30, 4.6)])
+    smooth = write_run(tmp_path / "ls", "muon", [(0, 0, 10.0), (75, 31, 4.7)], label_smoothing=0.1, z_loss=1e-4)
+    labels = [r["label"] for r in bench.ablation([plain, smooth], png=None)]
+    assert labels == ["Muon + Adam, 75 steps", "Muon + Adam, label smoothing 0.1, z-loss 0.0001, 75 steps"]

@@ -273,14 +273,14 @@ def test_train_step_weights_every_trained_token_equally() -> None:
     with torch.no_grad():
         a = float(forward(*FT.to_batch(rows[:2], rt.device), window))
         b = float(forward(*FT.to_batch(rows[2:], rt.device), window))
-    loss, n = FT.train_step(forward, raw, opts, rows, 0, hp, rt, window)
-    assert n == 110
+    loss, n, parts = FT.train_step(forward, raw, opts, rows, 0, hp, rt, window)
+    assert n == 110 and parts == {}  # no loss modifier: nothing but the loss
     assert loss == pytest.approx((10 * a + 100 * b) / 110, rel=1e-6)
     # a micro-batch with no trained token is skipped, not averaged in as NaN
     rows = rows_with([5, 3, 0, 0], seed=1)
     with torch.no_grad():
         a = float(forward(*FT.to_batch(rows[:2], rt.device), window))
-    loss, n = FT.train_step(forward, raw, opts, rows, 1, hp, rt, window)
+    loss, n, _ = FT.train_step(forward, raw, opts, rows, 1, hp, rt, window)
     assert n == 8 and loss == pytest.approx(a, rel=1e-6)
     assert all(torch.isfinite(p).all() for p in raw.parameters())
 

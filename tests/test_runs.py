@@ -33,7 +33,9 @@ SCRIPTS = ("runs", "pretraining", "finetune", "eval", "chat", "bench", "train_gp
 # The section headings of Hyperparameters (the same in model.py and train_gpt.py); any other comment-only line
 # directly below a field must be a hanging-indent continuation of that field's comment.
 SECTIONS = ("bookkeeping", "data", "model", "optimisation (record values; provenance in setup_optimizers)",
-            "evaluation, logging and checkpoints", "runtime")
+            "loss modifiers: all off by default; validation and eval.py report plain cross-entropy",
+            "evaluation, logging and checkpoints", "runtime",
+            "experiment trackers: log.txt and metrics.jsonl are always written")
 
 
 @pytest.fixture(autouse=True)
