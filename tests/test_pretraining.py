@@ -57,9 +57,10 @@ def test_shakespeare_run_lowers_val_loss(tmp_path: Path, shakespeare_data: Path)
     """A short run of a small model on the real Shakespeare shards cuts the validation loss well below init."""
     result = run([sys.executable, "pretraining.py", "--preset", "shakespeare", "--log-dir", str(tmp_path),
                   "--run-id", "real", "--num-layers", "2", "--model-dim", "64", "--num-heads", "2", "--head-dim",
-                  "32", "--num-iterations", "30", "--val-loss-every", "30", "--val-tokens", "16384",
-                  "--rank-equivalents", "1", "--compile", "off"], timeout=900)  # fp32 on AVX2-only CPUs is slow
+                  "32", "--num-iterations", "30", "--val-loss-every", "30", "--val-tokens", "8192",
+                  "--val-seq-len", "1024", "--train-seq-len", "1024", "--rank-equivalents", "1", "--compile", "off"],
+                 timeout=600)  # 1024-token steps keep it short where training runs in fp32 (AVX2-only CPUs)
     assert result.returncode == 0, result.stderr
     _, val = read_metrics(tmp_path / "real")
     assert val[0] == pytest.approx(10.826, abs=0.01)  # ln(50304): uniform logits from the zero-init lm_head
-    assert val[-1] < 7.5, val
+    assert val[-1] < 7.0, val

@@ -831,8 +831,10 @@ def test_warm_up_steps(warmup: int, compiled: bool, device: str, expected: int) 
     assert R.warm_up_steps(tiny_hparams(warmup_steps=warmup), rt) == expected
 
 
-def test_import_data_script_runs_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """import_data_script("convert") gives the module; importing it writes no file anywhere we look."""
+def test_import_data_script_runs_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         shakespeare_data: Path) -> None:
+    """import_data_script("convert") gives the module; importing it writes no file anywhere we look (the corpus
+    is fetched first, so that no other test worker writes data/ meanwhile)."""
     monkeypatch.chdir(tmp_path)
     before = data_files()
     module = R.import_data_script("convert")
