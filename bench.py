@@ -328,7 +328,7 @@ def seconds_to_reach(run: dict[str, Any], loss: float) -> float | None:
     return None
 
 
-def ablation(run_dirs: list[Path], png: Path | None) -> list[dict[str, Any]]:
+def ablation(run_dirs: list[Path], png: Path | None, zoom: bool = False) -> list[dict[str, Any]]:
     """Final val loss per run, and how long each run needed to reach the first (reference) run's final loss."""
     runs = [read_run(d) for d in run_dirs]
     target = runs[0]["val_loss"][-1]
@@ -341,11 +341,13 @@ def ablation(run_dirs: list[Path], png: Path | None) -> list[dict[str, Any]]:
         print(f"{row['label']:<44} {row['tokens']:>9,} tokens {row['seconds']:>7.0f} s  val {row['final_val_loss']:.4f}"
               f"  reaches {target:.4f} at " + (f"{reach:.0f} s ({ratio})" if reach else "never"))
     if png is not None:
-        plot_ablation(runs, png)
+        plot_ablation(runs, png, zoom)
     return rows
 
 
-def plot_ablation(runs: list[dict[str, Any]], png: Path) -> None:
+def plot_ablation(runs: list[dict[str, Any]], png: Path, zoom: bool = False) -> None:
+    """Val loss against tokens and against training time; zoom: the second half of training by tokens instead
+    of time (for runs whose wall clocks are not comparable, or whose curves differ by less than a line's width)."""
     try:
         import matplotlib
     except ImportError:
@@ -353,19 +355,25 @@ def plot_ablation(runs: list[dict[str, Any]], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=not zoom)
     for run in runs:
         style = "-" if run["optimizer"] == "muon" else "--"
         axes[0].plot([t / 1e6 for t in run["tokens"]], run["val_loss"], style, label=run["label"])
-        axes[1].plot([s / 60 for s in run["seconds"]], run["val_loss"], style, label=run["label"])
+        if zoom:
+            half = [(t / 1e6, v) for t, v in zip(run["tokens"], run["val_loss"]) if t >= run["tokens"][-1] / 2]
+            axes[1].plot(*zip(*half), style + "o", markersize=3, label=run["label"])
+        else:
+            axes[1].plot([s / 60 for s in run["seconds"]], run["val_loss"], style, label=run["label"])
     axes[0].set_xlabel("training tokens (millions)")
-    axes[1].set_xlabel("training time (minutes, validation excluded)")
+    axes[1].set_xlabel("training tokens (millions), second half" if zoom
+                       else "training time (minutes, validation excluded)")
+
     axes[0].set_ylabel("validation loss (nats)")
     axes[0].set_ylim(top=min(8.0, max(max(r["val_loss"]) for r in runs)))
     for ax in axes:
         ax.axhline(runs[0]["val_loss"][-1], color="gray", linewidth=0.8, linestyle=":")  # the reference's final
         ax.grid(alpha=0.3)
-    axes[1].legend()
+    axes[0 if zoom else 1].legend()  # zoomed, the curves fill the second panel
     compared = "Muon vs the AdamW ablation" if any(r["optimizer"] != "muon" for r in runs) else "loss modifiers"
     fig.suptitle(f"Shakespeare preset on a 2-core CPU: {compared}")
     fig.tight_layout()
@@ -457,11 +465,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ablation", nargs="+", type=Path, metavar="RUN_DIR",
                    help="compare finished pretraining runs (the first is the reference) instead of benchmarking")
     p.add_argument("--plot", type=Path, help="with --ablation: write val loss vs tokens and vs time to this PNG")
+    p.add_argument("--zoom", action="store_true", help="with --plot: the second panel shows the second half of "
+                   "training by tokens instead of by time")
     p.add_argument("--train-shape", help=argparse.SUPPRESS)  # internal: one training shape in a fresh process
     p.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)  # internal: config fields, as JSON
     args = p.parse_args(argv)
     if args.ablation:
-        rows = ablation(args.ablation, args.plot)
+        rows = ablation(args.ablation, args.plot, args.zoom)
         if args.json:
             print(json.dumps(rows, indent=2))
         return

@@ -516,7 +516,8 @@ class TensorBoardTracker(Tracker):
 
 class WandbTracker(Tracker):
     """A Weights & Biases run with the id kept in run.json, so --resume continues the same run. WANDB_MODE=offline
-    records under <tracker root>/wandb with no network (`wandb sync` uploads it later)."""
+    records under <tracker root>/wandb with no network (`wandb sync` uploads it later). W&B keeps one value per key
+    and step: where two records of one step share a key (train_time_ms at a validation step), the later one."""
     name = "wandb"
 
     def __init__(self, directory: Path, hp: Hyperparameters, wandb_id: str):

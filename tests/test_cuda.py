@@ -70,6 +70,28 @@ def test_fp8_head_loss_close_to_bf16_head() -> None:
     assert abs(fp8.item() - ref.item()) < 0.05 * ref.item()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="FP8 needs compute capability >= 8.9")
+def test_fp8_head_with_loss_modifiers_close_to_bf16_head() -> None:
+    """The FP8 lm_head under label smoothing and a z-loss: the same terms as the bf16 head within FP8's error,
+    and finite gradients through the FP8 backward."""
+    hp = tiny_hparams(device="cuda", model_dim=128, num_heads=2, head_dim=64, label_smoothing=0.1, z_loss=1e-4)
+    model = M.GPT.from_hparams(hp).cuda()
+    model.loss_modifiers = M.loss_modifiers(hp)
+    torch.nn.init.normal_(model.lm_head.weight, std=0.02)
+    model.use_flex = True
+    x = doc_tokens(1, 512, "cuda")
+    y = torch.roll(x, -1, dims=1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref, ref_parts = model(x, y, 4, None, True)
+        model.enable_fp8_head(True)
+        fp8, parts = model(x, y, 4, None, True)
+    fp8.backward()
+    assert parts.keys() == ref_parts.keys() == {"ce", "label_smoothing", "z_loss", "z_loss_lse"}
+    assert torch.isfinite(model.lm_head.weight.grad).all()
+    assert all(abs(parts[k].item() - ref_parts[k].item()) <= 0.05 * abs(ref_parts[k].item()) + 1e-3 for k in parts)
+
+
 def test_compiled_training_steps_lower_the_loss() -> None:
     hp = tiny_hparams(device="cuda", compile="on", dtype="bf16")
     rt = M.init_runtime(hp)
