@@ -991,8 +991,8 @@ def register_loss_modifier(name: str) -> Callable[[ModifierFn], ModifierFn]:
 def label_smoothing_term(t: TokenStats) -> tuple[Tensor, dict[str, Tensor]]:
     """Smoothed minus plain cross-entropy per unit of smoothing: eps * (this) turns the target into
     (1 - eps) * one-hot + eps * uniform over the real classes, without building either."""
-    uniform_nll = t.lse - t.logits[:, :t.classes].mean(dim=-1)
-    return uniform_nll - t.nll, {}
+    real_sum = t.logits.sum(dim=-1) - t.logits[:, t.classes:].sum(dim=-1)  # a full-width sum fuses; a slice copies
+    return t.lse - real_sum / t.classes - t.nll, {}
 
 
 def z_loss_term(t: TokenStats) -> tuple[Tensor, dict[str, Tensor]]:
@@ -1058,12 +1058,14 @@ def modified_cross_entropy(logits: Tensor, targets: Tensor, modifiers: tuple[Los
     logits = logits.view(-1, logits.size(-1))
     targets = targets.reshape(-1).long()
     trained = targets != IGNORE_INDEX
-    nll = F.cross_entropy(logits, targets, reduction="none")  # 0 where not trained
+    lse = torch.logsumexp(logits, dim=-1)
+    # nll from lse and the target's logit: no log-softmax over the vocabulary is built next to lse's pass
+    nll = torch.where(trained, lse - logits.gather(1, targets.clamp(min=0)[:, None])[:, 0], 0.0)
     if token_weights is None:
         weights = trained.float() / trained.sum().clamp(min=1)
     else:
         weights = token_weights.reshape(-1).float() * trained
-    stats = TokenStats(logits, torch.logsumexp(logits, dim=-1), nll, targets, classes)
+    stats = TokenStats(logits, lse, nll, targets, classes)
 
     def average(per_token: Tensor) -> Tensor:
         return (torch.where(trained, per_token, 0.0) * weights).sum()
