@@ -13,7 +13,6 @@ import hashlib
 import subprocess
 import sys
 import tarfile
-import tempfile
 from fnmatch import fnmatch
 from pathlib import Path
 
