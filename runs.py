@@ -403,7 +403,7 @@ class RunLog:
             return
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
-        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        scalars = tracker_scalars(record)
         self._each(f"log step {record.get('step')}", lambda t: t.scalars(record["step"], scalars))
 
     def _each(self, what: str, call: Any) -> None:
@@ -431,6 +431,12 @@ class RunLog:
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard==2.21.0", "wandb": "wandb==0.31.0"}  # as pinned in requirements.txt
 TRACKER_MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
+
+
+def tracker_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a metrics record that trackers get (live and when TensorBoard replays metrics.jsonl): every
+    numeric value but the step."""
+    return {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
 
 
 class Tracker:
@@ -494,9 +500,7 @@ class TensorBoardTracker(Tracker):
         if resumed and metrics_file.exists():
             for line in metrics_file.read_text(encoding="utf-8").splitlines():
                 record = json.loads(line)
-                for key, value in record.items():
-                    if key != "step" and isinstance(value, (int, float)):
-                        self.writer.add_scalar(key, value, record["step"])
+                self._add(record["step"], tracker_scalars(record))
             self.writer.flush()
 
     def config(self, hp: Hyperparameters, code: dict[str, str]) -> None:
@@ -505,9 +509,12 @@ class TensorBoardTracker(Tracker):
             self.writer.add_text(f"code/{name}", "```python\n" + src + "\n```")
         self.writer.flush()
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
+    def _add(self, step: int, values: dict[str, float]) -> None:
         for key, value in values.items():
             self.writer.add_scalar(key, value, step)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self._add(step, values)
         self.writer.flush()  # as metrics.jsonl is: a kill loses no logged step
 
     def close(self) -> None:
