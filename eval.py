@@ -80,11 +80,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @torch.no_grad()
 def token_losses(model: M.GPT, inputs: Tensor, targets: Tensor, row_len: int, window_blocks: int,
                  autocast: contextlib.AbstractContextManager | None = None, batch_tokens: int = 8192,
-                 head_chunk: int = 2048) -> Tensor:
+                 head_chunk: int = 2048, bar: Any = None) -> Tensor:
     """Cross-entropy of every target (fp32, shape of targets), the 1-D stream cut into rows of row_len as in
     training (each row starts without context); a shorter last row is padded to whole blocks and its padding
     ignored. The lm_head runs over head_chunk positions at a time, so the full fp32 logits of a long batch are
-    never held at once."""
+    never held at once. bar: a runs.progress bar, advanced by the rows of each batch."""
     n = inputs.numel()
     rows_per_batch = max(1, batch_tokens // row_len)
     out = torch.empty(n, dtype=torch.float32, device=inputs.device)
@@ -104,13 +104,18 @@ def token_losses(model: M.GPT, inputs: Tensor, targets: Tensor, row_len: int, wi
                 logits = model.logits(h[c:c + head_chunk])
             out[start + c:start + c + logits.size(0)] = F.cross_entropy(logits, y[c:c + head_chunk],
                                                                        reduction="none")
+        if bar is not None:
+            bar.update(len(rows))
     return out
 
 
-def score_tokens(im: M.InferenceModel, inputs: torch.Tensor, targets: torch.Tensor, row: int) -> dict[str, Any]:
-    """Loss, perplexity and bits per byte of targets given inputs (rows of `row` tokens, as in training)."""
-    losses = token_losses(im.model, inputs.to(im.device), targets.to(im.device), row, im.window_blocks,
-                          im.autocast(im.score_dtype)).cpu().double()
+def score_tokens(im: M.InferenceModel, inputs: torch.Tensor, targets: torch.Tensor, row: int,
+                 what: str = "val") -> dict[str, Any]:
+    """Loss, perplexity and bits per byte of targets given inputs (rows of `row` tokens, as in training); a bar
+    on a terminal counts the rows scored (`what` names them)."""
+    with R.progress(desc=f"{what} rows", total=-(-targets.numel() // row), unit="row") as bar:
+        losses = token_losses(im.model, inputs.to(im.device), targets.to(im.device), row, im.window_blocks,
+                              im.autocast(im.score_dtype), bar=bar).cpu().double()
     nbytes = im.tokenizer.byte_lengths(im.model.embed.weight.size(0))[targets.long().cpu()]
     text = nbytes > 0
     loss = float(losses.mean())
@@ -159,7 +164,7 @@ def eval_text(im: M.InferenceModel, path: str, budget: int | None) -> dict[str, 
     if ids.numel() < 2:
         raise M.DataError(f"{path}: no text to score")
     row = eval_row_len(im.hp.row_len or im.hp.val_seq_len)
-    return dict(file=path, **score_tokens(im, ids[:-1], ids[1:], row))
+    return dict(file=path, **score_tokens(im, ids[:-1], ids[1:], row, what="text"))
 
 
 def read_choices(path: str, limit: int) -> list[dict[str, Any]]:
@@ -204,16 +209,18 @@ def ending_logprobs(im: M.InferenceModel, ctx: list[int], tails: list[list[int]]
 
 
 def eval_choices(im: M.InferenceModel, path: str, limit: int) -> dict[str, Any]:
-    """Accuracy by the summed log-likelihood of each ending, and by it per UTF-8 byte of the ending
-    (lm-evaluation-harness's acc_norm); the ending is scored after <|endoftext|> + ctx."""
+    """Accuracy by the summed log-likelihood of each ending, and by it per character of the ending (without the
+    space that joins it to ctx): lm-evaluation-harness's acc_norm. The ending is scored after <|endoftext|> + ctx."""
     records = read_choices(path, limit)
     correct = correct_norm = 0
-    for r in records:
-        endings = [" " + e.strip() for e in r["endings"]]
-        scores = ending_logprobs(im, im.tokenizer.encode_document(r["ctx"]), [im.tokenizer.encode(e) for e in endings])
-        per_byte = [score / max(1, len(e.encode())) for score, e in zip(scores, endings)]
-        correct += int(max(range(len(scores)), key=scores.__getitem__) == r["label"])
-        correct_norm += int(max(range(len(per_byte)), key=per_byte.__getitem__) == r["label"])
+    with R.progress(records, desc="multiple choice", unit="example") as bar:
+        for r in bar:
+            endings = [" " + e.strip() for e in r["endings"]]
+            scores = ending_logprobs(im, im.tokenizer.encode_document(r["ctx"]),
+                                     [im.tokenizer.encode(e) for e in endings])
+            per_char = [score / max(1, len(e) - 1) for score, e in zip(scores, endings)]  # e = " " + ending
+            correct += int(max(range(len(scores)), key=scores.__getitem__) == r["label"])
+            correct_norm += int(max(range(len(per_char)), key=per_char.__getitem__) == r["label"])
     return dict(file=path, examples=len(records), acc=correct / len(records), acc_norm=correct_norm / len(records))
 
 
@@ -224,22 +231,23 @@ def eval_chat(im: M.InferenceModel, path: str, limit: int) -> dict[str, Any]:
     records = M.load_conversations(path)[0][:limit or None]
     hits: dict[str, list[int]] = {}
     loss_sum, loss_count = 0.0, 0
-    for n, r in enumerate(records, 1):
-        messages = r["messages"]
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        if last == 0 or messages[last - 1]["role"] != "user":
-            raise M.DataError(f"{path}: record {n}: the last assistant message must answer a user message")
-        reference = messages[last]["content"].strip()
-        prompt = M.render_prompt(im.tokenizer, im.kind, messages[:last])
-        budget = len(im.tokenizer.encode(reference)) + 16  # room to stop; a reply that does not is wrong anyway
-        reply = "".join(M.stream_reply(im, prompt, max_new_tokens=budget)).strip()
-        hits.setdefault(str(r.get("task", "all")), []).append(int(reply == reference))
-        ids, mask = M.render_conversation(im.tokenizer, messages[:last + 1])
-        x, y = torch.tensor(ids[:-1], device=im.device), torch.tensor(ids[1:], device=im.device)
-        losses = token_losses(im.model, x, y, len(ids) - 1, im.window_blocks, im.autocast(im.score_dtype))
-        trained = torch.tensor(mask[1:], dtype=torch.bool, device=im.device)
-        loss_sum += float(losses[trained].double().sum())
-        loss_count += int(trained.sum())
+    with R.progress(records, desc="chat eval", unit="conversation") as bar:
+        for n, r in enumerate(bar, 1):
+            messages = r["messages"]
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            if last == 0 or messages[last - 1]["role"] != "user":
+                raise M.DataError(f"{path}: record {n}: the last assistant message must answer a user message")
+            reference = messages[last]["content"].strip()
+            prompt = M.render_prompt(im.tokenizer, im.kind, messages[:last])
+            budget = len(im.tokenizer.encode(reference)) + 16  # room to stop; a reply that does not is wrong anyway
+            reply = "".join(M.stream_reply(im, prompt, max_new_tokens=budget)).strip()
+            hits.setdefault(str(r.get("task", "all")), []).append(int(reply == reference))
+            ids, mask = M.render_conversation(im.tokenizer, messages[:last + 1])
+            x, y = torch.tensor(ids[:-1], device=im.device), torch.tensor(ids[1:], device=im.device)
+            losses = token_losses(im.model, x, y, len(ids) - 1, im.window_blocks, im.autocast(im.score_dtype))
+            trained = torch.tensor(mask[1:], dtype=torch.bool, device=im.device)
+            loss_sum += float(losses[trained].double().sum())
+            loss_count += int(trained.sum())
     everything = [h for task in hits.values() for h in task]
     return dict(file=path, conversations=len(records), exact_match=sum(everything) / len(everything),
                 by_task={task: sum(h) / len(h) for task, h in sorted(hits.items())},
@@ -304,7 +312,7 @@ def print_table(im: M.InferenceModel, results: dict[str, Any], out: Any) -> None
     if "choices" in results:
         r = results["choices"]
         rows += [("multiple-choice acc", f"{r['acc']:.4f}", f"{r['examples']} examples of {r['file']}"),
-                 ("multiple-choice acc_norm", f"{r['acc_norm']:.4f}", "log-likelihood per byte of the ending")]
+                 ("multiple-choice acc_norm", f"{r['acc_norm']:.4f}", "log-likelihood per character of the ending")]
     for metric, value, note in rows:
         print(f"{metric:<28} {value:>10}  {note}".rstrip(), file=out)
 

@@ -261,8 +261,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         print(f"exporting {src} (step {ckpt.get('step', 0)}, {'chat' if ckpt.get('kind') == 'chat' else 'base'} "
               f"model) to {out}", file=sys.stderr)
-        config = save_export(tmp, model, hp, ckpt, src, args.dtype)
-        checked = {} if args.no_verify else verify(tmp, model, hp, args.dtype)
+        with R.progress(total=1 if args.no_verify else 2, desc="export (write, check)", unit="stage") as bar:
+            config = save_export(tmp, model, hp, ckpt, src, args.dtype)
+            bar.update()
+            checked = {} if args.no_verify else verify(tmp, model, hp, args.dtype)
+            bar.update(not args.no_verify)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

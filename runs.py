@@ -12,6 +12,7 @@ Sections, in order:
     Saver           checkpoints: finite weights only, atomic, pruned, a failed write keeps the previous one
     Stopping        StopSignal, divergence, lost ranks, the exit policy
     Script helpers  import_data_script, warm_up_steps
+    Progress        tqdm bars on stderr for long work without step lines, only on a terminal
 
 Exit codes of every script: 0 done (or stopped by SIGTERM/SIGINT after writing a checkpoint); 1 a run that cannot
 go on (model.TrainingError, a lost rank, a failed write); 2 bad input (model.USER_ERRORS, argparse); 130 a second
@@ -872,3 +873,34 @@ def warm_up_steps(hp: Hyperparameters, rt: Runtime) -> int:
     if not rt.compile:
         return 0
     return 10 if rt.device.type == "cuda" else 2
+
+
+# -----------------------------------------------------------------------------
+# Progress: tqdm bars for long work that prints no step lines (data preparation, eval.py's scoring)
+
+PROGRESS_OFF_ENV = "TQDM_DISABLE"  # tqdm's own switch; not NANOGPT_*, a prefix that only hyperparameters may use
+
+
+def progress_enabled(stream: Any = None) -> bool:
+    """Whether progress bars are drawn on stream (default sys.stderr): only on a terminal, so logs, pipes and --json
+    output stay byte for byte what they were; TQDM_DISABLE=1 turns them off on a terminal too."""
+    stream = sys.stderr if stream is None else stream
+    if os.environ.get(PROGRESS_OFF_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def progress(iterable: Any = None, *, desc: str, total: float | None = None, unit: str = "it",
+             unit_scale: bool = False, leave: bool = False, enabled: bool | None = None, file: Any = None) -> Any:
+    """A tqdm bar on stderr (or file) counting iterable's items, or what .update(n) adds: `desc: 3/8 [00:04<00:06]`.
+
+    enabled: None follows progress_enabled(file); True or False forces it (tests). leave=False clears the bar when it
+    closes, so the lines printed after it (a summary, eval.py's table) read as they do without one. Redrawn at most
+    twice a second: a bar costs nothing next to the work it counts. Use it as a context manager, or iterate it."""
+    from tqdm import tqdm  # installed with transformers and huggingface_hub
+
+    stream = sys.stderr if file is None else file
+    on = progress_enabled(stream) if enabled is None else enabled
+    return tqdm(iterable, desc=desc, total=total, unit=unit, unit_scale=unit_scale, leave=leave, file=stream,
+                disable=not on, mininterval=0.5, dynamic_ncols=True)

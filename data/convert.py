@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO_DIR))
 sys.path.insert(0, str(REPO_DIR / "data"))
 
 from model import DataError, TokenizerError, get_tokenizer, write_data_shard  # noqa: E402
-from runs import OneLineParser  # noqa: E402
+from runs import OneLineParser, progress_enabled  # noqa: E402
 from shakespeare import FetchError, ensure_gpt2_ranks  # noqa: E402
 
 SUFFIXES = (".txt", ".jsonl")
@@ -125,18 +125,19 @@ class ShardWriter:
 
 
 class Progress:
-    """A status line redrawn in place 5 times a second on a terminal, else a new line every 10 s."""
+    """A status line redrawn in place 5 times a second, only on a terminal (runs.progress_enabled): the total is
+    unknown until every .jsonl line is read, so it counts documents, tokens and tokens/s instead of a tqdm bar."""
 
     def __init__(self, stream: TextIO):
-        self.stream, self.live, self.shown = stream, stream.isatty(), False
+        self.stream, self.live, self.shown = stream, progress_enabled(stream), False
         self.start = self.last = time.perf_counter()
 
     def update(self, docs: int, tokens: int) -> None:
         now = time.perf_counter()
-        if now - self.last >= (0.2 if self.live else 10.0):
+        if self.live and now - self.last >= 0.2:
             self.last, self.shown = now, True
             line = f"{docs:,} documents, {tokens:,} tokens, {tokens / (now - self.start):,.0f} tokens/s"
-            print(f"\r{line:<79}" if self.live else line, end="" if self.live else "\n", file=self.stream, flush=True)
+            print(f"\r{line:<79}", end="", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.live and self.shown:

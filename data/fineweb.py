@@ -20,7 +20,7 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
 
 from model import DataError, read_shard_header  # noqa: E402
-from runs import OneLineParser  # noqa: E402
+from runs import OneLineParser, progress_enabled  # noqa: E402
 
 REPO_ID = "kjj0/fineweb10B-gpt2"  # as in github.com/KellerJordan/modded-nanogpt data/cached_fineweb10B.py
 MAX_TRAIN_SHARDS = 103  # fineweb_train_000001.bin ... fineweb_train_000103.bin
@@ -63,11 +63,14 @@ def download_shard(name: str, out_dir: Path) -> int:
     """Download one shard into out_dir/.partial, validate it, move it into place; return its token count."""
     try:
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import disable_progress_bars
         from huggingface_hub.utils import logging as hf_logging
     except ImportError:
         raise FetchError("huggingface_hub is not installed: pip install huggingface_hub") from None
 
     hf_logging.set_verbosity_error()  # no per-retry warnings: a failure ends in our one line
+    if not progress_enabled():  # the hub draws the shard's byte bar: the same rule as runs.progress (TQDM_DISABLE)
+        disable_progress_bars()
     partial_dir = out_dir / ".partial"
     try:
         tmp = Path(hf_hub_download(repo_id=REPO_ID, filename=name, repo_type="dataset", local_dir=partial_dir))

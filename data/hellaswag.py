@@ -15,6 +15,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs.py, for the download's progress bar
+
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 NUM_EXAMPLES = 10_042  # validation split size reported by the HellaSwag paper (Zellers et al., 2019)
 OUT = Path(__file__).resolve().parent / "hellaswag" / "hellaswag_val.jsonl"
@@ -39,10 +41,16 @@ def fetch(out: Path = OUT) -> Path:
                 return out
         except ValueError:
             pass
+    from runs import progress  # imports torch: only when there is something to download
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
-    with urllib.request.urlopen(URL, timeout=60) as response, open(tmp, "wb") as f:
-        f.write(response.read())
+    with urllib.request.urlopen(URL, timeout=60) as response, open(tmp, "wb") as f, \
+            progress(desc=out.name, total=int(response.headers.get("Content-Length") or 0) or None, unit="B",
+                     unit_scale=True) as bar:
+        while chunk := response.read(1 << 16):
+            f.write(chunk)
+            bar.update(len(chunk))
     count = check(tmp)
     if count != NUM_EXAMPLES:
         raise ValueError(f"{URL}: {count} records, expected {NUM_EXAMPLES}")

