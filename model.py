@@ -490,9 +490,16 @@ def compile_notice(name: str) -> str:
             f"1-2 min on a GPU, less once inductor's cache holds it) ...")
 
 
-def shutdown_runtime(rt: Runtime) -> None:
+def shutdown_runtime(rt: Runtime, barrier: bool = False) -> None:
+    """Leave the process group. barrier (a run's normal end): first wait for every rank, so that none exits while
+    another still works (rank 0 writing the final checkpoint) and torchrun's agents on every node see their ranks
+    end together; a rank that died meanwhile makes it raise, as any collective does."""
     if rt.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if barrier:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:

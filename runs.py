@@ -830,9 +830,12 @@ def exit_on_run_failure(error: BaseException, run: ScriptRun) -> None:
 def exit_policy(run: ScriptRun) -> Iterator[ScriptRun]:
     """pretraining.py's and finetune.py's ending: bad input 2, a run that cannot go on 1, a second Ctrl-C 130, each
     one line naming the newest checkpoint where it helps; a lost rank or failed write 1; then the run directory's
-    lock is released and the process group shut down. Anything else keeps its traceback."""
+    lock is released and the process group shut down, after a barrier when the run finished. Anything else keeps
+    its traceback."""
+    finished = False
     try:
         yield run
+        finished = True
     except M.USER_ERRORS as e:
         exit_with(2, run.prog, str(e))
     except TrainingError as e:
@@ -847,7 +850,11 @@ def exit_policy(run: ScriptRun) -> Iterator[ScriptRun]:
         if run.run_dir is not None:
             run.run_dir.close()
         if run.rt is not None:
-            M.shutdown_runtime(run.rt)
+            try:
+                M.shutdown_runtime(run.rt, barrier=finished)
+            except Exception as e:  # noqa: BLE001 - the final barrier: another rank died after this one finished
+                exit_on_run_failure(e, run)
+                raise
 
 
 # -----------------------------------------------------------------------------
