@@ -7,7 +7,7 @@
 Then, anywhere with torch and transformers:
 
     model = AutoModelForCausalLM.from_pretrained("my-gpt", trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained("my-gpt")
+    tokenizer = AutoTokenizer.from_pretrained("my-gpt", trust_remote_code=True)
 
 The directory holds config.json, modeling_moddedgpt.py (the model, written for transformers), model.safetensors,
 the GPT-2 tokenizer with the chat special tokens (and chat template v1 for fine-tuned checkpoints),
@@ -147,14 +147,15 @@ weights in {dtype}{f', validation loss {val:.4f}' if isinstance(val, float) else
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained(DIR)
+tokenizer = AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)  # it reads config.json, which names code
 ```
 
 - The model code is `modeling_moddedgpt.py` in this directory (torch and transformers only).
 - The tokenizer is GPT-2's and prepends `<|endoftext|>`, which starts every training document.
 - Like every Hugging Face tokenizer, it turns special-token spellings in text (`<|endoftext|>`, `<|user|>`, ...)
   into special tokens. For text typed by users, encode with `split_special_tokens=True` and call
-  `apply_chat_template(..., sanitize_control_tokens=True)`.
+  `apply_chat_template(..., sanitize_control_tokens=True)` (which keeps such spellings plain text, though the text
+  right around one may tokenize a little differently from training).
 - Do not left-pad batches: the attention mask and positions come from token positions. Right padding is fine.
 """
 
@@ -182,7 +183,7 @@ def save_export(out: Path, model: M.GPT, hp: M.Hyperparameters, ckpt: dict[str, 
 def check_batch(hp: M.Hyperparameters, window_tokens: int) -> torch.Tensor:
     """Two rows longer than the window (and not whole blocks), with document boundaries in both."""
     gen = torch.Generator().manual_seed(0)
-    T = max(2 * window_tokens, 2 * M.BLOCK_SIZE) + 37
+    T = window_tokens + M.BLOCK_SIZE + 37
     tokens = torch.randint(0, M.EOT_ID, (2, T), generator=gen)
     tokens[:, 0] = M.EOT_ID
     tokens[0, T // 3] = tokens[1, T // 2] = M.EOT_ID
@@ -205,20 +206,26 @@ def verify(out: Path, model: M.GPT, hp: M.Hyperparameters, dtype: str) -> dict[s
     T = tokens.size(1)
     pad = (-T) % M.BLOCK_SIZE
     ours.ensure_positions(T + pad)
-    expected = ours(torch.cat([tokens, tokens.new_zeros(2, pad)], dim=1), None, M.final_window_blocks(hp))[:, :T]
-    got = hf_model(tokens, use_cache=False).logits
-    diff = float((got - expected).abs().max())
+    model.ensure_positions(T + pad)
+    diff = rounding = 0.0
+    for row in tokens.split(1):  # one row at a time: a row's fp32 logits over 50k ids are already T x 200 kB
+        padded = torch.cat([row, row.new_zeros(1, pad)], dim=1)
+        expected = ours(padded, None, M.final_window_blocks(hp))[:, :T]
+        diff = max(diff, float((hf_model(row, use_cache=False).logits - expected).abs().max()))
+        if dtype == "bf16":
+            full = model(padded, None, M.final_window_blocks(hp))[:, :T]
+            rounding = max(rounding, float((full - expected).abs().max()))
     if diff > LOGIT_TOLERANCE:
         raise RuntimeError(f"the exported model's logits differ from the checkpoint's by {diff:.2e} "
                            f"(> {LOGIT_TOLERANCE}): the export is wrong; please report it")
     sample = "ROMEO.\nBut, soft! what light through yonder window breaks? <|user|> 1,234 words\n\n"
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    # trust_remote_code: AutoTokenizer reads config.json, whose auto_map names the model code, and would ask
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
     if tokenizer(sample, split_special_tokens=True)["input_ids"] != M.get_tokenizer().encode_document(sample):
         raise RuntimeError("the exported tokenizer's ids differ from ours; please report it")
     result = dict(max_logit_diff=diff, tokens=tokens.numel())
     if dtype == "bf16":
-        full = model(torch.cat([tokens, tokens.new_zeros(2, pad)], dim=1), None, M.final_window_blocks(hp))[:, :T]
-        result["bf16_rounding_logit_diff"] = float((full - expected).abs().max())
+        result["bf16_rounding_logit_diff"] = rounding
     return result
 
 

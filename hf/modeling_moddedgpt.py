@@ -2,7 +2,7 @@
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained(DIR)
+    tokenizer = AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)  # it reads config.json too
 
 Self-contained (torch and transformers only) and equal to the training library's GPT: export.py checks the logits
 of every export against the checkpoint's model before it finishes. The architecture, in the order a token meets it:
