@@ -335,6 +335,7 @@ def train(run: R.ScriptRun, hp: Hyperparameters, args: argparse.Namespace, rt: R
         log.print(f"  skipped {line}")
     stream = row_stream(data["train"], hp.row_len or hp.train_seq_len, hp.seed, data_pos)
     stop = R.StopSignal(rt.rank).install()
+    R.announce_compile(rt)
     elapsed_ms, t0 = 0.0, time.perf_counter()
     val_step = resumed.get("val_step") if resumed else None
 

@@ -465,27 +465,20 @@ def compile_with_fallback(fn: Any, name: str) -> Any:
 
 class CompiledModule(nn.Module):
     """A module called through compile_with_fallback; train() / eval() reach the wrapped module, whose mode the
-    compiled graphs are guarded on. The first call says, once per process and on rank 0, that the silence that
-    follows is the compiler."""
-
-    announced = False  # class-wide: a process that builds several models (bench.py) says it once
+    compiled graphs are guarded on."""
 
     def __init__(self, module: nn.Module, name: str):
         super().__init__()
-        self.module, self.name = module, name
+        self.module = module
         self.call = compile_with_fallback(module, name)
 
     def forward(self, *args: Any) -> Any:
-        if not CompiledModule.announced:
-            CompiledModule.announced = True
-            if os.environ.get("RANK", "0") == "0":  # torchrun's rank, as init_runtime reads it
-                print(compile_notice(self.name), file=sys.stderr, flush=True)
         return self.call(*args)
 
 
 def compile_notice(name: str) -> str:
-    """What the first compiled calls do and roughly how long they take: rounded ranges of the whole-model compile
-    measured on CPU (docs/measurements.md, "Warm-up"); a GPU compiles FlexAttention once per window size."""
+    """What the first compiled calls do and roughly how long they take (the scripts print it; runs.announce_compile):
+    rounded ranges of the whole-model compile measured on CPU (docs/measurements.md, "Warm-up")."""
     return (f"compiling {name} with torch.compile (first steps and first validation only; about 1-3 min on a CPU, "
             f"1-2 min on a GPU, less once inductor's cache holds it) ...")
 

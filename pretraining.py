@@ -165,6 +165,7 @@ def train(run: R.ScriptRun, hp: Hyperparameters, rt: Runtime, resume: R.Resume |
     log = open_log(rt, hp, code, raw_model, run_dir, preset_given, start_step if resume else None)
     saver = R.Saver(rt, run.run_dir, hp, code)
     window = torch.zeros((), dtype=torch.int32, device=rt.device)  # a tensor, so compile does not recompile
+    R.announce_compile(rt)
     warmed = warm_up(forward, raw_model, optimizers, hp, rt, window)
     if warmed:
         log.print(f"warm-up: {warmed} steps run and undone before the clock starts")

@@ -911,3 +911,10 @@ def progress(iterable: Any = None, *, desc: str, total: float | None = None, uni
     on = progress_enabled(stream) if enabled is None else enabled
     return tqdm(iterable, desc=desc, total=total, unit=unit, unit_scale=unit_scale, leave=leave, file=stream,
                 disable=not on, mininterval=0.5, dynamic_ncols=True)
+
+
+def announce_compile(rt: Runtime) -> None:
+    """Say, before the first compiled step, what the silence that follows is (rank 0, stderr, so stdout and log.txt
+    stay as they were)."""
+    if rt.compile and rt.master:
+        print(M.compile_notice("the model"), file=sys.stderr, flush=True)

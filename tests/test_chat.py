@@ -43,8 +43,10 @@ def spawn_chat(*args: str) -> pexpect.spawn:
 @pytest.mark.slow
 def test_chat_in_a_terminal(long_logs: dict[str, Path]) -> None:
     """Typed as a person would: a reply, commands, Ctrl-C during a reply and at the prompt, quit."""
+    # --context 4096: the long reply below may run to ~4,000 tokens, so that a loaded machine, which can leave this
+    # process unscheduled for seconds, still sends its Ctrl-C while the reply streams
     child = spawn_chat("--checkpoint", str(long_logs["base"]), "--log-dir", str(long_logs["logs"]),
-                       "--max-new-tokens", "5", "--temperature", "1")
+                       "--max-new-tokens", "5", "--temperature", "1", "--context", "4096")
     try:
         child.expect_exact(f"chat.py: {long_logs['base']} (step 10, preset test, cpu)")
         child.expect_exact("base model (not fine-tuned)")
@@ -65,7 +67,7 @@ def test_chat_in_a_terminal(long_logs: dict[str, Path]) -> None:
         for line in chat.HELP.splitlines():
             child.expect_exact(line.rstrip())
         child.expect_exact("you> ")
-        child.sendline("Tell me a long tale")  # up to ~1000 tokens (the context), seconds: stopped early
+        child.sendline("Tell me a long tale")  # up to ~4000 tokens (the context): stopped early
         child.expect_exact("bot> ")
         child.expect(r"\S")
         child.sendintr()

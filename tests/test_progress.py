@@ -107,22 +107,19 @@ def test_convert_status_line_is_off_in_a_pipe(monkeypatch: pytest.MonkeyPatch) -
 # The first compiled call says what it is doing
 
 
-def test_the_compile_notice_is_one_line_once_per_process_on_rank_0(monkeypatch: pytest.MonkeyPatch,
-                                                                    capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the notice, not the compiler, is under test
-    monkeypatch.setattr(M.CompiledModule, "announced", False)
-    monkeypatch.delenv("RANK", raising=False)
-    first, second = M.CompiledModule(torch.nn.Identity(), "the model"), M.CompiledModule(torch.nn.Identity(), "x")
-    x = torch.ones(2)
-    for module in (first, first, second):
-        assert torch.equal(module(x), x)
+def test_the_compile_notice_is_one_line_on_rank_0_of_a_compiled_run(capsys: pytest.CaptureFixture) -> None:
+    """The scripts (not the library) print it before the first compiled step; uncompiled runs and other ranks don't."""
+    def rt(compile: bool, rank: int) -> M.Runtime:
+        return M.Runtime(device=torch.device("cpu"), rank=rank, local_rank=rank, world_size=2, autocast_dtype=None,
+                         compile=compile, compile_head=not compile)
+
+    R.announce_compile(rt(True, 0))
     out, err = capsys.readouterr()
     assert out == "" and err == M.compile_notice("the model") + "\n"
     assert err.startswith("compiling the model with torch.compile (first steps and first validation only; about ")
-    monkeypatch.setattr(M.CompiledModule, "announced", False)
-    monkeypatch.setenv("RANK", "1")
-    M.CompiledModule(torch.nn.Identity(), "the model")(x)
-    assert capsys.readouterr().err == ""
+    for quiet in (rt(True, 1), rt(False, 0)):
+        R.announce_compile(quiet)
+        assert capsys.readouterr() == ("", "")
 
 
 # -----------------------------------------------------------------------------
