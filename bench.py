@@ -16,7 +16,9 @@ trackers: milliseconds per logged step (step line + metrics record) with console
     TensorBoard, W&B (offline) and both on top, as a ratio against console-only.
 decode: greedy tokens/s of model.generate (KV cache, and the full-recompute reference) and of Hugging Face
     transformers' GPT2LMHeadModel.generate (use_cache on and off) at the same width, depth and vocabulary,
-    random weights, batch 1 and 8, after one warm-up call; the median of --repeats runs.
+    random weights, batch 1 and 8, after one warm-up call; the median of --repeats runs. Each row also gives the
+    bytes a decoded token reads (every matrix once per step, shared by the batch, plus its embedding rows and
+    cached keys and values) and the memory-bandwidth utilisation (MBU) against a streaming read measured first.
 data: tokens/s of the shard loader (the training generator over the Shakespeare shards, shuffled rows).
 
     python bench.py --ablation logs/ablation/muon logs/ablation/adamw-3e-3 --plot docs/muon_vs_adamw.png
@@ -383,10 +385,49 @@ def plot_ablation(runs: list[dict[str, Any]], png: Path, zoom: bool = False) -> 
 
 
 # -----------------------------------------------------------------------------
-# decode
+# decode: memory bandwidth, the bytes a decoded token reads, tokens/s against transformers
 
 
-def bench_decode(device: torch.device, repeats: int, new_tokens: int) -> list[dict[str, Any]]:
+def bench_bandwidth(device: torch.device, repeats: int, mib: int = 1024) -> float:
+    """GB/s of a streaming read: summing a tensor of `mib` MiB (far beyond any cache), median of repeats. The
+    ceiling a memory-bound decode step is measured against (MBU)."""
+    x = torch.ones(mib * 2**20 // 4, device=device)
+
+    def read() -> None:
+        x.sum()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    rate = x.numel() * x.element_size() / median_seconds(read, repeats) / 1e9
+    print(f"memory bandwidth ({mib} MiB streaming read): {rate:.1f} GB/s", file=sys.stderr)
+    return round(rate, 2)
+
+
+def decode_keys(context: int, window_blocks: int) -> int:
+    """Keys each attention layer reads for the token at position context - 1: the KV cache reads one range for all
+    layers, from the first block the long window keeps (model.cached_mask_rows) to the token itself."""
+    docs = torch.ones(1, context, dtype=torch.long)  # one document: the window alone bounds the keys
+    start, _ = M.cached_mask_rows(docs, context - 1, window_blocks)
+    return context - start
+
+
+def decode_bytes_per_token(model: M.GPT, context: int, window_blocks: int, batch: int = 1,
+                           weight_bytes: int = 4, cache_bytes: int = 4) -> dict[str, float]:
+    """Bytes one decode step reads, per token of the batch: every matrix once per step (shared by the batch), the
+    embedding rows of each sequence's token, and each sequence's cached keys and values in every attention layer.
+    Scalars (lambdas, skip weights) are counted with the matrices; activations are not counted (they stay in cache)."""
+    rows = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)  # matrices and scalars
+    embed_rows = (1 + len(model.value_embeds)) * model.model_dim  # one row of each table per sequence
+    attn_layers = sum(b.attn is not None for b in model.blocks)
+    head_width = next(b.attn.num_heads * b.attn.head_dim for b in model.blocks if b.attn is not None)
+    kv = attn_layers * 2 * head_width * decode_keys(context, window_blocks)
+    weights = rows * weight_bytes / batch
+    cache = (kv * cache_bytes + embed_rows * weight_bytes)
+    return dict(weights=weights, cache_and_embeddings=cache, total=weights + cache)
+
+
+def bench_decode(device: torch.device, repeats: int, new_tokens: int,
+                 bandwidth: float | None = None) -> list[dict[str, Any]]:
     rows = []
     prompt = [M.EOT_ID] + list(range(1000, 1015))  # 16 tokens: decoding dominates
     for shape, (preset, overrides) in SHAPES.items():
@@ -412,13 +453,19 @@ def bench_decode(device: torch.device, repeats: int, new_tokens: int) -> list[di
                 "hf_kv": new_tokens / median_seconds(lambda: run_hf(True, new_tokens), repeats),
                 "hf_recompute": slow_tokens / median_seconds(lambda: run_hf(False, slow_tokens), repeats),
             }
+            context = len(prompt) + new_tokens // 2  # the middle of the timed run
+            read = decode_bytes_per_token(model, context, window, batch)
+            tokens_per_s = figures["ours_kv"] * batch
             rows.append(dict(shape=shape, batch=batch, new_tokens=new_tokens, **{k: round(v * batch, 1)
                              for k, v in figures.items()}, kv_vs_hf=round(figures["ours_kv"] / figures["hf_kv"], 2),
-                             kv_vs_recompute=round(figures["ours_kv"] / figures["ours_recompute"], 1)))
+                             kv_vs_recompute=round(figures["ours_kv"] / figures["ours_recompute"], 1),
+                             bytes_per_token=round(read["total"]), weight_bytes_per_token=round(read["weights"]),
+                             mbu=round(read["total"] * tokens_per_s / (bandwidth * 1e9), 3) if bandwidth else None))
             print(f"decode {shape:<14} batch {batch}: ours KV {rows[-1]['ours_kv']:>7.1f} tok/s, recompute "
                   f"{rows[-1]['ours_recompute']:>6.1f}; transformers KV {rows[-1]['hf_kv']:>7.1f}, recompute "
-                  f"{rows[-1]['hf_recompute']:>6.1f}; ours/transformers {rows[-1]['kv_vs_hf']:.2f}x",
-                  file=sys.stderr, flush=True)
+                  f"{rows[-1]['hf_recompute']:>6.1f}; ours/transformers {rows[-1]['kv_vs_hf']:.2f}x; "
+                  f"{read['total'] / 1e6:.1f} MB per token" +
+                  (f", MBU {rows[-1]['mbu']:.0%}" if bandwidth else ""), file=sys.stderr, flush=True)
     return rows
 
 
@@ -443,10 +490,12 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"logging to {r['trackers']:<24} {r['ms_per_step']:>8.3f} ms/step  {r['vs_console']:.1f}x console-only")
     if "decode" in results:
         print(f"{'decode shape':<14} {'batch':>5} {'ours KV':>9} {'ours full':>9} {'HF KV':>9} {'HF full':>9} "
-              f"{'ours/HF':>8}  (tokens/s)")
+              f"{'ours/HF':>8} {'MB/token':>9} {'MBU':>6}  (tokens/s; bandwidth {results.get('bandwidth_gbs')} GB/s)")
         for r in results["decode"]:
+            mbu = f"{r['mbu']:.0%}" if r.get("mbu") is not None else "-"
             print(f"{r['shape']:<14} {r['batch']:>5} {r['ours_kv']:>9.1f} {r['ours_recompute']:>9.1f} "
-                  f"{r['hf_kv']:>9.1f} {r['hf_recompute']:>9.1f} {r['kv_vs_hf']:>7.2f}x")
+                  f"{r['hf_kv']:>9.1f} {r['hf_recompute']:>9.1f} {r['kv_vs_hf']:>7.2f}x "
+                  f"{r['bytes_per_token'] / 1e6:>9.2f} {mbu:>6}")
     for r in results.get("data", []):
         print(f"data loader ({r['mode']}): {r['tokens_per_s']:,} tok/s")
 
@@ -491,7 +540,8 @@ def main(argv: list[str] | None = None) -> None:
     if "trackers" in chosen:
         results["trackers"] = bench_trackers()
     if "decode" in chosen:
-        results["decode"] = bench_decode(device, args.repeats, args.new_tokens)
+        results["bandwidth_gbs"] = bench_bandwidth(device, args.repeats)
+        results["decode"] = bench_decode(device, args.repeats, args.new_tokens, results["bandwidth_gbs"])
     if "data" in chosen:
         results["data"] = bench_data()
     if args.json:

@@ -92,3 +92,44 @@ def test_ablation_labels_name_the_loss_modifiers(tmp_path: Path) -> None:
     smooth = write_run(tmp_path / "ls", "muon", [(0, 0, 10.0), (75, 31, 4.7)], label_smoothing=0.1, z_loss=1e-4)
     labels = [r["label"] for r in bench.ablation([plain, smooth], png=None)]
     assert labels == ["Muon + Adam, 75 steps", "Muon + Adam, label smoothing 0.1, z-loss 0.0001, 75 steps"]
+
+
+# -----------------------------------------------------------------------------
+# decode: bandwidth, bytes per token, MBU
+
+
+def test_bandwidth_is_the_bytes_read_over_the_median_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "median_seconds", lambda fn, repeats: (fn(), 0.005)[1])
+    assert bench.bench_bandwidth(torch.device("cpu"), repeats=1, mib=64) == round(64 * 2**20 / 0.005 / 1e9, 2)
+
+
+@pytest.mark.parametrize("context, window_blocks, keys", [(10, 2, 10), (128, 2, 128), (300, 2, 300 - 128),
+                                                         (300, 1, 300 - 256), (1000, 3, 1000 - 640)])
+def test_decode_keys_are_the_long_window_the_cache_reads(context: int, window_blocks: int, keys: int) -> None:
+    """By hand: the query's block keeps window_blocks - 1 earlier full blocks and itself (one document)."""
+    assert bench.decode_keys(context, window_blocks) == keys
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_decode_bytes_per_token_by_hand(batch: int) -> None:
+    """The 2-layer, 64-wide model (2 heads of 32, one value-embedding table): counted by hand in fp32."""
+    model = M.GPT.from_hparams(tiny_hparams())
+    per_layer = 3 * 64 * 64 + 64 * 64 + 64 * 256 + 256 * 64 + 2 + 2  # qkv, out, MLP in and out, two lambda pairs
+    matrices = 2 * per_layer + 50304 * 64 + 1  # lm_head over the padded vocabulary, one skip weight
+    keys = bench.decode_keys(300, 2)
+    read = bench.decode_bytes_per_token(model, 300, 2, batch)
+    assert read["weights"] == matrices * 4 / batch
+    assert read["cache_and_embeddings"] == 2 * 2 * 64 * keys * 4 + 2 * 64 * 4  # K and V of 2 layers; 2 embedding rows
+    assert read["total"] == read["weights"] + read["cache_and_embeddings"]
+
+
+def test_decode_rows_report_mbu_against_the_measured_bandwidth(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_decode on the tiny model: MBU = bytes per token x tokens/s / bandwidth, per row."""
+    tiny = {k: v for k, v in vars(tiny_hparams()).items() if k in M.PRESETS["shakespeare"] or k.startswith("num_")
+            or k in ("head_dim", "model_dim", "no_attn_layer", "window_max", "row_len")}
+    monkeypatch.setattr(bench, "SHAPES", {"tiny": ("shakespeare", tiny)})
+    rows = bench.bench_decode(torch.device("cpu"), repeats=1, new_tokens=8, bandwidth=10.0)
+    assert [r["batch"] for r in rows] == [1, 8]
+    for r in rows:
+        assert r["mbu"] == pytest.approx(r["bytes_per_token"] * r["ours_kv"] / 10e9, abs=1e-3)
+        assert r["bytes_per_token"] > r["weight_bytes_per_token"] > 0
