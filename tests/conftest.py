@@ -196,6 +196,22 @@ def final_weights(run_dir: Path, step: int = 6) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / f"state_step{step:06d}.pt", weights_only=True)["model"]
 
 
+def assert_same_run(one: Path, two: Path, steps: int) -> None:
+    """Two runs of one config (1 process vs torchrun, 1 node vs 2): the same train and val losses (1e-5 relative),
+    3 validations, and final weights within fp32 tolerances."""
+    train1, val1 = metric_rows(one)
+    train2, val2 = metric_rows(two)
+    assert len(train1) == len(train2) == steps and len(val1) == len(val2) == 3
+    pairs = [(a["train_loss"], b["train_loss"]) for a, b in zip(train1, train2, strict=True)]
+    pairs += [(a["val_loss"], b["val_loss"]) for a, b in zip(val1, val2, strict=True)]
+    for a, b in pairs:
+        assert abs(a - b) <= 1e-5 * abs(a), pairs
+    w1, w2 = final_weights(one, steps), final_weights(two, steps)
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 # -----------------------------------------------------------------------------
 # Fixtures: the tiny config and shards, the real data and tokenizer
 

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-import torch
 
-from conftest import REPO_DIR, final_weights, free_port, ft_args, metric_rows, run, tiny_args
+from conftest import REPO_DIR, assert_same_run, free_port, ft_args, metric_rows, run, tiny_args
 
 pytestmark = pytest.mark.slow
 
@@ -120,18 +119,3 @@ def test_world_size_not_dividing_rank_equivalents(shard_dir: Path, tmp_path: Pat
     for name in ("pretraining.py", "model.py", "runs.py"):
         assert f'{REPO_DIR / name}", line' not in two.stderr, two.stderr  # no frame of ours in any traceback
     assert "exitcode  : 2" in two.stderr  # torchrun's report names the worker's exit status
-
-
-def assert_same_run(one: Path, two: Path, steps: int) -> None:
-    """Same train and val losses (1e-5 relative) and final weights (fp32 tolerances) as test_torchrun.py."""
-    train1, val1 = metric_rows(one)
-    train2, val2 = metric_rows(two)
-    assert len(train1) == len(train2) == steps and len(val1) == len(val2) == 3
-    pairs = [(a["train_loss"], b["train_loss"]) for a, b in zip(train1, train2, strict=True)]
-    pairs += [(a["val_loss"], b["val_loss"]) for a, b in zip(val1, val2, strict=True)]
-    for a, b in pairs:
-        assert abs(a - b) <= 1e-5 * abs(a), pairs
-    w1, w2 = final_weights(one, steps), final_weights(two, steps)
-    assert w1.keys() == w2.keys()
-    for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
