@@ -99,7 +99,9 @@ class Chat:
         im = self.im
         kind = (f"chat model (fine-tuned, chat template v{M.CHAT_TEMPLATE_VERSION})" if im.kind == "chat" else
                 "base model (not fine-tuned): a plain-text play-format dialogue; replies end at the first blank line")
-        return (f"chat.py: {im.path} (step {im.step}, preset {im.hp.preset}, {im.device})\n{kind}\n"
+        weights = "" if im.weights == "fp32" else f", {im.weights} weights"
+        compiled = ", compiled decoding" if im.compiled else ""
+        return (f"chat.py: {im.path} (step {im.step}, preset {im.hp.preset}, {im.device}{weights}{compiled})\n{kind}\n"
                 f"context {self.context} tokens; type 'help' for commands, Ctrl-C stops a reply, Ctrl-D leaves")
 
     def reply(self, user: str) -> str:
@@ -113,6 +115,8 @@ class Chat:
         if note and self.interactive:
             print(note, file=self.out, flush=True)
         text = ""
+        if self.replies == 0:
+            R.announce_decode_compile(self.im)
         try:
             s, room = self.settings, self.context - len(ids)
             for piece in M.stream_reply(self.im, ids, max_new_tokens=max(1, min(s.max_new_tokens, room)),
@@ -218,6 +222,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the full context every token (reference)")
+    R.add_inference_flags(p, default_weights="fp32")
     p.add_argument("--context", type=int, default=0, help="tokens of conversation kept (default: the model's "
                    "row length, at least 1024, at most 4096)")
     args = p.parse_args(argv)
@@ -232,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     sys.stdin.reconfigure(errors="replace")  # binary or mis-encoded input becomes U+FFFD, not a crash
     try:
-        im = M.load_for_inference(args.checkpoint, args.log_dir, args.device, args.dtype, prefer_chat=True)
+        im = M.load_for_inference(args.checkpoint, args.log_dir, args.device, args.dtype, prefer_chat=True,
+                                  weights=args.weights, compile_decode=args.compile == "on")
         if args.prompt is not None:
             chat = Chat(im, args, sys.stdout, interactive=False)
             print(chat.banner(), file=sys.stderr, flush=True)

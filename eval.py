@@ -65,6 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (one prefill shared); 0 = none, "
                    "only the metrics")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the full context every token (reference)")
+    R.add_inference_flags(p, default_weights="fp32")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     args = p.parse_args(argv)
     for name in ("max_new_tokens", "num_samples", "limit"):
@@ -288,6 +289,7 @@ def eval_samples(im: M.InferenceModel, args: argparse.Namespace, prompts: list[s
 
 def print_table(im: M.InferenceModel, results: dict[str, Any], out: Any) -> None:
     print(f"checkpoint: {im.describe()}\ndevice: {im.device}, scoring dtype: {im.score_dtype or torch.float32}, "
+          f"weights: {im.weights}, "
           f"attention window: {im.window_blocks * M.BLOCK_SIZE} tokens", file=out)
     rows = []
     for name in ("val", "text"):
@@ -318,8 +320,9 @@ def print_table(im: M.InferenceModel, results: dict[str, Any], out: Any) -> None
 
 
 def write_results(im: M.InferenceModel, results: dict[str, Any]) -> Path | None:
-    """logs/<run_id>/eval_<step>.json beside the checkpoint, written atomically; None if not writable."""
-    path = im.path.parent / f"eval_{im.step}.json"
+    """logs/<run_id>/eval_<step>.json beside the checkpoint (eval_<step>_int8.json etc. for rounded weights, so they
+    never replace the reference's), written atomically; None if not writable."""
+    path = im.path.parent / f"eval_{im.step}{'' if im.weights == 'fp32' else '_' + im.weights}.json"
     try:
         with M.atomic_write(path, "w") as f:
             f.write(json.dumps(results, indent=2) + "\n")
@@ -331,9 +334,11 @@ def write_results(im: M.InferenceModel, results: dict[str, Any]) -> Path | None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     out = sys.stderr if args.json else sys.stdout
-    im = M.load_for_inference(args.checkpoint, args.log_dir, args.device, args.dtype)
+    im = M.load_for_inference(args.checkpoint, args.log_dir, args.device, args.dtype, weights=args.weights,
+                              compile_decode=args.compile == "on")
     results: dict[str, Any] = dict(checkpoint=str(im.path), step=im.step, kind=im.kind, preset=im.hp.preset,
                                    device=str(im.device), dtype=str(im.score_dtype or torch.float32),
+                                   weights=im.weights, compiled_decoding=im.compiled,
                                    window_tokens=im.window_blocks * M.BLOCK_SIZE)
     start = time.perf_counter()
     default = not (args.text or args.hellaswag or args.prompt or args.chat_eval)
@@ -348,6 +353,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if any(k in results for k in ("val", "text", "choices", "chat")):
         print_table(im, results, out)
     if (default or args.prompt) and args.num_samples:
+        R.announce_decode_compile(im)
         prompts = args.prompt or PROMPTS["shakespeare" if "shakespeare" in im.hp.train_files else "web"]
         results["samples"] = eval_samples(im, args, prompts, out)
         results["sampling"] = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,

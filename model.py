@@ -440,13 +440,14 @@ def init_runtime(hp: Hyperparameters, whole_model_on_cpu: bool = False) -> Runti
                    compile_head=hp.compile == "head" or (hp.compile == "auto" and not whole))
 
 
-def compile_with_fallback(fn: Any, name: str) -> Any:
+def compile_with_fallback(fn: Any, name: str, dynamic: bool | None = False) -> Any:
     """torch.compile(fn), but run fn eagerly (with one warning) if compiling fails, e.g. no C++ compiler. fn may be
     a function or a module. An error that eager raises too is the caller's, not the compiler's: it propagates and
-    the compiled version stays."""
+    the compiled version stays. dynamic=False: one kernel per shape (Newton-Schulz: a few); None: torch's
+    automatic dynamic shapes (a size that changes is recompiled once as a symbol)."""
     import warnings
 
-    state = {"fn": torch.compile(fn, dynamic=False)}  # one kernel per shape (Newton-Schulz: a few)
+    state = {"fn": torch.compile(fn, dynamic=dynamic)}
 
     def call(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -476,9 +477,13 @@ class CompiledModule(nn.Module):
         return self.call(*args)
 
 
-def compile_notice(name: str) -> str:
+def compile_notice(name: str, decoding: bool = False) -> str:
     """What the first compiled calls do and roughly how long they take (the scripts print it; runs.announce_compile):
-    rounded ranges of the whole-model compile measured on CPU (docs/measurements.md, "Warm-up")."""
+    rounded ranges of the whole-model compile measured on CPU (docs/measurements.md, "Warm-up"; the decoding
+    step's: "Fast decoding")."""
+    if decoding:
+        return (f"compiling {name} with torch.compile (the first reply only; about 10-60 s on a CPU, less once "
+                f"inductor's cache holds it) ...")
     return (f"compiling {name} with torch.compile (first steps and first validation only; about 1-3 min on a CPU, "
             f"1-2 min on a GPU, less once inductor's cache holds it) ...")
 
@@ -607,6 +612,7 @@ class CastedLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
         self.use_fp8 = False  # switched on by GPT.enable_fp8_head on supporting GPUs
         self.x_s, self.w_s, self.grad_s = x_s, w_s, grad_s
+        self.packed: PackedWeight | None = None  # the weight in a decode format (set_inference_weights)
 
     def reset_parameters(self) -> None:
         std = 0.5 * self.in_features**-0.5  # 0.5 beats the default 1/sqrt(3) (record)
@@ -619,7 +625,53 @@ class CastedLinear(nn.Linear):
             flat = x.flatten(0, -2).contiguous()
             out = torch.ops.moddedgpt.fp8_mm(flat, self.weight, self.x_s, self.w_s, self.grad_s)[0]
             return out.reshape(*x.shape[:-1], -1)
-        return F.linear(x, self.weight.type_as(x))
+        return project(x, self.weight, self.packed)
+
+
+def project(x: Tensor, weight: Tensor, packed: "PackedWeight | None") -> Tensor:
+    """x @ weight.T, with the packed decode copy of the weight for a few rows (decoding) when there is one."""
+    if packed is not None and x.numel() <= PACKED_ROWS * x.size(-1):
+        return packed(x)
+    return F.linear(x, weight.type_as(x))
+
+
+INFERENCE_WEIGHTS = ("fp32", "bf16", "int8")
+PACKED_ROWS = 8  # up to this many rows (decode batches) use the packed kernel; more rows (scoring) a plain GEMM
+
+
+class PackedWeight:
+    """A matrix in a decode format: bf16, or int8 with one bf16 scale per output row (symmetric, absmax / 127).
+
+    Decoding a few rows is memory-bound, so the bytes of the weights set the speed: int8 reads a quarter of fp32.
+    The kernel for int8 (torch._weight_int8pack_mm, the one gpt-fast uses) takes bf16 activations and is fast
+    only for a few rows, so larger batches go through a plain GEMM with the dequantized matrix instead.
+    """
+
+    def __init__(self, weight: Tensor, fmt: str):
+        if fmt not in ("bf16", "int8"):
+            raise ValueError(f"unknown packed weight format {fmt!r} (bf16 or int8)")
+        self.fmt = fmt
+        w = weight.detach().float()
+        if fmt == "int8":
+            scale = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.bfloat16).tiny).bfloat16()
+            self.q = (w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+            self.scale = scale
+        else:
+            self.w = w.bfloat16()
+
+    def dequantized(self) -> Tensor:
+        """The fp32 matrix this format represents exactly: what every other path computes with."""
+        return self.q.float() * self.scale.float()[:, None] if self.fmt == "int8" else self.w.float()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
+        if self.fmt == "bf16":
+            y = F.linear(flat, self.w)
+        elif flat.device.type == "cpu":
+            y = torch._weight_int8pack_mm(flat, self.q, self.scale)
+        else:  # no int8 kernel assumed off the CPU: the same numbers from a bf16 product
+            y = F.linear(flat, self.q.to(torch.bfloat16)) * self.scale
+        return y.view(*x.shape[:-1], -1).to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -645,12 +697,17 @@ class Rotary(nn.Module):
         if length > self.cos.size(0):
             self.cos, self.sin = self._table(next_multiple_of_n(length, n=BLOCK_SIZE), self.cos.device)
 
-    def forward(self, x_BTHD: Tensor, offset: int = 0) -> Tensor:
+    def forward(self, x_BTHD: Tensor, offset: int | Tensor = 0) -> Tensor:
+        """offset: the first token's position; a (1,) tensor for one token at a time (a decoding step), so that a
+        compiled step does not specialise on the position."""
         T = x_BTHD.size(-3)
-        if offset + T > self.cos.size(0):
+        if isinstance(offset, Tensor):
+            cos, sin = self.cos[offset][None, :, None, :], self.sin[offset][None, :, None, :]
+        elif offset + T > self.cos.size(0):
             raise ValueError(f"sequence of {offset + T} tokens exceeds the rotary table ({self.cos.size(0)})")
-        cos = self.cos[None, offset:offset + T, None, :]
-        sin = self.sin[None, offset:offset + T, None, :]
+        else:
+            cos = self.cos[None, offset:offset + T, None, :]
+            sin = self.sin[None, offset:offset + T, None, :]
         x1, x2 = x_BTHD.float().chunk(2, dim=-1)
         y1 = x1 * cos + x2 * sin
         y2 = x2 * cos - x1 * sin
@@ -681,13 +738,14 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = CastedLinear(hdim, dim)
         self.c_proj.weight.detach().zero_()  # zero-init output projection (record)
         self.attn_scale = 0.12  # fixed logit scale instead of 1/sqrt(head_dim) (record)
+        self.packed_qkv: PackedWeight | None = None  # the merged QKV in a decode format (set_inference_weights)
 
     def forward(self, x: Tensor, ve: Tensor | None, mask: AttnMask, kv: "LayerCache | None" = None) -> Tensor:
         B, T = x.size(0), x.size(1)
-        qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x))
+        qkv = project(x, self.qkv_w.flatten(end_dim=1), self.packed_qkv)
         q, k, v = qkv.view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)  # (B, T, H, D) each
         q, k = norm(q), norm(k)  # QK-norm
-        offset = 0 if kv is None else kv.cache.pos
+        offset = 0 if kv is None else kv.offset
         q, k = self.rotary(q, offset), self.rotary(k, offset)
         v = self.lambdas[0] * v + (self.lambdas[1] * ve.view_as(v) if ve is not None else 0)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2).type_as(q)  # (B, H, T, D)
@@ -832,6 +890,7 @@ class GPT(nn.Module):
         self.modified_loss_fn = softcap_modified_loss  # the same, with loss modifiers or token weights
         self.loss_modifiers: tuple[LossModifier, ...] = ()  # training only; evaluation stays plain cross-entropy
         self.loss_classes = vocab_size  # rows a target can be: label smoothing spreads its mass over these
+        self.decode_fn: Callable | None = None  # a compiled decoding step (compile_decoding); None: eager
 
     @classmethod
     def from_hparams(cls, hp: Hyperparameters) -> "GPT":
@@ -955,6 +1014,26 @@ def build_model(hp: Hyperparameters, rt: Runtime, chat: bool = False) -> tuple[G
         model.modified_loss_fn = compile_with_fallback(softcap_modified_loss, "the loss head")
     forward = CompiledModule(model, "the model") if rt.compile else model
     return model, forward
+
+
+def set_inference_weights(model: GPT, fmt: str) -> GPT:
+    """Round every matrix a token passes through (the blocks and lm_head; the embedding tables stay fp32, a token
+    reads one row of each) to `fmt` ('fp32' leaves the model as it is) and keep a packed copy for decoding.
+    Scoring, the KV cache and the full-recompute reference then all compute with the same rounded weights, so a
+    quality check of one (eval.py's val loss) holds for the others."""
+    if fmt not in INFERENCE_WEIGHTS:
+        raise ConfigError(f"--weights={fmt}: expected one of {', '.join(INFERENCE_WEIGHTS)}")
+    if fmt == "fp32":
+        return model
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, CastedLinear):
+                module.packed = PackedWeight(module.weight, fmt)
+                module.weight.copy_(module.packed.dequantized())
+            elif isinstance(module, CausalSelfAttention):
+                module.packed_qkv = PackedWeight(module.qkv_w.flatten(end_dim=1), fmt)
+                module.qkv_w.copy_(module.packed_qkv.dequantized().view_as(module.qkv_w))
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -1888,6 +1967,10 @@ class LayerCache:
     cache: KVCache
     index: int
 
+    @property
+    def offset(self) -> int:
+        return self.cache.pos
+
     def update(self, k_BHTD: Tensor, v_BHTD: Tensor) -> tuple[Tensor, Tensor]:
         """Store this chunk's keys and values; return those of positions key_start .. pos + T."""
         c, i, T = self.cache, self.index, k_BHTD.size(2)
@@ -1898,6 +1981,113 @@ class LayerCache:
         c.k[i][:, :, c.pos:c.pos + T] = k_BHTD
         c.v[i][:, :, c.pos:c.pos + T] = v_BHTD
         return c.k[i][:, :, c.key_start:c.pos + T], c.v[i][:, :, c.key_start:c.pos + T]
+
+
+class RingCache:
+    """What a one-token decoding step can see: the keys and values of the last (window_blocks + 1) blocks of
+    positions, position p in slot p % size, taken over from a prefilled KVCache.
+
+    A query sees keys of its own document in its own block and the window_blocks blocks before it (block_keep_mask),
+    so older keys can be overwritten and a step reads at most `size` keys whatever the context. Which keys of
+    earlier blocks the current block's queries may see is fixed when the block begins (the record's mask depends
+    on the document of a block's first token only: cached_mask_rows), so a step only adds "same document".
+    """
+
+    def __init__(self, kv: KVCache, window_blocks: int):
+        self.size = (window_blocks + 1) * BLOCK_SIZE
+        self.window_blocks, self.pos, self.block = window_blocks, kv.pos, -1
+        device = kv.tokens.device
+        positions = torch.arange(max(0, kv.pos - self.size), kv.pos, device=device)
+        slots = positions % self.size
+
+        def ring(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.new_zeros(*t.shape[:2], self.size, t.size(3)).index_copy_(
+                2, slots, t[:, :, positions])
+
+        self.k, self.v = [ring(t) for t in kv.k], [ring(t) for t in kv.v]
+        docs = (kv.tokens[:, :kv.pos] == EOT_ID).cumsum(dim=1)
+        B = docs.size(0)
+        self.doc = docs[:, -1].clone()  # (B,) document of the newest token
+        self.slot_pos = torch.full((self.size,), -1, dtype=torch.long, device=device).index_copy_(0, slots, positions)
+        self.slot_doc = torch.zeros(B, self.size, dtype=torch.long, device=device).index_copy_(1, slots, docs[:, positions])
+        self.seen_long = torch.zeros(B, self.size, dtype=torch.bool, device=device)
+        self.seen_short = torch.zeros_like(self.seen_long)
+        self.pos_t = torch.zeros(1, dtype=torch.long, device=device)  # pos and its slot as tensors: a compiled
+        self.slot_t = torch.zeros(1, dtype=torch.long, device=device)  # step must not specialise on them
+        self.used = 0  # slots a step attends over: whole blocks of them, up to size
+
+    def layer(self, i: int) -> "RingLayer":
+        return RingLayer(self, i)
+
+    def advance(self, ids_B: Tensor) -> tuple[Tensor, Tensor]:
+        """Place the token at position pos (ids_B, one per sequence); masks (B, 1, 1, n) over the first n slots for
+        its long- and short-window layers."""
+        p, slot = self.pos, self.pos % self.size
+        self.pos_t.fill_(p)
+        self.slot_t.fill_(slot)
+        self.doc += ids_B == EOT_ID
+        self.slot_pos[slot] = p
+        self.slot_doc[:, slot] = self.doc
+        if p // BLOCK_SIZE != self.block:
+            self.block = p // BLOCK_SIZE
+            self._start_block()
+        else:
+            self.seen_long[:, slot] = self.seen_short[:, slot] = True
+        # slots past pos stay empty (unseen) until the ring wraps; whole blocks of them keep a compiled step to a
+        # few shapes
+        self.used = n = min(next_multiple_of_n(p + 1, n=BLOCK_SIZE), self.size)
+        same_doc = self.slot_doc[:, :n] == self.doc[:, None]
+        return (self.seen_long[:, :n] & same_doc)[:, None, None], (self.seen_short[:, :n] & same_doc)[:, None, None]
+
+    def _start_block(self) -> None:
+        """Which cached keys the queries of the block beginning at (or containing) pos may see: the row of pos."""
+        p = self.pos
+        first = max(0, self.block - self.window_blocks) * BLOCK_SIZE  # keys before this are outside every window
+        slots = torch.arange(first, p + 1, device=self.slot_doc.device) % self.size
+        docs = self.slot_doc[:, slots]
+        for window, seen in ((self.window_blocks, self.seen_long), (self.window_blocks // 2, self.seen_short)):
+            start, rows = cached_mask_rows(docs, p - first, window)
+            seen.zero_()
+            seen[:, slots[start:]] = rows[:, 0, 0]
+
+
+@dataclass
+class RingLayer:
+    cache: RingCache
+    index: int
+
+    @property
+    def offset(self) -> Tensor:
+        return self.cache.pos_t
+
+    def update(self, k_BHTD: Tensor, v_BHTD: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the step's key and value in its slot; return those of the slots the step attends over."""
+        c, i = self.cache, self.index
+        c.k[i].index_copy_(2, c.slot_t, k_BHTD)
+        c.v[i].index_copy_(2, c.slot_t, v_BHTD)
+        return c.k[i][:, :, :c.used], c.v[i][:, :, :c.used]
+
+
+def step_logits(model: GPT, ids_B: Tensor, long_mask: Tensor, short_mask: Tensor, ring: RingCache) -> Tensor:
+    """The tensor work of a decoding step (what compile_decoding compiles): every layer, the ring's writes, logits."""
+    return model.logits(model.hidden_states(ids_B[:, None], long_mask, short_mask, ring))[:, -1]
+
+
+def compile_decoding(model: GPT, on: bool = True) -> GPT:
+    """Run this model's decoding steps through torch.compile (or eagerly again with on=False). A step is a few
+    hundred small operators around a few matrix-vector products; compiled, the small ones fuse into a few loops
+    and the per-operator overhead, most of a small model's step on a CPU, goes. Shapes: the batch, and the
+    attended slots (whole blocks, up to the ring's size) as one symbol, so a generation compiles about twice."""
+    model.decode_fn = compile_with_fallback(step_logits, "the decoding step", dynamic=None) if on else None
+    return model
+
+
+def decode_step(model: GPT, ids_B: Tensor, ring: RingCache) -> Tensor:
+    """Logits (B, V) after one more token per sequence: ids_B at position ring.pos, which then advances."""
+    long_mask, short_mask = ring.advance(ids_B)
+    logits = (model.decode_fn or step_logits)(model, ids_B, long_mask, short_mask, ring)
+    ring.pos += 1
+    return logits
 
 
 def reference_logits(model: GPT, tokens_BT: Tensor, window_blocks: int) -> Tensor:
@@ -1952,10 +2142,12 @@ def generate(model: GPT, prompt: list[int], *, window_blocks: int, max_new_token
     model.eval()
     with ctx:
         if use_cache:
-            cache = KVCache(model, 1, len(prompt) + max_new_tokens)
+            model.ensure_positions(len(prompt) + max_new_tokens)
+            cache = KVCache(model, 1, len(prompt))  # the prompt's keys; the ring holds the window after that
             logits = model.forward_cached(prompt_BT, cache, window_blocks)[:, -1]
             if num_samples > 1:
                 cache, logits = cache.expand(num_samples), logits.expand(num_samples, -1)
+            ring = RingCache(cache, window_blocks)
         else:
             tokens = prompt_BT.expand(num_samples, -1)
             logits = reference_logits(model, tokens, window_blocks)
@@ -1973,7 +2165,7 @@ def generate(model: GPT, prompt: list[int], *, window_blocks: int, max_new_token
                 tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
                 logits = reference_logits(model, tokens, window_blocks)
             else:
-                logits = model.forward_cached(next_ids[:, None], cache, window_blocks)[:, -1]
+                logits = decode_step(model, next_ids, ring)
 
 
 class StreamDecoder:
@@ -2003,6 +2195,8 @@ class InferenceModel:
     device: torch.device
     score_dtype: torch.dtype | None  # autocast for batched scoring
     decode_dtype: torch.dtype | None  # autocast for token-by-token decoding
+    weights: str = "fp32"  # the matrices' format (set_inference_weights)
+    compiled: bool = False  # decoding steps through torch.compile (compile_decoding)
 
     @property
     def window_blocks(self) -> int:
@@ -2016,12 +2210,15 @@ class InferenceModel:
         return torch.autocast(self.device.type, dtype=dtype) if dtype else None
 
     def describe(self) -> str:
-        return f"{self.path} (step {self.step}, {self.kind} model, preset {self.hp.preset})"
+        weights = "" if self.weights == "fp32" else f", {self.weights} weights"
+        return f"{self.path} (step {self.step}, {self.kind} model, preset {self.hp.preset}{weights})"
 
 
 def load_for_inference(spec: str = "latest", log_dir: str | Path = "logs", device: str = "auto",
-                       dtype: str = "auto", prefer_chat: bool = False) -> InferenceModel:
-    """'latest' (the newest chat checkpoint first when prefer_chat) or a path, on the chosen device."""
+                       dtype: str = "auto", prefer_chat: bool = False, weights: str = "fp32",
+                       compile_decode: bool = False) -> InferenceModel:
+    """'latest' (the newest chat checkpoint first when prefer_chat) or a path, on the chosen device; weights: the
+    matrices rounded to bf16 or int8 (set_inference_weights); compile_decode: compiled decoding steps."""
     if spec == "latest" and prefer_chat:
         path = find_latest_checkpoint(log_dir, kind="chat") or resolve_checkpoint("latest", log_dir)
     else:
@@ -2030,13 +2227,15 @@ def load_for_inference(spec: str = "latest", log_dir: str | Path = "logs", devic
     if dev.type == "cpu":
         keep_freed_memory()  # batched scoring allocates and frees large logits too
     model, hp, ckpt = load_model(path, dev)
+    compile_decoding(set_inference_weights(model, weights), compile_decode)
     score_dtype = pick_autocast_dtype(dtype, dev)
     # batch-1 decoding is memory-bound: on CPU autocast re-casts every weight for every token, which costs more than
     # bf16 saves (docs/measurements.md, "Decode vs transformers")
     decode_dtype = score_dtype if dev.type != "cpu" or dtype == "bf16" else None
     return InferenceModel(path=path, model=model.eval(), hp=hp, kind="chat" if ckpt.get("kind") == "chat" else "base",
                           step=int(ckpt.get("step", 0)), tokenizer=get_tokenizer(), device=dev,
-                          score_dtype=score_dtype, decode_dtype=decode_dtype)
+                          score_dtype=score_dtype, decode_dtype=decode_dtype, weights=weights,
+                          compiled=compile_decode)
 
 
 BASE_SPEAKERS = ("USER.", "ASSISTANT.")  # play format of the default corpus: NAME. on its own line, then the speech

@@ -918,3 +918,20 @@ def announce_compile(rt: Runtime) -> None:
     stay as they were)."""
     if rt.compile and rt.master:
         print(M.compile_notice("the model"), file=sys.stderr, flush=True)
+
+
+def add_inference_flags(p: argparse.ArgumentParser, default_weights: str) -> None:
+    """--weights and --compile of eval.py and chat.py: how the checkpoint's matrices are held, and whether the
+    decoding step is compiled (model.set_inference_weights, model.compile_decoding)."""
+    p.add_argument("--weights", default=default_weights, choices=M.INFERENCE_WEIGHTS,
+                   help=f"matrices for scoring and decoding: fp32 (the checkpoint's), bf16, or int8 (one scale per "
+                   f"row; decoding reads a quarter of the bytes); default {default_weights}")
+    p.add_argument("--compile", default="off", choices=("on", "off"),
+                   help="compile the decoding step with torch.compile (several times faster decoding on a CPU, "
+                   "after a one-time compile at the first reply)")
+
+
+def announce_decode_compile(im: M.InferenceModel) -> None:
+    """Say what the pause before the first compiled reply is (stderr)."""
+    if im.compiled:
+        print(M.compile_notice("the decoding step", decoding=True), file=sys.stderr, flush=True)

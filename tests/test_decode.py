@@ -1,0 +1,204 @@
+"""model.py's fast decoding: the ring KV cache, weights in bf16 / int8 (set_inference_weights) and the compiled
+decoding step (compile_decoding), each against the full-forward reference. Speed is bench.py's (--only decode).
+
+    python -m pytest tests/test_decode.py -q      # CPU, about a minute on 2 cores (two compiles)
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor
+
+import model as M
+from conftest import random_tokens, randomize_zero_inits, tiny_hparams
+from test_generation import NEW_TOKENS, PROMPTS, WINDOW, build_model, greedy, prompt_tokens, reference_choices
+
+S = M.BLOCK_SIZE
+
+
+def teacher_forced_logits(model: M.GPT, tokens_BT: Tensor, prefill: int, window_blocks: int) -> Tensor:
+    """Logits (B, T - prefill, V) of decoding tokens_BT one step at a time after a prefill of `prefill` tokens:
+    rows prefill-1 .. T-2 predict tokens prefill .. T-1, as the full forward's rows do."""
+    B, T = tokens_BT.shape
+    model.ensure_positions(T)
+    with torch.no_grad():
+        cache = M.KVCache(model, B, prefill)
+        first = model.forward_cached(tokens_BT[:, :prefill], cache, window_blocks)[:, -1]
+        ring = M.RingCache(cache, window_blocks)
+        rest = [M.decode_step(model, tokens_BT[:, t], ring) for t in range(prefill, T - 1)]
+    return torch.stack([first, *rest], dim=1)
+
+
+def full_logits(model: M.GPT, tokens_BT: Tensor, window_blocks: int) -> Tensor:
+    T = tokens_BT.size(1)
+    pad = (-T) % S  # padding after the last token leaves every earlier row unchanged (causal)
+    model.ensure_positions(T + pad)
+    with torch.no_grad():
+        return model(torch.cat([tokens_BT, tokens_BT.new_zeros(tokens_BT.size(0), pad)], dim=1), None,
+                     window_blocks)[:, :T]
+
+
+@pytest.fixture(scope="module")
+def model() -> M.GPT:
+    return build_model()
+
+
+# -----------------------------------------------------------------------------
+# The ring cache: exact against the full forward
+
+
+@pytest.mark.parametrize("window_blocks, prefill", [(1, 1), (2, 5), (2, 200), (3, 130), (4, 128)])
+def test_ring_decoding_equals_full_forward_across_documents_and_wraps(model: M.GPT, window_blocks: int,
+                                                                      prefill: int) -> None:
+    # two rows with different documents: starts mid-block, on a block edge, several in one block, one spanning
+    # more than the window; 900 tokens wrap every ring here ((window_blocks + 1) * 128 <= 640 slots)
+    eots = {0: [0, 60, 128, 129, 400, 401, 402, 700], 1: [0, 255, 256, 500, 890]}
+    tokens = random_tokens(2, 900, seed=window_blocks, eot_positions=eots)
+    got = teacher_forced_logits(model, tokens, prefill, window_blocks)
+    want = full_logits(model, tokens, window_blocks)[:, prefill - 1:-1]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
+def test_ring_holds_the_window_and_a_block() -> None:
+    m = build_model()
+    cache = M.KVCache(m, 1, 10)
+    with torch.no_grad():
+        m.forward_cached(random_tokens(1, 10, seed=0), cache, 3)
+    ring = M.RingCache(cache, 3)
+    assert ring.size == 4 * S
+    assert all(k is None or k.shape[2] == 4 * S for k in ring.k)
+    assert ring.slot_pos[:10].tolist() == list(range(10)) and bool((ring.slot_pos[10:] == -1).all())
+
+
+def test_ring_equals_the_kv_cache_for_several_samples(model: M.GPT) -> None:
+    # num_samples > 1 expands the prefilled cache before the ring takes it over; rows then diverge when sampled
+    prompt = prompt_tokens(300, [0, 170, 260], seed=2)
+    kw = dict(window_blocks=WINDOW, max_new_tokens=20, stop_ids=(), temperature=1.0, seed=7)
+    three = [list(s) for s in zip(*M.generate(model, prompt, num_samples=3, **kw))]
+    reference = [list(s) for s in zip(*M.generate(model, prompt, num_samples=3, use_cache=False, **kw))]
+    assert three == reference and len({tuple(s) for s in three}) > 1
+
+
+# -----------------------------------------------------------------------------
+# Weights in a decode format
+
+
+def test_packed_int8_rows_are_symmetric_absmax_and_the_matmul_matches_the_dequantized_matrix() -> None:
+    w = torch.randn(300, 64, generator=torch.Generator().manual_seed(0))
+    w[7] = 0  # a zero row (zero-initialised projections) must not divide by zero
+    packed = M.PackedWeight(w, "int8")
+    assert packed.q.dtype == torch.int8 and packed.scale.dtype == torch.bfloat16
+    assert int(packed.q.abs().amax()) <= 127 and bool((packed.q[7] == 0).all())
+    deq = packed.dequantized()
+    assert float((deq - w).abs().amax(dim=1).div(w.abs().amax(dim=1).clamp_min(1e-9)).amax()) < 1 / 127 + 0.01
+    x = torch.randn(3, 64)
+    ref = x.bfloat16().float() @ deq.T  # the kernel takes bf16 activations and gives bf16 out
+    torch.testing.assert_close(packed(x), ref, atol=0.02 * float(ref.abs().amax()), rtol=0.02)
+
+
+def test_many_rows_use_the_plain_product_with_the_rounded_matrix() -> None:
+    linear = M.CastedLinear(64, 32)
+    linear.packed = M.PackedWeight(linear.weight, "int8")
+    with torch.no_grad():
+        linear.weight.copy_(linear.packed.dequantized())
+    x = torch.randn(M.PACKED_ROWS + 1, 64)
+    assert torch.equal(linear(x), torch.nn.functional.linear(x, linear.weight))  # scoring: exact fp32 product
+
+
+def test_set_inference_weights_rounds_every_matrix_and_keeps_the_embeddings() -> None:
+    m = build_model()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    M.set_inference_weights(m, "bf16")
+    for name, p in m.named_parameters():
+        if "embed" in name or p.ndim < 2:
+            assert torch.equal(p, before[name]), name  # tables (one row per token) and scalars stay fp32
+        else:
+            assert torch.equal(p, before[name].bfloat16().float()), name
+    assert all(b.attn.packed_qkv is not None for b in m.blocks if b.attn is not None)
+    assert M.set_inference_weights(build_model(), "fp32").lm_head.packed is None
+    with pytest.raises(M.ConfigError, match=r"^--weights=fp16: expected one of fp32, bf16, int8$"):
+        M.set_inference_weights(m, "fp16")
+
+
+INT8_LOGIT_TOLERANCE = 0.05  # max |logit difference| of the tiny model's soft-capped logits (range 0..30)
+
+
+@pytest.mark.parametrize("fmt, tolerance", [("bf16", 0.05), ("int8", INT8_LOGIT_TOLERANCE)])
+def test_quantised_logits_stay_close_to_fp32(fmt: str, tolerance: float) -> None:
+    # on a tiny model with lm_head std 0.02 (logits of a trained model's scale, not the random-test 1.0)
+    reference = randomize_zero_inits(M.GPT.from_hparams(tiny_hparams(row_len=256, num_layers=4)), head_std=0.02)
+    quantised = M.set_inference_weights(copy.deepcopy(reference), fmt)
+    tokens = random_tokens(2, 300, seed=1, eot_positions={0: [0, 150], 1: [0]})
+    want = full_logits(reference, tokens, WINDOW)[:, 99:-1]
+    decoded = teacher_forced_logits(quantised, tokens, 100, WINDOW)  # the packed kernels, one row at a time
+    assert float((decoded - want).abs().amax()) < tolerance
+    scored = full_logits(quantised, tokens, WINDOW)[:, 99:-1]  # scoring: the rounded matrices in fp32
+    assert float((scored - want).abs().amax()) < tolerance
+
+
+# -----------------------------------------------------------------------------
+# The compiled decoding step
+
+
+@pytest.fixture(scope="module")
+def compiled_model() -> M.GPT:
+    return M.compile_decoding(build_model())
+
+
+@pytest.mark.parametrize("name", ["129", "300-past-window", "700-past-window"])
+def test_compiled_decoding_greedy_equals_reference(compiled_model: M.GPT, name: str) -> None:
+    n, eots = PROMPTS[name]
+    prompt = prompt_tokens(n, eots, seed=n)
+    got = greedy(compiled_model, prompt, NEW_TOKENS, use_cache=True)
+    assert got == reference_choices(compiled_model, prompt, got)
+
+
+def test_compiled_decoding_logits_equal_eager(compiled_model: M.GPT) -> None:
+    tokens = random_tokens(1, 500, seed=4, eot_positions={0: [0, 200, 333]})
+    compiled = teacher_forced_logits(compiled_model, tokens, 50, WINDOW)
+    eager = teacher_forced_logits(M.compile_decoding(build_model(), on=False), tokens, 50, WINDOW)
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+
+
+def test_compiled_int8_decoding_matches_eager_int8() -> None:
+    m = M.set_inference_weights(build_model(), "int8")
+    tokens = random_tokens(1, 400, seed=5, eot_positions={0: [0, 150]})
+    eager = teacher_forced_logits(m, tokens, 20, WINDOW)
+    compiled = teacher_forced_logits(M.compile_decoding(m), tokens, 20, WINDOW)
+    torch.testing.assert_close(compiled, eager, atol=0.05, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# bench.py's quality check of the formats (its figures: docs/measurements.md, "Fast decoding")
+
+
+def test_greedy_agreement_by_hand() -> None:
+    import bench
+
+    reference = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    got = bench.greedy_agreement([[1, 2, 3, 4], [5, 9, 7, 8]], reference)
+    assert got == dict(identical=0.5, prefix_before_first_difference=(1 + 0.25) / 2, positions_equal=7 / 8)
+
+
+def test_quality_rows_compare_each_format_with_fp32(long_logs: dict) -> None:
+    import bench
+
+    rows = bench.bench_quality(str(long_logs["base"]), str(long_logs["logs"]), prompts=3, new_tokens=6, rows=2)
+    assert [r["weights"] for r in rows] == ["fp32", "bf16", "int8"]
+    fp32 = rows[0]
+    assert fp32["identical"] == fp32["positions_equal"] == 1.0 and fp32["val_loss_vs_fp32"] == 0
+    for r in rows:
+        assert r["decode_path_tokens"] == 2 * 127 and r["val_tokens"] > 0
+        assert abs(r["val_loss_vs_fp32"]) < 0.05 and abs(r["decode_path_loss_vs_fp32"]) < 0.05
+        assert 0 <= r["positions_equal"] <= 1
+
+
+def test_decode_path_loss_is_the_full_forward_loss_of_the_same_rows(model: M.GPT) -> None:
+    import bench
+
+    tokens = random_tokens(3, 200, seed=6, eot_positions={0: [0, 90], 1: [0], 2: [0, 130]})
+    logits = full_logits(model, tokens, WINDOW)[:, :-1]
+    want = float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].reshape(-1)))
+    assert bench.decode_path_loss(model, tokens, WINDOW) == pytest.approx(want, rel=1e-5)
