@@ -349,11 +349,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.hellaswag:
         results["choices"] = eval_choices(im, args.hellaswag, args.limit)
     if args.chat_eval:
+        R.announce_decode_compile(im)
         results["chat"] = eval_chat(im, args.chat_eval, args.limit)
     if any(k in results for k in ("val", "text", "choices", "chat")):
         print_table(im, results, out)
     if (default or args.prompt) and args.num_samples:
-        R.announce_decode_compile(im)
+        if not args.chat_eval:  # that announced it before its first reply
+            R.announce_decode_compile(im)
         prompts = args.prompt or PROMPTS["shakespeare" if "shakespeare" in im.hp.train_files else "web"]
         results["samples"] = eval_samples(im, args, prompts, out)
         results["sampling"] = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,

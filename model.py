@@ -2008,13 +2008,19 @@ class RingCache:
         docs = (kv.tokens[:, :kv.pos] == EOT_ID).cumsum(dim=1)
         B = docs.size(0)
         self.doc = docs[:, -1].clone()  # (B,) document of the newest token
-        self.slot_pos = torch.full((self.size,), -1, dtype=torch.long, device=device).index_copy_(0, slots, positions)
         self.slot_doc = torch.zeros(B, self.size, dtype=torch.long, device=device).index_copy_(1, slots, docs[:, positions])
         self.seen_long = torch.zeros(B, self.size, dtype=torch.bool, device=device)
         self.seen_short = torch.zeros_like(self.seen_long)
         self.pos_t = torch.zeros(1, dtype=torch.long, device=device)  # pos and its slot as tensors: a compiled
         self.slot_t = torch.zeros(1, dtype=torch.long, device=device)  # step must not specialise on them
         self.used = 0  # slots a step attends over: whole blocks of them, up to size
+
+    @property
+    def slot_pos(self) -> Tensor:
+        """(size,) the position each slot holds: the newest p < pos with p % size == slot, or -1 while empty."""
+        slots = torch.arange(self.size, device=self.slot_doc.device)
+        newest = slots + (self.pos - 1 - slots).div(self.size, rounding_mode="floor") * self.size
+        return torch.where(newest >= 0, newest, -1)
 
     def layer(self, i: int) -> "RingLayer":
         return RingLayer(self, i)
@@ -2026,7 +2032,6 @@ class RingCache:
         self.pos_t.fill_(p)
         self.slot_t.fill_(slot)
         self.doc += ids_B == EOT_ID
-        self.slot_pos[slot] = p
         self.slot_doc[:, slot] = self.doc
         if p // BLOCK_SIZE != self.block:
             self.block = p // BLOCK_SIZE
