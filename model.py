@@ -551,7 +551,23 @@ def next_multiple_of_n(v: float | int, *, n: int) -> int:
 
 
 def norm(x: Tensor) -> Tensor:
+    if x.ndim >= 3 and x.size(1) == 1 and x.device.type == "cpu" and torch.compiler.is_compiling():
+        return one_token_norm(x)
     return F.rms_norm(x, (x.size(-1),))
+
+
+def stored(x: Tensor) -> Tensor:
+    """x, computed once into a buffer by compiled code. Inductor otherwise inlines a cheap elementwise result into
+    every loop that reads it, and a matrix-vector product reads its input once per tile of weight rows; a
+    reduction (here the max of two equal copies) is always stored."""
+    return torch.stack([x, x], dim=-1).amax(dim=-1)
+
+
+def one_token_norm(x: Tensor) -> Tensor:
+    """F.rms_norm for one token in a compiled decoding step, with the reciprocal root stored: compiled C keeps
+    errno semantics, so a square root inlined into a product's inner loop is recomputed for every weight vector."""
+    r = stored(torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps))
+    return (x.float() * r).type_as(x)
 
 
 def _register_fp8_ops() -> None:
@@ -630,12 +646,26 @@ class CastedLinear(nn.Linear):
 
 def project(x: Tensor, weight: Tensor, packed: "PackedWeight | None") -> Tensor:
     """x @ weight.T, with the packed decode copy of the weight for a few rows (decoding) when there is one."""
+    if x.numel() == x.size(-1) and x.device.type == "cpu" and torch.compiler.is_compiling():
+        return (packed.streamed(x) if packed is not None else streamed_matvec(x, weight)).to(x.dtype)
     if packed is not None and x.numel() <= PACKED_ROWS * x.size(-1):
         return packed(x)
     return F.linear(x, weight.type_as(x))
 
 
+def streamed_matvec(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
+    """One row x @ weight.T (times a per-row scale) in fp32, written as a broadcast product and a sum so that
+    torch.compile makes it one loop streaming the weight once, in whatever format it is stored. For a single
+    row on a CPU that loop reads memory about twice as fast as the BLAS matrix-vector kernels (bench.py
+    --only decode). Only for compiled code: run eagerly it would materialise every product."""
+    flat = x.reshape(1, -1).float()
+    y = (flat[:, None, :] * weight.float()[None]).sum(-1)
+    y = y if scale is None else y * scale.float()
+    return y.view(*x.shape[:-1], -1)
+
+
 INFERENCE_WEIGHTS = ("fp32", "bf16", "int8")
+TILE_ROWS = 16  # output rows per tile of a packed weight's streamed copy: one AVX-512 vector of fp32
 PACKED_ROWS = 8  # up to this many rows (decode batches) use the packed kernel; more rows (scoring) a plain GEMM
 
 
@@ -644,7 +674,8 @@ class PackedWeight:
 
     Decoding a few rows is memory-bound, so the bytes of the weights set the speed: int8 reads a quarter of fp32.
     The kernel for int8 (torch._weight_int8pack_mm, the one gpt-fast uses) takes bf16 activations and is fast
-    only for a few rows, so larger batches go through a plain GEMM with the dequantized matrix instead.
+    only for a few rows, so larger batches go through a plain GEMM with the dequantized matrix instead. A compiled
+    decoding step of one row reads a second copy in tiles of TILE_ROWS rows instead (streamed).
     """
 
     def __init__(self, weight: Tensor, fmt: str):
@@ -658,10 +689,25 @@ class PackedWeight:
             self.scale = scale
         else:
             self.w = w.bfloat16()
+        matrix = self.q if fmt == "int8" else self.w
+        self.tiled = None if matrix.size(0) % TILE_ROWS else (  # (out/16, in, 16); other sizes stream by rows
+            matrix.view(-1, TILE_ROWS, matrix.size(1)).transpose(1, 2).contiguous())
 
     def dequantized(self) -> Tensor:
         """The fp32 matrix this format represents exactly: what every other path computes with."""
         return self.q.float() * self.scale.float()[:, None] if self.fmt == "int8" else self.w.float()
+
+    def streamed(self, x: Tensor) -> Tensor:
+        """One row (compiled decoding) through the tiled copy, with bf16 activations as in __call__: for each
+        tile of TILE_ROWS output rows, a sum over the input of x times a contiguous (in, TILE_ROWS) slab, which
+        torch.compile makes into a loop with one vector accumulator per tile and no horizontal sums."""
+        scale = self.scale if self.fmt == "int8" else None
+        if self.tiled is None:
+            return streamed_matvec(x.to(torch.bfloat16), self.q if scale is not None else self.w, scale)
+        flat = x.reshape(1, -1).to(torch.bfloat16).float()
+        y = (flat[:, None, :, None] * self.tiled.float()[None]).sum(2).view(1, -1)  # (1, out)
+        y = y if scale is None else y * scale.float()
+        return y.view(*x.shape[:-1], -1)
 
     def __call__(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
@@ -719,11 +765,24 @@ AttnMask = Any  # a FlexAttention BlockMask on CUDA, a boolean (B, 1, T, T) tens
 
 def attention(q_BHTD: Tensor, k_BHTD: Tensor, v_BHTD: Tensor, mask: AttnMask, scale: float) -> Tensor:
     """The single attention entry point: FlexAttention for block masks, SDPA for boolean masks."""
+    one_query = q_BHTD.size(2) == 1 and q_BHTD.device.type == "cpu" and torch.compiler.is_compiling()
+    if isinstance(mask, Tensor) and one_query:  # a compiled decoding step
+        return one_query_attention(q_BHTD, k_BHTD, v_BHTD, mask, scale)
     if isinstance(mask, Tensor):
         return F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, attn_mask=mask, scale=scale)
     from torch.nn.attention.flex_attention import flex_attention
 
     return flex_attention(q_BHTD, k_BHTD, v_BHTD, block_mask=mask, scale=scale)
+
+
+def one_query_attention(q_BH1D: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, mask_B11S: Tensor, scale: float) -> Tensor:
+    """Attention of one query per sequence (a decoding step) as products and sums that torch.compile fuses into
+    a couple of loops; SDPA's CPU kernel costs more in setup than a few hundred keys cost to read. The mask
+    always keeps the query's own key, so no row is empty."""
+    scores = (stored(q_BH1D) * k_BHSD).sum(-1, keepdim=True) * scale  # (B, H, S, 1); q's norm and rotation once
+    scores = scores.masked_fill(~mask_B11S.transpose(-1, -2), float("-inf"))
+    probs = scores.float().softmax(dim=2).type_as(v_BHSD)
+    return (probs * v_BHSD).sum(2, keepdim=True)  # (B, H, 1, D)
 
 
 class CausalSelfAttention(nn.Module):
@@ -2008,7 +2067,8 @@ class RingCache:
         docs = (kv.tokens[:, :kv.pos] == EOT_ID).cumsum(dim=1)
         B = docs.size(0)
         self.doc = docs[:, -1].clone()  # (B,) document of the newest token
-        self.slot_doc = torch.zeros(B, self.size, dtype=torch.long, device=device).index_copy_(1, slots, docs[:, positions])
+        self.slot_doc = torch.zeros(B, self.size, dtype=torch.long, device=device).index_copy_(
+            1, slots, docs[:, positions])
         self.seen_long = torch.zeros(B, self.size, dtype=torch.bool, device=device)
         self.seen_short = torch.zeros_like(self.seen_long)
         self.pos_t = torch.zeros(1, dtype=torch.long, device=device)  # pos and its slot as tensors: a compiled
@@ -2081,8 +2141,12 @@ def step_logits(model: GPT, ids_B: Tensor, long_mask: Tensor, short_mask: Tensor
 def compile_decoding(model: GPT, on: bool = True) -> GPT:
     """Run this model's decoding steps through torch.compile (or eagerly again with on=False). A step is a few
     hundred small operators around a few matrix-vector products; compiled, the small ones fuse into a few loops
-    and the per-operator overhead, most of a small model's step on a CPU, goes. Shapes: the batch, and the
-    attended slots (whole blocks, up to the ring's size) as one symbol, so a generation compiles about twice."""
+    and the per-operator overhead, most of a small model's step on a CPU, goes. On a CPU the compiled step of one
+    token also takes forms written for inductor's loops: products as streamed sums over the weights
+    (streamed_matvec, PackedWeight.streamed), which read memory faster than the BLAS matrix-vector kernels, and
+    norms and attention that store what every weight or key would otherwise recompute (one_token_norm,
+    one_query_attention). Shapes: the batch, and the attended slots (whole blocks, up to the ring's size) as one
+    symbol, so a generation compiles about twice."""
     model.decode_fn = compile_with_fallback(step_logits, "the decoding step", dynamic=None) if on else None
     return model
 

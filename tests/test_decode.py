@@ -170,6 +170,53 @@ def test_compiled_int8_decoding_matches_eager_int8() -> None:
     torch.testing.assert_close(compiled, eager, atol=0.05, rtol=0)
 
 
+def test_compiled_bf16_decoding_matches_eager_bf16() -> None:
+    m = M.set_inference_weights(build_model(), "bf16")
+    tokens = random_tokens(1, 300, seed=6, eot_positions={0: [0, 100]})
+    eager = teacher_forced_logits(m, tokens, 20, WINDOW)
+    compiled = teacher_forced_logits(M.compile_decoding(m), tokens, 20, WINDOW)
+    torch.testing.assert_close(compiled, eager, atol=0.05, rtol=0)
+
+
+# The forms a compiled step takes on a CPU, run eagerly here against what they replace
+
+
+@pytest.mark.parametrize("fmt", ["int8", "bf16"])
+@pytest.mark.parametrize("rows", [64, 300])  # whole tiles of M.TILE_ROWS, and a size streamed by rows
+def test_streamed_product_equals_the_packed_product(fmt: str, rows: int) -> None:
+    w = torch.randn(rows, 48, generator=torch.Generator().manual_seed(rows))
+    packed = M.PackedWeight(w, fmt)
+    assert (packed.tiled is None) == (rows % M.TILE_ROWS != 0)
+    x = torch.randn(1, 1, 48, generator=torch.Generator().manual_seed(1))
+    ref = x.bfloat16().float() @ packed.dequantized().T  # bf16 activations, the rounded matrix, fp32 sums
+    got = packed.streamed(x)
+    assert got.shape == (1, 1, rows) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
+
+
+def test_streamed_matvec_and_stored_compute_what_they_replace() -> None:
+    x, w = torch.randn(1, 1, 40), torch.randn(24, 40)
+    torch.testing.assert_close(M.streamed_matvec(x, w), x @ w.T, atol=1e-5, rtol=1e-5)
+    scale = torch.rand(24)
+    torch.testing.assert_close(M.streamed_matvec(x, w, scale), (x @ w.T) * scale, atol=1e-5, rtol=1e-5)
+    assert torch.equal(M.stored(x), x)
+
+
+def test_one_token_norm_equals_rms_norm() -> None:
+    x = torch.randn(3, 1, 4, 64) * 5
+    torch.testing.assert_close(M.one_token_norm(x), torch.nn.functional.rms_norm(x, (64,)), atol=1e-6, rtol=1e-6)
+    assert M.one_token_norm(torch.zeros(1, 1, 8)).eq(0).all()  # eps keeps a zero row finite
+
+
+def test_one_query_attention_equals_sdpa_with_the_mask() -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 3, 1, 16, generator=g), torch.randn(2, 3, 40, 16, generator=g), torch.randn(2, 3, 40, 16)
+    mask = torch.rand(2, 1, 1, 40, generator=g) < 0.5
+    mask[..., 7] = True  # the query's own slot is always visible
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.12)
+    torch.testing.assert_close(M.one_query_attention(q, k, v, mask, 0.12), ref, atol=1e-5, rtol=1e-5)
+
+
 # -----------------------------------------------------------------------------
 # bench.py's quality check of the formats (its figures: docs/measurements.md, "Fast decoding")
 
