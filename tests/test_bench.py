@@ -153,6 +153,7 @@ def test_decode_rows_report_mbu_against_the_measured_bandwidth(monkeypatch: pyte
         assert r["bytes_per_token"] > r["weight_bytes_per_token"] > 0
         assert r["vs_hf"] == pytest.approx(r["tokens_per_s"] / r["hf_kv"], abs=0.01)
         assert min(r["hf_kv"], r["hf_recompute"], r["ours_recompute"], r["kv_cache_before"]) > 0
+        assert r["first_call_s"] > 0
     assert rows[1]["weight_bytes_per_token"] < rows[0]["weight_bytes_per_token"] / 3  # int8: a quarter, plus scales
 
 
