@@ -1105,6 +1105,9 @@ def bench_decode(device: torch.device, repeats: int, new_tokens: int, bandwidth:
     rows = []
     prompt = [M.EOT_ID] + list(range(1000, 1015))  # 16 tokens: decoding dominates
     for shape, (preset, overrides) in SHAPES.items():
+        # dynamo keeps one cache per function (step_logits), 8 entries deep; each model and batch adds one or two,
+        # and past the limit a "compiled" path silently runs eagerly, so every shape starts with an empty cache
+        torch._dynamo.reset()
         hp = M.Hyperparameters(**dict(M.PRESETS[preset], **overrides))
         hf, window = hf_gpt2(hp, device), M.final_window_blocks(hp)
         models = {fmt: M.set_inference_weights(ours(hp, device), fmt) for fmt in {w for _, w, _ in paths or DECODE_PATHS}}

@@ -222,7 +222,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the full context every token (reference)")
-    R.add_inference_flags(p, default_weights="fp32")
+    R.add_inference_flags(p, default_weights="auto")
     p.add_argument("--context", type=int, default=0, help="tokens of conversation kept (default: the model's "
                    "row length, at least 1024, at most 4096)")
     args = p.parse_args(argv)

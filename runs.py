@@ -923,9 +923,10 @@ def announce_compile(rt: Runtime) -> None:
 def add_inference_flags(p: argparse.ArgumentParser, default_weights: str) -> None:
     """--weights and --compile of eval.py and chat.py: how the checkpoint's matrices are held, and whether the
     decoding step is compiled (model.set_inference_weights, model.compile_decoding)."""
-    p.add_argument("--weights", default=default_weights, choices=M.INFERENCE_WEIGHTS,
+    auto = " (int8 on a CPU, fp32 on a GPU)" if default_weights == "auto" else ""
+    p.add_argument("--weights", default=default_weights, choices=(*M.INFERENCE_WEIGHTS, "auto"),
                    help=f"matrices for scoring and decoding: fp32 (the checkpoint's), bf16, or int8 (one scale per "
-                   f"row; decoding reads a quarter of the bytes); default {default_weights}")
+                   f"row; decoding reads a quarter of the bytes); default {default_weights}{auto}")
     p.add_argument("--compile", default="off", choices=("on", "off"),
                    help="compile the decoding step with torch.compile (several times faster decoding on a CPU, "
                    "after a one-time compile at the first reply)")

@@ -56,7 +56,7 @@ def test_chat_in_a_terminal(long_logs: dict[str, Path]) -> None:
     child = spawn_chat("--checkpoint", str(long_logs["base"]), "--log-dir", str(long_logs["logs"]),
                        "--max-new-tokens", "5", "--temperature", "1", "--no-kv-cache")
     try:
-        child.expect_exact(f"chat.py: {long_logs['base']} (step 10, preset test, cpu)")
+        child.expect_exact(f"chat.py: {long_logs['base']} (step 10, preset test, cpu, int8 weights)")
         child.expect_exact("base model (not fine-tuned)")
         child.expect_exact("you> ")
         child.sendline("Good morrow")
@@ -117,7 +117,8 @@ def test_chat_one_shot_and_piped(long_logs: dict[str, Path]) -> None:
     assert r.returncode == 0, r.stderr
     got = replies(r.stdout)
     assert len(got) == 2 and all(g and "\n" not in g for g in got), r.stdout
-    assert r.stderr.startswith(f"chat.py: {long_logs['base']} (step 10, preset test, cpu)\nbase model"), r.stderr
+    banner_line = f"chat.py: {long_logs['base']} (step 10, preset test, cpu, int8 weights)\nbase model"
+    assert r.stderr.startswith(banner_line), r.stderr
     assert "[temperature" not in r.stdout + r.stderr  # commands answer only in a terminal
 
 
@@ -132,7 +133,7 @@ def banner(*args: str) -> list[str]:
 def test_chat_prefers_the_newest_fine_tuned_checkpoint(long_logs: dict[str, Path], ckpt_hp: M.Hyperparameters,
                                                        tmp_path: Path) -> None:
     lines = banner("--log-dir", str(long_logs["logs"]))
-    assert lines[0] == f"chat.py: {long_logs['chat']} (step 5, preset test, cpu)"  # older than the base one
+    assert lines[0] == f"chat.py: {long_logs['chat']} (step 5, preset test, cpu, int8 weights)"  # older than base
     assert lines[1].startswith(f"chat model (fine-tuned, chat template v{M.CHAT_TEMPLATE_VERSION})")
     lines = banner("--log-dir", str(long_logs["logs"]), "--checkpoint", str(long_logs["base"]))
     assert lines[0].startswith(f"chat.py: {long_logs['base']} (step 10") and lines[1].startswith("base model")
@@ -140,7 +141,8 @@ def test_chat_prefers_the_newest_fine_tuned_checkpoint(long_logs: dict[str, Path
     write_checkpoint(tmp_path, "old", 9, model, ckpt_hp, age_s=60)
     newest = write_checkpoint(tmp_path, "new", 2, model, ckpt_hp)  # the newest by time, though of a lower step
     lines = banner("--log-dir", str(tmp_path))
-    assert lines[0] == f"chat.py: {newest} (step 2, preset test, cpu)" and lines[1].startswith("base model")
+    assert lines[0] == f"chat.py: {newest} (step 2, preset test, cpu, int8 weights)"
+    assert lines[1].startswith("base model")
     out = eval_json("--checkpoint", str(long_logs["chat"]), "--prompt", "Hello", "--max-new-tokens", "3")
     assert (out["checkpoint"], out["step"], out["kind"]) == (str(long_logs["chat"]), 5, "chat")
 
@@ -212,7 +214,7 @@ def test_chat_piped_odd_input(long_logs: dict[str, Path]) -> None:
 def test_chat_reference_path_gives_the_same_reply(long_logs: dict[str, Path], kind: str) -> None:
     """chat.py --no-kv-cache (full recompute every token) writes the same greedy reply as the cached path."""
     args = ("--checkpoint", str(long_logs[kind]), *CPU, "--prompt", "Good morrow", "--temperature", "0",
-            "--max-new-tokens", "40")
+            "--max-new-tokens", "40", "--weights", "fp32")  # the same matrices both ways; int8 is tested elsewhere
     cached, reference = script("chat.py", *args), script("chat.py", *args, "--no-kv-cache")
     assert cached.returncode == reference.returncode == 0, cached.stderr + reference.stderr
     assert cached.stdout.strip() and cached.stdout == reference.stdout
