@@ -1054,17 +1054,19 @@ def bench_bandwidth(device: torch.device, repeats: int, mib: int = 1024) -> floa
     return round(rate, 2)
 
 
-def decode_keys(context: int, window_blocks: int) -> int:
-    """Keys each attention layer reads for the token at position context - 1: the ring cache's occupied slots in
-    whole blocks, up to its size of window_blocks + 1 blocks (model.RingCache; the mask hides the rest)."""
-    return min(M.next_multiple_of_n(context, n=M.BLOCK_SIZE), (window_blocks + 1) * M.BLOCK_SIZE)
+def decode_keys(context: int, window_blocks: int, whole_blocks: bool = True) -> int:
+    """Keys each attention layer reads for the token at position context - 1: the ring cache's occupied slots (in
+    whole blocks for a compiled step), up to its size of window_blocks + 1 blocks (model.RingCache; the mask hides
+    the rest)."""
+    filled = M.next_multiple_of_n(context, n=M.BLOCK_SIZE) if whole_blocks else context
+    return min(filled, (window_blocks + 1) * M.BLOCK_SIZE)
 
 
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
 
 
 def decode_bytes_per_token(model: M.GPT, context: int, window_blocks: int, batch: int = 1, weights: str = "fp32",
-                           cache_bytes: int = 4) -> dict[str, float]:
+                           cache_bytes: int = 4, whole_blocks: bool = True) -> dict[str, float]:
     """Bytes one decode step reads, per token of the batch: every matrix once per step (shared by the batch) in
     its format (int8: one byte per weight and a bf16 scale per row), the embedding rows of each sequence's token,
     and each sequence's cached keys and values in every attention layer. Scalars (lambdas, skip weights) count as
@@ -1076,7 +1078,7 @@ def decode_bytes_per_token(model: M.GPT, context: int, window_blocks: int, batch
     embed_rows = (1 + len(model.value_embeds)) * model.model_dim  # one fp32 row of each table per sequence
     attn_layers = sum(b.attn is not None for b in model.blocks)
     head_width = next(b.attn.num_heads * b.attn.head_dim for b in model.blocks if b.attn is not None)
-    kv = attn_layers * 2 * head_width * decode_keys(context, window_blocks)
+    kv = attn_layers * 2 * head_width * decode_keys(context, window_blocks, whole_blocks)
     per_step = (matrix_bytes + scalars * 4) / batch
     cache = kv * cache_bytes + embed_rows * 4
     return dict(weights=per_step, cache_and_embeddings=cache, total=per_step + cache)
@@ -1143,7 +1145,7 @@ def bench_decode(device: torch.device, repeats: int, new_tokens: int, bandwidth:
                 run_ours(model, True, new_tokens)
                 first_call = time.perf_counter() - start
                 rate = batch * new_tokens / median_seconds(lambda: run_ours(model, True, new_tokens), repeats)
-                read = decode_bytes_per_token(model, context, window, batch, fmt)
+                read = decode_bytes_per_token(model, context, window, batch, fmt, whole_blocks=on)
                 rows.append(dict(base, path=label, weights=fmt, compiled=on, first_call_s=round(first_call, 2),
                                  tokens_per_s=round(rate, 1),
                                  vs_hf=round(rate / base["hf_kv"], 2),

@@ -482,8 +482,8 @@ def compile_notice(name: str, decoding: bool = False) -> str:
     rounded ranges of the whole-model compile measured on CPU (docs/measurements.md, "Warm-up"; the decoding
     step's: "Fast decoding")."""
     if decoding:
-        return (f"compiling {name} with torch.compile (the first reply only; about 10-60 s on a CPU, less once "
-                f"inductor's cache holds it) ...")
+        return (f"compiling {name} with torch.compile (at the first reply and once more past 128 tokens; about "
+                f"15-35 s each on a CPU, seconds once inductor's cache holds it) ...")
     return (f"compiling {name} with torch.compile (first steps and first validation only; about 1-3 min on a CPU, "
             f"1-2 min on a GPU, less once inductor's cache holds it) ...")
 
@@ -2073,7 +2073,7 @@ class RingCache:
         self.seen_short = torch.zeros_like(self.seen_long)
         self.pos_t = torch.zeros(1, dtype=torch.long, device=device)  # pos and its slot as tensors: a compiled
         self.slot_t = torch.zeros(1, dtype=torch.long, device=device)  # step must not specialise on them
-        self.used = 0  # slots a step attends over: whole blocks of them, up to size
+        self.used = 0  # slots a step attends over, up to size
 
     @property
     def slot_pos(self) -> Tensor:
@@ -2085,9 +2085,10 @@ class RingCache:
     def layer(self, i: int) -> "RingLayer":
         return RingLayer(self, i)
 
-    def advance(self, ids_B: Tensor) -> tuple[Tensor, Tensor]:
+    def advance(self, ids_B: Tensor, whole_blocks: bool = True) -> tuple[Tensor, Tensor]:
         """Place the token at position pos (ids_B, one per sequence); masks (B, 1, 1, n) over the first n slots for
-        its long- and short-window layers."""
+        its long- and short-window layers. whole_blocks: n counts whole blocks of slots, so that a compiled step
+        sees a few shapes; otherwise (eager) only the filled slots, which the attention kernel then reads."""
         p, slot = self.pos, self.pos % self.size
         self.pos_t.fill_(p)
         self.slot_t.fill_(slot)
@@ -2098,9 +2099,8 @@ class RingCache:
             self._start_block()
         else:
             self.seen_long[:, slot] = self.seen_short[:, slot] = True
-        # slots past pos stay empty (unseen) until the ring wraps; whole blocks of them keep a compiled step to a
-        # few shapes
-        self.used = n = min(next_multiple_of_n(p + 1, n=BLOCK_SIZE), self.size)
+        # slots past pos stay empty (unseen) until the ring wraps
+        self.used = n = min(next_multiple_of_n(p + 1, n=BLOCK_SIZE) if whole_blocks else p + 1, self.size)
         same_doc = self.slot_doc[:, :n] == self.doc[:, None]
         return (self.seen_long[:, :n] & same_doc)[:, None, None], (self.seen_short[:, :n] & same_doc)[:, None, None]
 
@@ -2153,7 +2153,7 @@ def compile_decoding(model: GPT, on: bool = True) -> GPT:
 
 def decode_step(model: GPT, ids_B: Tensor, ring: RingCache) -> Tensor:
     """Logits (B, V) after one more token per sequence: ids_B at position ring.pos, which then advances."""
-    long_mask, short_mask = ring.advance(ids_B)
+    long_mask, short_mask = ring.advance(ids_B, whole_blocks=model.decode_fn is not None)
     logits = (model.decode_fn or step_logits)(model, ids_B, long_mask, short_mask, ring)
     ring.pos += 1
     return logits

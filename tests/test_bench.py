@@ -119,6 +119,9 @@ def test_decode_keys_are_the_ring_slots_a_step_reads(context: int, window_blocks
     ring = M.RingCache(cache, window_blocks)
     ring.advance(torch.tensor([5]))  # the token at position context - 1
     assert ring.used == keys  # what the step attends over
+    eager = M.RingCache(cache, window_blocks)
+    eager.advance(torch.tensor([5]), whole_blocks=False)  # eager steps read the filled slots only
+    assert eager.used == bench.decode_keys(context, window_blocks, whole_blocks=False) == min(context, keys)
 
 
 @pytest.mark.parametrize("batch", [1, 8])
