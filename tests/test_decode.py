@@ -162,17 +162,10 @@ def test_compiled_decoding_logits_equal_eager(compiled_model: M.GPT) -> None:
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
 
 
-def test_compiled_int8_decoding_matches_eager_int8() -> None:
-    m = M.set_inference_weights(build_model(), "int8")
-    tokens = random_tokens(1, 400, seed=5, eot_positions={0: [0, 150]})
-    eager = teacher_forced_logits(m, tokens, 20, WINDOW)
-    compiled = teacher_forced_logits(M.compile_decoding(m), tokens, 20, WINDOW)
-    torch.testing.assert_close(compiled, eager, atol=0.05, rtol=0)
-
-
-def test_compiled_bf16_decoding_matches_eager_bf16() -> None:
-    m = M.set_inference_weights(build_model(), "bf16")
-    tokens = random_tokens(1, 300, seed=6, eot_positions={0: [0, 100]})
+@pytest.mark.parametrize("fmt, length, seed, eot", [("int8", 400, 5, 150), ("bf16", 300, 6, 100)])
+def test_compiled_rounded_decoding_matches_eager(fmt: str, length: int, seed: int, eot: int) -> None:
+    m = M.set_inference_weights(build_model(), fmt)
+    tokens = random_tokens(1, length, seed=seed, eot_positions={0: [0, eot]})
     eager = teacher_forced_logits(m, tokens, 20, WINDOW)
     compiled = teacher_forced_logits(M.compile_decoding(m), tokens, 20, WINDOW)
     torch.testing.assert_close(compiled, eager, atol=0.05, rtol=0)
