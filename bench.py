@@ -1183,20 +1183,26 @@ def greedy_agreement(tokens: list[list[int]], reference: list[list[int]]) -> dic
                 positions_equal=round(same / sum(len(r) for r in reference), 3))
 
 
-def bench_quality(checkpoint: str, log_dir: str, prompts: int = 24, new_tokens: int = 100,
-                  rows: int = 8) -> list[dict[str, Any]]:
-    """Each weight format of a trained checkpoint against its fp32: eval.py's val loss (the matrices rounded,
-    computed in fp32), the loss of `rows` validation rows decoded step by step (the packed kernels, bf16
-    activations), and greedy continuations of `prompts` prompts (the first 32 tokens of validation rows, seeded
-    choice) compared token by token with fp32's."""
+def bench_quality(checkpoint: str, log_dir: str, prompts: int = 24, new_tokens: int = 100, rows: int = 8,
+                  paths: list[tuple[str, str, bool]] | None = None) -> list[dict[str, Any]]:
+    """Each decoding path (DECODE_PATHS: a weight format, eager or compiled) of a trained checkpoint against the
+    first, fp32 eager: eval.py's val loss (the matrices rounded, computed in fp32; one figure per format, as
+    compiling changes only the decoding steps), the loss of `rows` validation rows decoded step by step (what a
+    reply runs: the ring cache, packed kernels or the compiled step), and greedy continuations of `prompts`
+    prompts (the first 32 tokens of validation rows, seeded choice) compared token by token with fp32's."""
     import argparse as ap
 
     import eval as evaluation
 
-    out, reference = [], None
-    for fmt in M.INFERENCE_WEIGHTS:
-        im = M.load_for_inference(checkpoint, log_dir, "cpu", "fp32", weights=fmt)
-        val = evaluation.eval_val(im, ap.Namespace(val_files=None, val_tokens=None))
+    out, reference, loaded = [], None, {}
+    for label, fmt, on in paths or DECODE_PATHS:
+        if fmt not in loaded:
+            im = M.load_for_inference(checkpoint, log_dir, "cpu", "fp32", weights=fmt)
+            loaded[fmt] = im, evaluation.eval_val(im, ap.Namespace(val_files=None, val_tokens=None))
+        im, val = loaded[fmt]
+        if on:
+            torch._dynamo.reset()  # dynamo's 8-entry cache for step_logits would fill over the formats (bench_decode)
+        M.compile_decoding(im.model, on)
         pattern = str(M.REPO_DIR / im.hp.val_files)
         row_len = im.hp.row_len or 256
         loader = M.distributed_data_generator(pattern, row_len * max(prompts, rows), 0, 1, cycle=False,
@@ -1207,7 +1213,7 @@ def bench_quality(checkpoint: str, log_dir: str, prompts: int = 24, new_tokens: 
         continuations = [[s[0] for s in M.generate(im.model, p, window_blocks=im.window_blocks,
                                                    max_new_tokens=new_tokens, stop_ids=(),
                                                    vocab_limit=im.vocab_limit)] for p in starts]
-        row = dict(weights=fmt, val_loss=round(val["loss"], 5), val_tokens=val["tokens"],
+        row = dict(path=label, weights=fmt, compiled=on, val_loss=round(val["loss"], 5), val_tokens=val["tokens"],
                    decode_path_loss=round(decode_path_loss(im.model, val_rows[:rows], im.window_blocks), 5),
                    decode_path_tokens=rows * (row_len - 1), prompts=prompts, new_tokens=new_tokens)
         reference = reference or dict(row, continuations=continuations)
@@ -1215,7 +1221,7 @@ def bench_quality(checkpoint: str, log_dir: str, prompts: int = 24, new_tokens: 
                    decode_path_loss_vs_fp32=round(row["decode_path_loss"] - reference["decode_path_loss"], 5),
                    **greedy_agreement(continuations, reference["continuations"]))
         out.append(row)
-        print(f"quality {fmt}: val loss {row['val_loss']:.4f} ({row['val_loss_vs_fp32']:+.4f}), decoded rows "
+        print(f"quality {label}: val loss {row['val_loss']:.4f} ({row['val_loss_vs_fp32']:+.4f}), decoded rows "
               f"{row['decode_path_loss']:.4f} ({row['decode_path_loss_vs_fp32']:+.4f}), greedy: {row['identical']:.0%} "
               f"identical, {row['positions_equal']:.0%} of positions equal", file=sys.stderr, flush=True)
     return out
@@ -1255,10 +1261,10 @@ def print_table(results: dict[str, Any]) -> None:
     for r in results.get("data", []):
         print(f"data loader ({r['mode']}): {r['tokens_per_s']:,} tok/s")
     if "quality" in results:
-        print(f"{'weights':<8} {'val loss':>9} {'vs fp32':>8} {'decoded':>8} {'vs fp32':>8} {'identical':>9} "
+        print(f"{'path':<14} {'val loss':>9} {'vs fp32':>8} {'decoded':>8} {'vs fp32':>8} {'identical':>9} "
               f"{'prefix':>7} {'positions':>9}  (greedy continuations against fp32's)")
         for r in results["quality"]:
-            print(f"{r['weights']:<8} {r['val_loss']:>9.4f} {r['val_loss_vs_fp32']:>+8.4f} {r['decode_path_loss']:>8.4f} "
+            print(f"{r['path']:<14} {r['val_loss']:>9.4f} {r['val_loss_vs_fp32']:>+8.4f} {r['decode_path_loss']:>8.4f} "
                   f"{r['decode_path_loss_vs_fp32']:>+8.4f} {r['identical']:>9.0%} "
                   f"{r['prefix_before_first_difference']:>7.0%} {r['positions_equal']:>9.0%}")
     if "peer" in results:

@@ -550,8 +550,14 @@ def next_multiple_of_n(v: float | int, *, n: int) -> int:
     return n * max(1, math.ceil(v / n))
 
 
+def compiled_on_cpu(x: Tensor) -> bool:
+    """Whether x is traced by torch.compile for a CPU: where a one-token decoding step takes the forms written
+    for inductor's loops (one_token_norm, streamed_matvec, one_query_attention) instead of the eager kernels."""
+    return x.device.type == "cpu" and torch.compiler.is_compiling()
+
+
 def norm(x: Tensor) -> Tensor:
-    if x.ndim >= 3 and x.size(1) == 1 and x.device.type == "cpu" and torch.compiler.is_compiling():
+    if x.ndim >= 3 and x.size(1) == 1 and compiled_on_cpu(x):
         return one_token_norm(x)
     return F.rms_norm(x, (x.size(-1),))
 
@@ -646,7 +652,7 @@ class CastedLinear(nn.Linear):
 
 def project(x: Tensor, weight: Tensor, packed: "PackedWeight | None") -> Tensor:
     """x @ weight.T, with the packed decode copy of the weight for a few rows (decoding) when there is one."""
-    if x.numel() == x.size(-1) and x.device.type == "cpu" and torch.compiler.is_compiling():
+    if x.numel() == x.size(-1) and compiled_on_cpu(x):
         return (packed.streamed(x) if packed is not None else streamed_matvec(x, weight)).to(x.dtype)
     if packed is not None and x.numel() <= PACKED_ROWS * x.size(-1):
         return packed(x)
@@ -675,7 +681,8 @@ class PackedWeight:
     Decoding a few rows is memory-bound, so the bytes of the weights set the speed: int8 reads a quarter of fp32.
     The kernel for int8 (torch._weight_int8pack_mm, the one gpt-fast uses) takes bf16 activations and is fast
     only for a few rows, so larger batches go through a plain GEMM with the dequantized matrix instead. A compiled
-    decoding step of one row reads a second copy in tiles of TILE_ROWS rows instead (streamed).
+    decoding step of one row reads a second copy in tiles of TILE_ROWS rows instead (streamed), made by tile()
+    when compile_decoding switches compiled steps on, so that eager decoding keeps one copy.
     """
 
     def __init__(self, weight: Tensor, fmt: str):
@@ -689,9 +696,14 @@ class PackedWeight:
             self.scale = scale
         else:
             self.w = w.bfloat16()
-        matrix = self.q if fmt == "int8" else self.w
-        self.tiled = None if matrix.size(0) % TILE_ROWS else (  # (out/16, in, 16); other sizes stream by rows
-            matrix.view(-1, TILE_ROWS, matrix.size(1)).transpose(1, 2).contiguous())
+        self.tiled: Tensor | None = None
+
+    def tile(self, on: bool = True) -> None:
+        """Make (on) or drop the tiled copy (out / TILE_ROWS, in, TILE_ROWS) that streamed() reads; a matrix whose
+        rows are not a multiple of TILE_ROWS has none and streams by rows."""
+        matrix = self.q if self.fmt == "int8" else self.w
+        on = on and matrix.size(0) % TILE_ROWS == 0
+        self.tiled = matrix.view(-1, TILE_ROWS, matrix.size(1)).transpose(1, 2).contiguous() if on else None
 
     def dequantized(self) -> Tensor:
         """The fp32 matrix this format represents exactly: what every other path computes with."""
@@ -765,8 +777,7 @@ AttnMask = Any  # a FlexAttention BlockMask on CUDA, a boolean (B, 1, T, T) tens
 
 def attention(q_BHTD: Tensor, k_BHTD: Tensor, v_BHTD: Tensor, mask: AttnMask, scale: float) -> Tensor:
     """The single attention entry point: FlexAttention for block masks, SDPA for boolean masks."""
-    one_query = q_BHTD.size(2) == 1 and q_BHTD.device.type == "cpu" and torch.compiler.is_compiling()
-    if isinstance(mask, Tensor) and one_query:  # a compiled decoding step
+    if isinstance(mask, Tensor) and q_BHTD.size(2) == 1 and compiled_on_cpu(q_BHTD):  # a compiled decoding step
         return one_query_attention(q_BHTD, k_BHTD, v_BHTD, mask, scale)
     if isinstance(mask, Tensor):
         return F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, attn_mask=mask, scale=scale)
@@ -2059,8 +2070,8 @@ class RingCache:
         positions = torch.arange(max(0, kv.pos - self.size), kv.pos, device=device)
         slots = positions % self.size
 
-        def ring(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.new_zeros(*t.shape[:2], self.size, t.size(3)).index_copy_(
+        def ring(t: Tensor | None) -> Tensor | None:  # slots no step reads yet stay unwritten (_start_block)
+            return None if t is None else t.new_empty(*t.shape[:2], self.size, t.size(3)).index_copy_(
                 2, slots, t[:, :, positions])
 
         self.k, self.v = [ring(t) for t in kv.k], [ring(t) for t in kv.v]
@@ -2105,8 +2116,15 @@ class RingCache:
         return (self.seen_long[:, :n] & same_doc)[:, None, None], (self.seen_short[:, :n] & same_doc)[:, None, None]
 
     def _start_block(self) -> None:
-        """Which cached keys the queries of the block beginning at (or containing) pos may see: the row of pos."""
+        """Which cached keys the queries of the block beginning at (or containing) pos may see: the row of pos.
+        Before the ring first wraps, the block's slots from pos on hold no key yet; a step over whole blocks
+        reads them (masked), so they are zeroed here: garbage there could be NaN, and 0 x NaN is NaN. (Zeroing
+        the whole ring up front writes every layer's full window for each reply, however short.)"""
         p = self.pos
+        if p < self.size:
+            for t in self.k + self.v:
+                if t is not None:
+                    t[:, :, p:min(self.size, (self.block + 1) * BLOCK_SIZE)].zero_()
         first = max(0, self.block - self.window_blocks) * BLOCK_SIZE  # keys before this are outside every window
         slots = torch.arange(first, p + 1, device=self.slot_doc.device) % self.size
         docs = self.slot_doc[:, slots]
@@ -2147,6 +2165,10 @@ def compile_decoding(model: GPT, on: bool = True) -> GPT:
     norms and attention that store what every weight or key would otherwise recompute (one_token_norm,
     one_query_attention). Shapes: the batch, and the attended slots (whole blocks, up to the ring's size) as one
     symbol, so a generation compiles about twice."""
+    for module in model.modules():
+        for packed in (getattr(module, "packed", None), getattr(module, "packed_qkv", None)):
+            if packed is not None:
+                packed.tile(on)
     model.decode_fn = compile_with_fallback(step_logits, "the decoding step", dynamic=None) if on else None
     return model
 

@@ -61,6 +61,28 @@ def test_ring_decoding_equals_full_forward_across_documents_and_wraps(model: M.G
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
 
 
+def test_whole_block_steps_read_zeros_where_the_ring_holds_no_key_yet(model: M.GPT) -> None:
+    # a compiled step attends over whole blocks, past the newest key, under the mask; the ring's memory there is
+    # uninitialised (could hold NaN, and a masked 0 x NaN is still NaN) until the block begins (_start_block)
+    T, prefill = 300, 100  # blocks begin at 128 and 256; the ring of WINDOW + 1 blocks does not wrap
+    tokens = random_tokens(1, T, seed=3, eot_positions={0: [0, 140]})
+    model.ensure_positions(T)
+    with torch.no_grad():
+        cache = M.KVCache(model, 1, prefill)
+        model.forward_cached(tokens[:, :prefill], cache, WINDOW)
+        ring = M.RingCache(cache, WINDOW)
+        for t in ring.k + ring.v:
+            if t is not None:
+                t[:, :, prefill:] = float("nan")
+        rows = []
+        for t in range(prefill, T - 1):
+            long_mask, short_mask = ring.advance(tokens[:, t], whole_blocks=True)
+            rows.append(M.step_logits(model, tokens[:, t], long_mask, short_mask, ring))
+            ring.pos += 1
+    want = full_logits(model, tokens, WINDOW)[:, prefill:-1]
+    torch.testing.assert_close(torch.stack(rows, 1), want, atol=2e-5, rtol=0)
+
+
 def test_ring_holds_the_window_and_a_block() -> None:
     m = build_model()
     cache = M.KVCache(m, 1, 10)
@@ -179,12 +201,24 @@ def test_compiled_rounded_decoding_matches_eager(fmt: str, length: int, seed: in
 def test_streamed_product_equals_the_packed_product(fmt: str, rows: int) -> None:
     w = torch.randn(rows, 48, generator=torch.Generator().manual_seed(rows))
     packed = M.PackedWeight(w, fmt)
+    assert packed.tiled is None  # until compiled steps need it (compile_decoding)
+    packed.tile()
     assert (packed.tiled is None) == (rows % M.TILE_ROWS != 0)
     x = torch.randn(1, 1, 48, generator=torch.Generator().manual_seed(1))
     ref = x.bfloat16().float() @ packed.dequantized().T  # bf16 activations, the rounded matrix, fp32 sums
     got = packed.streamed(x)
     assert got.shape == (1, 1, rows) and got.dtype == torch.float32
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
+
+
+def test_compile_decoding_makes_and_drops_the_tiled_copies() -> None:
+    m = M.set_inference_weights(build_model(), "int8")
+    packed = [m.lm_head.packed] + [b.attn.packed_qkv for b in m.blocks if b.attn is not None]
+    assert all(p.tiled is None for p in packed)
+    M.compile_decoding(m)
+    assert all(p.tiled is not None for p in packed)  # the tiny model's rows are whole tiles
+    M.compile_decoding(m, on=False)
+    assert all(p.tiled is None for p in packed) and m.decode_fn is None
 
 
 def test_streamed_matvec_and_stored_compute_what_they_replace() -> None:
@@ -225,8 +259,10 @@ def test_greedy_agreement_by_hand() -> None:
 def test_quality_rows_compare_each_format_with_fp32(long_logs: dict) -> None:
     import bench
 
-    rows = bench.bench_quality(str(long_logs["base"]), str(long_logs["logs"]), prompts=3, new_tokens=6, rows=2)
-    assert [r["weights"] for r in rows] == ["fp32", "bf16", "int8"]
+    eager = [(fmt, fmt, False) for fmt in M.INFERENCE_WEIGHTS]  # compiled steps: tested against eager above
+    rows = bench.bench_quality(str(long_logs["base"]), str(long_logs["logs"]), prompts=3, new_tokens=6, rows=2,
+                               paths=eager)
+    assert [(r["path"], r["weights"], r["compiled"]) for r in rows] == eager
     fp32 = rows[0]
     assert fp32["identical"] == fp32["positions_equal"] == 1.0 and fp32["val_loss_vs_fp32"] == 0
     for r in rows:
