@@ -93,6 +93,26 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
+def paired_speedup(fn: Callable[[], Any], baseline: Callable[[], Any], pairs: int) -> float:
+    """How many times faster fn runs than baseline: the median over pairs of back-to-back calls (the order
+    alternating) of baseline's time over fn's. A VM's speed drifts by more than the gaps this is used for, and
+    a pair sees the same machine."""
+    def seconds(f: Callable[[], Any]) -> float:
+        start = time.perf_counter()
+        f()
+        return time.perf_counter() - start
+
+    fn(), baseline()  # warm-up, as in median_seconds
+    ratios = []
+    for i in range(pairs):
+        if i % 2:
+            b, a = seconds(baseline), seconds(fn)
+        else:
+            a, b = seconds(fn), seconds(baseline)
+        ratios.append(b / a)
+    return statistics.median(ratios)
+
+
 def ours(hp: M.Hyperparameters, device: torch.device) -> M.GPT:
     torch.manual_seed(0)
     model = M.GPT.from_hparams(hp).to(device).eval()
@@ -533,6 +553,36 @@ def gpu_train_part(device: torch.device, steps: int, warmup: int, matmul_n: int 
 def decode_figures(stdout: str) -> dict[str, Any]:
     out = last_json(stdout)
     return dict(bandwidth_gbs=out.get("bandwidth_gbs"), rows=out.get("decode", []))
+
+
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def provenance() -> dict[str, Any]:
+    """Where a set of figures came from, for docs/: the date, the commit (with '+changes' when the tree differs
+    from it), the CPU's model name and the Python that ran."""
+    import platform
+
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(["git", *args], cwd=M.REPO_DIR, capture_output=True, text=True, timeout=20)
+            return out.stdout.strip() if out.returncode == 0 else ""
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or None
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+changes"
+    cpu, features = platform.processor() or platform.machine(), []
+    try:  # Linux: the model name, and the vector units that decide which kernels are fast (AMX, AVX-512 bf16)
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]  # the first processor's block
+        info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+        cpu = info.get("model name", cpu)
+        features = [f for f in CPU_FEATURES if f in info.get("flags", "").split()]
+    except OSError:
+        pass
+    return dict(date=time.strftime("%Y-%m-%d %H:%M"), commit=commit, cpu=cpu, cpu_features=features,
+                python=platform.python_version())
 
 
 def gpu_machine() -> dict[str, Any]:
@@ -1084,6 +1134,8 @@ def decode_bytes_per_token(model: M.GPT, context: int, window_blocks: int, batch
     return dict(weights=per_step, cache_and_embeddings=cache, total=per_step + cache)
 
 
+PAIRS = 7  # back-to-back pairs of the eager fp32 path and the KVCache steps (paired_speedup)
+
 # how our decoding runs: (label, weights, compiled); the first is the reference (the checkpoint's fp32, eager)
 DECODE_PATHS = [("fp32", "fp32", False), ("fp32 compiled", "fp32", True), ("bf16 compiled", "bf16", True),
                 ("int8", "int8", False), ("int8 compiled", "int8", True)]
@@ -1146,7 +1198,12 @@ def bench_decode(device: torch.device, repeats: int, new_tokens: int, bandwidth:
                 first_call = time.perf_counter() - start
                 rate = batch * new_tokens / median_seconds(lambda: run_ours(model, True, new_tokens), repeats)
                 read = decode_bytes_per_token(model, context, window, batch, fmt, whole_blocks=on)
+                # the eager path against the KVCache steps it replaced, paired ("batch 8 must not get slower")
+                paired = None if on or fmt != "fp32" else round(paired_speedup(
+                    lambda: run_ours(model, True, new_tokens),
+                    lambda: kv_cache_steps(reference, prompt, window, new_tokens, batch), PAIRS), 3)
                 rows.append(dict(base, path=label, weights=fmt, compiled=on, first_call_s=round(first_call, 2),
+                                 vs_kv_cache_paired=paired,
                                  tokens_per_s=round(rate, 1),
                                  vs_hf=round(rate / base["hf_kv"], 2),
                                  vs_kv_cache_before=round(rate / base["kv_cache_before"], 2),
@@ -1154,7 +1211,8 @@ def bench_decode(device: torch.device, repeats: int, new_tokens: int, bandwidth:
                                  mbu=round(read["total"] * rate / (bandwidth * 1e9), 3) if bandwidth else None))
                 print(f"decode {shape:<14} batch {batch} {label:<14} {rate:>8.1f} tok/s  {rows[-1]['vs_hf']:.2f}x "
                       f"transformers ({base['hf_kv']:.1f})  {rows[-1]['vs_kv_cache_before']:.2f}x the KVCache steps "
-                      f"({base['kv_cache_before']:.1f})  {read['total'] / 1e6:.1f} MB per token" +
+                      f"({base['kv_cache_before']:.1f})" + (f" ({paired:.2f}x paired)" if paired else "") +
+                      f"  {read['total'] / 1e6:.1f} MB per token" +
                       (f", MBU {rows[-1]['mbu']:.0%}" if bandwidth else ""), file=sys.stderr, flush=True)
     return rows
 
@@ -1248,11 +1306,13 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"logging to {r['trackers']:<24} {r['ms_per_step']:>8.3f} ms/step  {r['vs_console']:.1f}x console-only")
     if "decode" in results:
         print(f"{'decode shape':<14} {'batch':>5} {'path':<14} {'tok/s':>8} {'vs HF':>6} {'vs before':>9} "
-              f"{'MB/token':>9} {'MBU':>5} {'1st call':>8}  (bandwidth {results.get('bandwidth_gbs')} GB/s)")
+              f"{'paired':>6} {'MB/token':>9} {'MBU':>5} {'1st call':>8}  (bandwidth {results.get('bandwidth_gbs')} "
+              f"GB/s; paired: against the KVCache steps, back to back)")
         for r in results["decode"]:
             mbu = f"{r['mbu']:.0%}" if r.get("mbu") is not None else "-"
+            paired = f"{r['vs_kv_cache_paired']:.2f}x" if r.get("vs_kv_cache_paired") else "-"
             print(f"{r['shape']:<14} {r['batch']:>5} {r['path']:<14} {r['tokens_per_s']:>8.1f} {r['vs_hf']:>5.2f}x "
-                  f"{r['vs_kv_cache_before']:>8.2f}x {r['bytes_per_token'] / 1e6:>9.2f} {mbu:>5} "
+                  f"{r['vs_kv_cache_before']:>8.2f}x {paired:>6} {r['bytes_per_token'] / 1e6:>9.2f} {mbu:>5} "
                   f"{r.get('first_call_s', 0):>7.1f}s")
         print("baselines (tok/s): " + "; ".join(
             f"{r['shape']} batch {r['batch']}: transformers KV {r['hf_kv']}, full {r['hf_recompute']}, ours full "
@@ -1354,7 +1414,8 @@ def main(argv: list[str] | None = None) -> None:
                                            json.loads(args.overrides))))
         return
     chosen = args.only or BENCHMARKS
-    results: dict[str, Any] = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads())
+    results: dict[str, Any] = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
+                                   **provenance())
     if "matmul" in chosen or "train" in chosen:
         results["matmul"] = bench_matmul(device, args.repeats)
     if "train" in chosen:

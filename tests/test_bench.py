@@ -157,7 +157,23 @@ def test_decode_rows_report_mbu_against_the_measured_bandwidth(monkeypatch: pyte
         assert r["vs_hf"] == pytest.approx(r["tokens_per_s"] / r["hf_kv"], abs=0.01)
         assert min(r["hf_kv"], r["hf_recompute"], r["ours_recompute"], r["kv_cache_before"]) > 0
         assert r["first_call_s"] > 0
+        assert (r["vs_kv_cache_paired"] is None) == (r["path"] != "fp32")  # the eager fp32 path only
+        assert r["path"] != "fp32" or r["vs_kv_cache_paired"] > 0
     assert rows[1]["weight_bytes_per_token"] < rows[0]["weight_bytes_per_token"] / 3  # int8: a quarter, plus scales
+
+
+def test_paired_speedup_alternates_the_order_and_takes_the_median(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock, calls = [0.0], []
+
+    def timed(name: str, seconds: float):
+        def f() -> None:
+            calls.append(name)
+            clock[0] += seconds
+        return f
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    assert bench.paired_speedup(timed("fast", 1.0), timed("slow", 3.0), pairs=4) == 3.0
+    assert calls == ["fast", "slow"] + ["fast", "slow", "slow", "fast"] * 2  # a warm-up call each, then pairs
 
 
 # -----------------------------------------------------------------------------
@@ -448,3 +464,12 @@ def test_peer_quick_compares_both_at_one_budget(capsys: pytest.CaptureFixture) -
                                        "speedup_to_ours_loss", "tokens_per_s_ratio"}
     bench.print_peer(peer)
     assert "ours reaches the best AdamW's" in capsys.readouterr().out
+
+
+def test_provenance_names_the_commit_and_the_cpu() -> None:
+    import re
+
+    p = bench.provenance()
+    assert set(p) == {"date", "commit", "cpu", "cpu_features", "python"}
+    assert p["commit"] is None or re.fullmatch(r"[0-9a-f]{7,40}(\+changes)?", p["commit"])  # None: not a checkout
+    assert p["cpu"] and set(p["cpu_features"]) <= set(bench.CPU_FEATURES)
