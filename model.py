@@ -2309,9 +2309,9 @@ def load_for_inference(spec: str = "latest", log_dir: str | Path = "logs", devic
                        dtype: str = "auto", prefer_chat: bool = False, weights: str = "fp32",
                        compile_decode: bool = False) -> InferenceModel:
     """'latest' (the newest chat checkpoint first when prefer_chat) or a path, on the chosen device; weights: the
-    matrices rounded to bf16 or int8 (set_inference_weights), or 'auto': int8 on a CPU, where it decodes about
-    2.5x faster than fp32 at the same val loss (docs/measurements.md, "Fast decoding"), the checkpoint's fp32
-    elsewhere; compile_decode: compiled decoding steps."""
+    matrices rounded to bf16 or int8 (set_inference_weights), or 'auto': int8 on a CPU, where it decodes faster
+    than fp32 at the same val loss (docs/measurements.md, "Fast decoding"), the checkpoint's fp32 elsewhere;
+    compile_decode: compiled decoding steps."""
     if spec == "latest" and prefer_chat:
         path = find_latest_checkpoint(log_dir, kind="chat") or resolve_checkpoint("latest", log_dir)
     else:
