@@ -45,7 +45,9 @@ from conftest import REPO_DIR, never_stopping_model, random_tokens, randomize_ze
 
 import model as M
 
-pytestmark = pytest.mark.slow
+# one xdist worker for the whole file (pytest.ini: --dist loadgroup): a session fixture is made once per worker,
+# and the exports fixture is minutes of CPU
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("export")]
 
 PADDED_VOCAB = 50304
 END_ID = M.CHAT_SPECIAL_TOKENS["<|end|>"]
