@@ -1261,13 +1261,13 @@ def bench_quality(checkpoint: str, log_dir: str, prompts: int = 24, new_tokens: 
         if on:
             torch._dynamo.reset()  # dynamo's 8-entry cache for step_logits would fill over the formats (bench_decode)
         M.compile_decoding(im.model, on)
-        pattern = str(M.REPO_DIR / im.hp.val_files)
-        row_len = im.hp.row_len or 256
-        loader = M.distributed_data_generator(pattern, row_len * max(prompts, rows), 0, 1, cycle=False,
-                                              vocab_size=im.hp.vocab_size)
-        val_rows = next(loader)[0].long().view(-1, row_len)
-        order = torch.randperm(val_rows.size(0), generator=torch.Generator().manual_seed(0))
-        starts = [val_rows[i, :32].tolist() for i in order[:prompts]]
+        if not out:  # one checkpoint: every path decodes the same validation rows and prompts
+            row_len = im.hp.row_len or 256
+            loader = M.distributed_data_generator(str(M.REPO_DIR / im.hp.val_files), row_len * max(prompts, rows),
+                                                  0, 1, cycle=False, vocab_size=im.hp.vocab_size)
+            val_rows = next(loader)[0].long().view(-1, row_len)
+            order = torch.randperm(val_rows.size(0), generator=torch.Generator().manual_seed(0))
+            starts = [val_rows[i, :32].tolist() for i in order[:prompts]]
         continuations = [[s[0] for s in M.generate(im.model, p, window_blocks=im.window_blocks,
                                                    max_new_tokens=new_tokens, stop_ids=(),
                                                    vocab_limit=im.vocab_limit)] for p in starts]

@@ -1106,6 +1106,15 @@ def set_inference_weights(model: GPT, fmt: str) -> GPT:
     return model
 
 
+def packed_weights(model: GPT) -> Iterator[PackedWeight]:
+    """The decode copies set_inference_weights made: each CastedLinear's and each attention's merged QKV."""
+    for module in model.modules():
+        packed = module.packed if isinstance(module, CastedLinear) else (
+            module.packed_qkv if isinstance(module, CausalSelfAttention) else None)
+        if packed is not None:
+            yield packed
+
+
 # -----------------------------------------------------------------------------
 # Loss modifiers: label smoothing, z-loss, entropy and registered custom terms, added to the cross-entropy
 #
@@ -2165,10 +2174,8 @@ def compile_decoding(model: GPT, on: bool = True) -> GPT:
     norms and attention that store what every weight or key would otherwise recompute (one_token_norm,
     one_query_attention). Shapes: the batch, and the attended slots (whole blocks, up to the ring's size) as one
     symbol, so a generation compiles about twice."""
-    for module in model.modules():
-        for packed in (getattr(module, "packed", None), getattr(module, "packed_qkv", None)):
-            if packed is not None:
-                packed.tile(on)
+    for packed in packed_weights(model):
+        packed.tile(on)
     model.decode_fn = compile_with_fallback(step_logits, "the decoding step", dynamic=None) if on else None
     return model
 
