@@ -73,6 +73,7 @@ from typing import Any, Callable
 
 import torch
 
+import inference as I
 import model as M
 import runs as R
 import pretraining
@@ -226,10 +227,7 @@ def bench_train_shape(shape: str, device: torch.device, steps: int, warmup: int,
         pretraining.train_micro_batches(forward, batch, hp, rt, window)
         rt.synchronize()
         t1 = time.perf_counter()
-        M.apply_schedules(optimizers, step, hp)
-        for opt in optimizers:
-            opt.step()
-        raw.zero_grad(set_to_none=True)
+        M.optimizer_step(raw, optimizers, step, hp, rt.world_size)
         rt.synchronize()
         t2 = time.perf_counter()
         if step >= warmup:
@@ -1142,14 +1140,14 @@ DECODE_PATHS = [("fp32", "fp32", False), ("fp32 compiled", "fp32", True), ("bf16
 
 
 def kv_cache_steps(model: M.GPT, prompt: list[int], window: int, n: int, batch: int) -> None:
-    """Greedy decoding through the growing KVCache and forward_cached, one token per step: the step path before
+    """Greedy decoding through the growing KVCache and inference.prefill, one token per step: the step path before
     the ring cache (kept as the baseline that batch 8 must not fall behind)."""
     with torch.no_grad():
-        cache = M.KVCache(model, 1, len(prompt) + n)
-        logits = model.forward_cached(torch.tensor([prompt], device=model.embed.weight.device), cache, window)[:, -1]
+        cache = I.KVCache(model, 1, len(prompt) + n)
+        logits = I.prefill(model, torch.tensor([prompt], device=model.embed.weight.device), cache, window)[:, -1]
         cache, logits = cache.expand(batch), logits.expand(batch, -1)
         for _ in range(n - 1):
-            logits = model.forward_cached(logits.argmax(-1)[:, None], cache, window)[:, -1]
+            logits = I.prefill(model, logits.argmax(-1)[:, None], cache, window)[:, -1]
 
 
 def bench_decode(device: torch.device, repeats: int, new_tokens: int, bandwidth: float | None = None,
@@ -1164,11 +1162,11 @@ def bench_decode(device: torch.device, repeats: int, new_tokens: int, bandwidth:
         torch._dynamo.reset()
         hp = M.Hyperparameters(**dict(M.PRESETS[preset], **overrides))
         hf, window = hf_gpt2(hp, device), M.final_window_blocks(hp)
-        models = {fmt: M.set_inference_weights(ours(hp, device), fmt) for fmt in {w for _, w, _ in paths or DECODE_PATHS}}
-        compiled = {fmt: M.compile_decoding(models[fmt]).decode_fn for fmt in models}  # one per model
+        models = {fmt: I.set_inference_weights(ours(hp, device), fmt) for fmt in {w for _, w, _ in paths or DECODE_PATHS}}
+        compiled = {fmt: I.compile_decoding(models[fmt]).decode_fn for fmt in models}  # one per model
         for batch in (1, 8):
             def run_ours(model: M.GPT, cache: bool, n: int) -> None:
-                for _ in M.generate(model, prompt, window_blocks=window, max_new_tokens=n, num_samples=batch,
+                for _ in I.generate(model, prompt, window_blocks=window, max_new_tokens=n, num_samples=batch,
                                     stop_ids=(), use_cache=cache):
                     pass
 
@@ -1222,10 +1220,10 @@ def decode_path_loss(model: M.GPT, tokens_BT: torch.Tensor, window_blocks: int) 
     runs), teacher-forced from their first token; the full forward of the same rows is the reference."""
     B, T = tokens_BT.shape
     with torch.no_grad():
-        cache = M.KVCache(model, B, 1)
-        logits = [model.forward_cached(tokens_BT[:, :1], cache, window_blocks)[:, -1]]
-        ring = M.RingCache(cache, window_blocks)
-        logits += [M.decode_step(model, tokens_BT[:, t], ring) for t in range(1, T - 1)]
+        cache = I.KVCache(model, B, 1)
+        logits = [I.prefill(model, tokens_BT[:, :1], cache, window_blocks)[:, -1]]
+        ring = I.RingCache(cache, window_blocks)
+        logits += [I.decode_step(model, tokens_BT[:, t], ring) for t in range(1, T - 1)]
         return float(torch.nn.functional.cross_entropy(torch.stack(logits, 1).flatten(0, 1),
                                                        tokens_BT[:, 1:].reshape(-1)))
 
@@ -1255,12 +1253,12 @@ def bench_quality(checkpoint: str, log_dir: str, prompts: int = 24, new_tokens: 
     out, reference, loaded = [], None, {}
     for label, fmt, on in paths or DECODE_PATHS:
         if fmt not in loaded:
-            im = M.load_for_inference(checkpoint, log_dir, "cpu", "fp32", weights=fmt)
+            im = I.load_for_inference(checkpoint, log_dir, "cpu", "fp32", weights=fmt)
             loaded[fmt] = im, evaluation.eval_val(im, ap.Namespace(val_files=None, val_tokens=None))
         im, val = loaded[fmt]
         if on:
             torch._dynamo.reset()  # dynamo's 8-entry cache for step_logits would fill over the formats (bench_decode)
-        M.compile_decoding(im.model, on)
+        I.compile_decoding(im.model, on)
         if not out:  # one checkpoint: every path decodes the same validation rows and prompts
             row_len = im.hp.row_len or 256
             loader = M.distributed_data_generator(str(M.REPO_DIR / im.hp.val_files), row_len * max(prompts, rows),
@@ -1268,7 +1266,7 @@ def bench_quality(checkpoint: str, log_dir: str, prompts: int = 24, new_tokens: 
             val_rows = next(loader)[0].long().view(-1, row_len)
             order = torch.randperm(val_rows.size(0), generator=torch.Generator().manual_seed(0))
             starts = [val_rows[i, :32].tolist() for i in order[:prompts]]
-        continuations = [[s[0] for s in M.generate(im.model, p, window_blocks=im.window_blocks,
+        continuations = [[s[0] for s in I.generate(im.model, p, window_blocks=im.window_blocks,
                                                    max_new_tokens=new_tokens, stop_ids=(),
                                                    vocab_limit=im.vocab_limit)] for p in starts]
         row = dict(path=label, weights=fmt, compiled=on, val_loss=round(val["loss"], 5), val_tokens=val["tokens"],

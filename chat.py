@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TextIO
 
+import inference as I
 import model as M
 import runs as R
 
@@ -46,15 +47,15 @@ class Settings:
     seed: int = 0
 
 
-def render(im: M.InferenceModel, conv: Conversation, user: str) -> list[int]:
+def render(im: I.InferenceModel, conv: Conversation, user: str) -> list[int]:
     """Prompt ids for the reply to `user` after the conversation so far."""
     messages = [{"role": "system", "content": conv.system}] if conv.system else []
     for u, a in conv.turns:
         messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
-    return M.render_prompt(im.tokenizer, im.kind, messages + [{"role": "user", "content": user}])
+    return I.render_prompt(im.tokenizer, im.kind, messages + [{"role": "user", "content": user}])
 
 
-def fit(im: M.InferenceModel, conv: Conversation, user: str, budget: int) -> tuple[list[int], str]:
+def fit(im: I.InferenceModel, conv: Conversation, user: str, budget: int) -> tuple[list[int], str]:
     """Drop the oldest turns (never the system prompt) until the prompt fits; returns (ids, note for the user)."""
     dropped = 0
     while True:
@@ -82,7 +83,7 @@ def fit(im: M.InferenceModel, conv: Conversation, user: str, budget: int) -> tup
 class Chat:
     """The conversation loop, shared by the interactive, piped and one-shot modes."""
 
-    def __init__(self, im: M.InferenceModel, args: argparse.Namespace, out: TextIO, interactive: bool):
+    def __init__(self, im: I.InferenceModel, args: argparse.Namespace, out: TextIO, interactive: bool):
         self.im, self.out, self.interactive = im, out, interactive
         self.context = args.context or min(max(im.hp.max_seq_len, 1024), 4096)
         self.conv = Conversation(system=args.system or "")
@@ -116,10 +117,10 @@ class Chat:
             print(note, file=self.out, flush=True)
         text = ""
         if self.replies == 0:
-            R.announce_decode_compile(self.im)
+            I.announce_decode_compile(self.im)
         try:
             s, room = self.settings, self.context - len(ids)
-            for piece in M.stream_reply(self.im, ids, max_new_tokens=max(1, min(s.max_new_tokens, room)),
+            for piece in I.stream_reply(self.im, ids, max_new_tokens=max(1, min(s.max_new_tokens, room)),
                                         temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                         seed=s.seed + self.replies, use_cache=self.use_cache):
                 text += piece
@@ -222,7 +223,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the full context every token (reference)")
-    R.add_inference_flags(p, default_weights="auto")
+    I.add_inference_flags(p, default_weights="auto")
     p.add_argument("--context", type=int, default=0, help="tokens of conversation kept (default: the model's "
                    "row length, at least 1024, at most 4096)")
     args = p.parse_args(argv)
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     sys.stdin.reconfigure(errors="replace")  # binary or mis-encoded input becomes U+FFFD, not a crash
     try:
-        im = M.load_for_inference(args.checkpoint, args.log_dir, args.device, args.dtype, prefer_chat=True,
+        im = I.load_for_inference(args.checkpoint, args.log_dir, args.device, args.dtype, prefer_chat=True,
                                   weights=args.weights, compile_decode=args.compile == "on")
         if args.prompt is not None:
             chat = Chat(im, args, sys.stdout, interactive=False)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import inference as I
 import model as M
 import runs as R
 
@@ -65,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (one prefill shared); 0 = none, "
                    "only the metrics")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the full context every token (reference)")
-    R.add_inference_flags(p, default_weights="fp32")
+    I.add_inference_flags(p, default_weights="fp32")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     args = p.parse_args(argv)
     for name in ("max_new_tokens", "num_samples", "limit"):
@@ -110,7 +111,7 @@ def token_losses(model: M.GPT, inputs: Tensor, targets: Tensor, row_len: int, wi
     return out
 
 
-def score_tokens(im: M.InferenceModel, inputs: torch.Tensor, targets: torch.Tensor, row: int,
+def score_tokens(im: I.InferenceModel, inputs: torch.Tensor, targets: torch.Tensor, row: int,
                  what: str = "val") -> dict[str, Any]:
     """Loss, perplexity and bits per byte of targets given inputs (rows of `row` tokens, as in training); a bar
     on a terminal counts the rows scored (`what` names them)."""
@@ -130,13 +131,13 @@ def eval_row_len(native: int) -> int:
     return min(native, MAX_ROW)
 
 
-def eval_val(im: M.InferenceModel, args: argparse.Namespace) -> dict[str, Any]:
+def eval_val(im: I.InferenceModel, args: argparse.Namespace) -> dict[str, Any]:
     """The checkpoint's validation shards over a fixed budget, batched exactly as training validates; with
     --val-tokens all, every full row of the split (the generator's in-order rows until the shards run out)."""
     hp = im.hp
     files = args.val_files or hp.val_files
     budget = args.val_tokens or hp.val_tokens
-    pattern = files if Path(files).is_absolute() else str(M.REPO_DIR / files)
+    pattern = str(M.resolve_path(files))
     native = hp.row_len or hp.val_seq_len
     if budget == "all":
         loader = M.distributed_data_generator(pattern, native, 0, 1, cycle=False, vocab_size=hp.vocab_size)
@@ -156,9 +157,9 @@ def eval_val(im: M.InferenceModel, args: argparse.Namespace) -> dict[str, Any]:
                 **score_tokens(im, inputs, targets, eval_row_len(native)))
 
 
-def eval_text(im: M.InferenceModel, path: str, budget: int | None) -> dict[str, Any]:
+def eval_text(im: I.InferenceModel, path: str, budget: int | None) -> dict[str, Any]:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = M.resolve_path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise M.DataError(f"{path}: cannot read as UTF-8 text ({e.__class__.__name__}: {e})") from None
     ids = torch.tensor(im.tokenizer.encode_document(text)[:(budget or 1 << 62) + 1])
@@ -172,7 +173,7 @@ def read_choices(path: str, limit: int) -> list[dict[str, Any]]:
     """HellaSwag-format records, each checked: ctx (str), endings (non-empty list of str), label (valid index)."""
     records = []
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = M.resolve_path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise M.DataError(f"{path}: cannot read ({e.__class__.__name__})") from None
     for n, line in enumerate(lines, 1):
@@ -195,7 +196,7 @@ def read_choices(path: str, limit: int) -> list[dict[str, Any]]:
     return records
 
 
-def ending_logprobs(im: M.InferenceModel, ctx: list[int], tails: list[list[int]]) -> list[float]:
+def ending_logprobs(im: I.InferenceModel, ctx: list[int], tails: list[list[int]]) -> list[float]:
     """Summed log-probability of each tail after ctx, all candidates in one batch (one row each, padded)."""
     width = max(len(ctx) + len(t) for t in tails) - 1
     inputs, targets = [], []
@@ -209,7 +210,7 @@ def ending_logprobs(im: M.InferenceModel, ctx: list[int], tails: list[list[int]]
     return [-float(losses[i, len(ctx) - 1:len(ctx) - 1 + len(t)].sum()) for i, t in enumerate(tails)]
 
 
-def eval_choices(im: M.InferenceModel, path: str, limit: int) -> dict[str, Any]:
+def eval_choices(im: I.InferenceModel, path: str, limit: int) -> dict[str, Any]:
     """Accuracy by the summed log-likelihood of each ending, and by it per character of the ending (without the
     space that joins it to ctx): lm-evaluation-harness's acc_norm. The ending is scored after <|endoftext|> + ctx."""
     records = read_choices(path, limit)
@@ -225,11 +226,11 @@ def eval_choices(im: M.InferenceModel, path: str, limit: int) -> dict[str, Any]:
     return dict(file=path, examples=len(records), acc=correct / len(records), acc_norm=correct_norm / len(records))
 
 
-def eval_chat(im: M.InferenceModel, path: str, limit: int) -> dict[str, Any]:
+def eval_chat(im: I.InferenceModel, path: str, limit: int) -> dict[str, Any]:
     """Greedy chat.py-style reply to each conversation's last user turn vs its last assistant message (exact match
     after stripping whitespace, overall and per "task" when records carry one), and the mean loss on assistant
     tokens under chat template v1 (what finetune.py trains)."""
-    records = M.load_conversations(path)[0][:limit or None]
+    records = M.load_conversations(M.resolve_path(path))[0][:limit or None]
     hits: dict[str, list[int]] = {}
     loss_sum, loss_count = 0.0, 0
     with R.progress(records, desc="chat eval", unit="conversation") as bar:
@@ -239,9 +240,9 @@ def eval_chat(im: M.InferenceModel, path: str, limit: int) -> dict[str, Any]:
             if last == 0 or messages[last - 1]["role"] != "user":
                 raise M.DataError(f"{path}: record {n}: the last assistant message must answer a user message")
             reference = messages[last]["content"].strip()
-            prompt = M.render_prompt(im.tokenizer, im.kind, messages[:last])
+            prompt = I.render_prompt(im.tokenizer, im.kind, messages[:last])
             budget = len(im.tokenizer.encode(reference)) + 16  # room to stop; a reply that does not is wrong anyway
-            reply = "".join(M.stream_reply(im, prompt, max_new_tokens=budget)).strip()
+            reply = "".join(I.stream_reply(im, prompt, max_new_tokens=budget)).strip()
             hits.setdefault(str(r.get("task", "all")), []).append(int(reply == reference))
             ids, mask = M.render_conversation(im.tokenizer, messages[:last + 1])
             x, y = torch.tensor(ids[:-1], device=im.device), torch.tensor(ids[1:], device=im.device)
@@ -255,15 +256,15 @@ def eval_chat(im: M.InferenceModel, path: str, limit: int) -> dict[str, Any]:
                 assistant_loss=loss_sum / loss_count, assistant_tokens=loss_count)
 
 
-def eval_samples(im: M.InferenceModel, args: argparse.Namespace, prompts: list[str], out: Any) -> list[dict[str, Any]]:
+def eval_samples(im: I.InferenceModel, args: argparse.Namespace, prompts: list[str], out: Any) -> list[dict[str, Any]]:
     """Streamed continuations (printed as they come when there is one sample per prompt)."""
     results = []
     for i, prompt in enumerate(prompts):
         start = time.perf_counter()
-        decoders = [M.StreamDecoder(im.tokenizer) for _ in range(args.num_samples)]
+        decoders = [I.StreamDecoder(im.tokenizer) for _ in range(args.num_samples)]
         texts = [""] * args.num_samples
         print(f"--- sample {i + 1}/{len(prompts)} (seed {args.seed + i}) ---\n{prompt}", end="", file=out, flush=True)
-        steps = M.generate(im.model, im.tokenizer.encode_document(prompt), window_blocks=im.window_blocks,
+        steps = I.generate(im.model, im.tokenizer.encode_document(prompt), window_blocks=im.window_blocks,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, seed=args.seed + i, num_samples=args.num_samples,
                            vocab_limit=im.vocab_limit,
@@ -287,7 +288,7 @@ def eval_samples(im: M.InferenceModel, args: argparse.Namespace, prompts: list[s
     return results
 
 
-def print_table(im: M.InferenceModel, results: dict[str, Any], out: Any) -> None:
+def print_table(im: I.InferenceModel, results: dict[str, Any], out: Any) -> None:
     print(f"checkpoint: {im.describe()}\ndevice: {im.device}, scoring dtype: {im.score_dtype or torch.float32}, "
           f"weights: {im.weights}, "
           f"attention window: {im.window_blocks * M.BLOCK_SIZE} tokens", file=out)
@@ -319,7 +320,7 @@ def print_table(im: M.InferenceModel, results: dict[str, Any], out: Any) -> None
         print(f"{metric:<28} {value:>10}  {note}".rstrip(), file=out)
 
 
-def write_results(im: M.InferenceModel, results: dict[str, Any]) -> Path | None:
+def write_results(im: I.InferenceModel, results: dict[str, Any]) -> Path | None:
     """logs/<run_id>/eval_<step>.json beside the checkpoint (eval_<step>_int8.json etc. for rounded weights, so they
     never replace the reference's), written atomically; None if not writable."""
     path = im.path.parent / f"eval_{im.step}{'' if im.weights == 'fp32' else '_' + im.weights}.json"
@@ -334,7 +335,7 @@ def write_results(im: M.InferenceModel, results: dict[str, Any]) -> Path | None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     out = sys.stderr if args.json else sys.stdout
-    im = M.load_for_inference(args.checkpoint, args.log_dir, args.device, args.dtype, weights=args.weights,
+    im = I.load_for_inference(args.checkpoint, args.log_dir, args.device, args.dtype, weights=args.weights,
                               compile_decode=args.compile == "on")
     results: dict[str, Any] = dict(checkpoint=str(im.path), step=im.step, kind=im.kind, preset=im.hp.preset,
                                    device=str(im.device), dtype=str(im.score_dtype or torch.float32),
@@ -349,14 +350,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.hellaswag:
         results["choices"] = eval_choices(im, args.hellaswag, args.limit)
     if args.chat_eval:
-        R.announce_decode_compile(im)
+        I.announce_decode_compile(im)
         results["chat"] = eval_chat(im, args.chat_eval, args.limit)
     if any(k in results for k in ("val", "text", "choices", "chat")):
         print_table(im, results, out)
     if (default or args.prompt) and args.num_samples:
         if not args.chat_eval:  # that announced it before its first reply
-            R.announce_decode_compile(im)
-        prompts = args.prompt or PROMPTS["shakespeare" if "shakespeare" in im.hp.train_files else "web"]
+            I.announce_decode_compile(im)
+        prompts = args.prompt or PROMPTS["shakespeare" if M.preset_data(im.hp) == "shakespeare" else "web"]
         results["samples"] = eval_samples(im, args, prompts, out)
         results["sampling"] = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                    top_k=args.top_k, top_p=args.top_p, kv_cache=not args.no_kv_cache)

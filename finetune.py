@@ -30,7 +30,6 @@ import model as M
 import runs as R
 from model import Hyperparameters, Runtime
 
-IGNORE = -100  # F.cross_entropy's ignore_index: targets the loss skips
 # Fine-tuning settings on top of the parent's config, chosen on the chat_tasks demo (docs/finetuning.md).
 FINETUNE_DEFAULTS: dict[str, Any] = dict(num_iterations=60, val_loss_every=20, cooldown_frac=0.5,
                                          muon_momentum_warmup=1, save_every=0, shuffle_rows=False,
@@ -109,11 +108,11 @@ def resume_config(explicit: dict[str, Any], args: argparse.Namespace, parser: ar
 @dataclasses.dataclass
 class Example:
     inputs: list[int]
-    targets: list[int]  # IGNORE where the token is not trained
+    targets: list[int]  # M.IGNORE_INDEX where the token is not trained
 
     @property
     def trained(self) -> int:
-        return sum(t != IGNORE for t in self.targets)
+        return sum(t != M.IGNORE_INDEX for t in self.targets)
 
 
 def render_examples(tok: M.Tokenizer, records: list[dict], context: int) -> tuple[list[Example], int, int]:
@@ -136,7 +135,7 @@ def render_examples(tok: M.Tokenizer, records: list[dict], context: int) -> tupl
             dropped += 1
             continue
         truncated += cut < len(messages)
-        examples.append(Example(ids[:-1], [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]))
+        examples.append(Example(ids[:-1], [t if m else M.IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]))
     return examples, truncated, dropped
 
 
@@ -168,7 +167,7 @@ def pack(examples: list[Example], row_len: int, order: list[int]) -> list[Exampl
     for row in rows:
         pad = row_len - len(row.inputs)
         row.inputs += [M.EOT_ID] * pad
-        row.targets += [IGNORE] * pad
+        row.targets += [M.IGNORE_INDEX] * pad
     return rows
 
 
@@ -192,17 +191,11 @@ def to_batch(rows: list[Example], device: torch.device) -> tuple[torch.Tensor, t
     return x, y
 
 
-def data_path(name: str) -> Path:
-    """A relative path from the working directory, else from the repository (so the default works anywhere)."""
-    path = Path(name)
-    return path if path.is_absolute() or path.exists() else M.REPO_DIR / path
-
-
 def load_data(hp: Hyperparameters, args: argparse.Namespace, tok: M.Tokenizer, rt: Runtime) -> dict[str, Any]:
     """Validated, rendered train and held-out examples plus what was skipped, cut or dropped."""
-    records, skipped = M.load_conversations(data_path(args.data), args.skip_invalid)
+    records, skipped = M.load_conversations(M.resolve_path(args.data), args.skip_invalid)
     if args.val_data:
-        val_records, val_skipped = M.load_conversations(data_path(args.val_data), args.skip_invalid)
+        val_records, val_skipped = M.load_conversations(M.resolve_path(args.val_data), args.skip_invalid)
         skipped += [f"{args.val_data}: {s}" for s in val_skipped]
     else:
         if not 0 < args.val_fraction < 1:
@@ -233,7 +226,7 @@ def conversation_weights(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     weigh 1 in total, however many there are. Conversations are told apart by the <|endoftext|> each starts with."""
     docs = (x == M.EOT_ID).cumsum(dim=1).long()
     docs = docs + docs.size(1) * torch.arange(docs.size(0), device=docs.device)[:, None]  # unique across rows
-    trained = y != IGNORE
+    trained = y != M.IGNORE_INDEX
     counts = torch.zeros(docs.numel(), dtype=torch.float64, device=x.device)
     counts.index_add_(0, docs.flatten(), trained.flatten().double())
     weights = torch.where(trained, 1 / counts[docs].clamp(min=1), 0.0)
@@ -247,7 +240,7 @@ def train_step(forward, raw, optimizers, rows: list[Example], step: int, hp: Hyp
     accum = hp.rank_equivalents // rt.world_size
     per_micro = len(rows) // accum
     micro = [to_batch(rows[j * per_micro:(j + 1) * per_micro], rt.device) for j in range(accum)]
-    counts = torch.tensor([int((y != IGNORE).sum()) for _, y in micro], dtype=torch.float64)
+    counts = torch.tensor([int((y != M.IGNORE_INDEX).sum()) for _, y in micro], dtype=torch.float64)
     by_conversation = hp.loss_normalization == "sequence"
     weights = [conversation_weights(x, y) for x, y in micro] if by_conversation else [(None, 0)] * accum
     totals = torch.tensor([float(counts.sum()), float(sum(n for _, n in weights))], dtype=torch.float64,
@@ -269,11 +262,7 @@ def train_step(forward, raw, optimizers, rows: list[Example], step: int, hp: Hyp
         (loss * float(share * rt.world_size / (1.0 if by_conversation else total))).backward()
         for key, value in dict(loss=loss.detach(), **parts).items():
             sums[key] = sums.get(key, 0.0) + value.double() * share
-    M.all_reduce_gradients(raw, rt.world_size)
-    M.apply_schedules(optimizers, step, hp)
-    for opt in optimizers:
-        opt.step()
-    raw.zero_grad(set_to_none=True)
+    M.optimizer_step(raw, optimizers, step, hp, rt.world_size)
     reduced = M.reduce_metrics(sums, rt.world_size, op="sum")  # one sync for the loss and every term
     scale = 1.0 if by_conversation else float(total)
     result = {key: value / scale for key, value in reduced.items()}
@@ -291,7 +280,7 @@ def validate(forward, val: list[Example], hp: Hyperparameters, rt: Runtime, wind
     forward.eval()
     for i in range(0, len(rows), per_batch):
         x, y = to_batch(rows[i:i + per_batch], rt.device)
-        n = int((y != IGNORE).sum())
+        n = int((y != M.IGNORE_INDEX).sum())
         if n:
             with rt.autocast():
                 total += float(forward(x, y, window)) * n

@@ -1,7 +1,9 @@
-"""The library: the speedrun GPT, Muon + Adam, shard data, tokenizer and chat format, checkpoints, generation.
+"""The library: the speedrun GPT, Muon + Adam, shard data, tokenizer and chat format, checkpoints, schedules.
 
 Every script in this repository builds from this file; runs.py (the harness) holds how a script starts, stops,
-resumes and fails. Importing it does no work. The model and optimizer follow the May-2025 modded-nanogpt record
+resumes and fails, and inference.py how a trained checkpoint runs (decode formats, caches, generation), reaching
+the model only through two seams (a projection's decode format, a cache layer passed to attention). Importing it
+does no work. The model and optimizer follow the May-2025 modded-nanogpt record
 (12 layers, 1770 steps, val loss 3.28 on FineWeb in about 3 minutes on 8xH100), generalised to any size, any device
 and any world size. The library raises errors; it never exits, and keeps no run state.
 
@@ -9,22 +11,20 @@ Sections, in order:
     Errors          every error class and the exit code scripts give it
     Config          Hyperparameters, presets, validation, coercion
     Runtime         device, torchrun ranks, autocast, compile, allocator, seeding
-    Atomic files    atomic_write
+    Files           resolve_path (how a relative path is found), atomic_write
     Model           the GPT: attention and its masks, blocks, soft-capped loss, build_model
     Loss modifiers  label smoothing, z-loss, entropy, custom registered terms, token weights
-    Muon optimizer  Newton-Schulz, Muon, the Adam groups, gradient averaging
+    Muon optimizer  Newton-Schulz, Muon, the Adam groups, optimizer_step (the one step every training path takes)
     Data            token shards, checks, distributed_data_generator, evaluate
     Tokenizer       GPT-2 BPE, chat template v1, conversation files
     Checkpoints     save, load, restore, infer a config, find
     Schedules       learning rate, momentum, attention window
-    Generation      KV cache, sampling, the inference loader, replies
 
     python pretraining.py                      # CPU: Shakespeare preset; CUDA + FineWeb: speedrun preset
     torchrun --nproc_per_node=8 pretraining.py --preset speedrun
 """
 from __future__ import annotations
 
-import codecs
 import contextlib
 import copy
 import dataclasses
@@ -37,7 +37,7 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -215,9 +215,6 @@ class Hyperparameters:
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{_flag(name)}={getattr(self, name)!r} must be one of {', '.join(choices)}")
         self._validate_loss()
-        if self.trackers and (bad := sorted(set(self.tracker_names) - set(TRACKERS))):
-            raise ConfigError(f"--trackers={self.trackers!r}: unknown tracker {bad[0]!r} (choose from "
-                              f"{', '.join(TRACKERS)})")
         if not self.wandb_project.strip():
             raise ConfigError("--wandb-project must not be empty")
         if self.run_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_id):
@@ -234,10 +231,6 @@ class Hyperparameters:
         if self.loss_normalization not in ("token", "sequence"):
             raise ConfigError(f"--loss-normalization={self.loss_normalization!r} must be one of token, sequence")
         parse_loss_terms(self.loss_terms)
-
-    @property
-    def tracker_names(self) -> list[str]:
-        return [name.strip() for name in self.trackers.split(",") if name.strip()]
 
     @property
     def tokens_per_step(self) -> int:
@@ -263,8 +256,6 @@ class Hyperparameters:
         return cls(**{k: _coerce(k, v) for k, v in d.items()})
 
 
-TRACKERS = ("tensorboard", "wandb")  # what --trackers accepts; runs.py writes them
-
 # Named presets: only the fields that differ from the dataclass defaults (which are the speedrun record).
 PRESETS: dict[str, dict[str, Any]] = {
     # May-2025 record: 12 layers, 6x128 heads, dim 768, 48k tokens x 8 ranks, 1770 steps, FineWeb.
@@ -281,6 +272,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         head_lr=0.11, embed_lr=0.3, scalar_lr=0.02,
     ),
 }
+
+
+def preset_data(hp: Hyperparameters) -> str | None:
+    """The preset whose own corpus this config trains on: hp.preset while its train and val files are still that
+    preset's, else None (the user's data). Decides whether pretraining.py may build the Shakespeare shards, which
+    download it suggests, and which sample prompts eval.py uses."""
+    own = {**{f: getattr(Hyperparameters, f) for f in ("train_files", "val_files")}, **PRESETS.get(hp.preset, {})}
+    same = (hp.train_files, hp.val_files) == (own["train_files"], own["val_files"])
+    return hp.preset if hp.preset in PRESETS and same else None
 
 
 def _flag(name: str) -> str:
@@ -477,17 +477,6 @@ class CompiledModule(nn.Module):
         return self.call(*args)
 
 
-def compile_notice(name: str, decoding: bool = False) -> str:
-    """What the first compiled calls do and roughly how long they take (the scripts print it; runs.announce_compile):
-    rounded ranges of the whole-model compile measured on CPU (docs/measurements.md, "Warm-up"; the decoding
-    step's: "Fast decoding")."""
-    if decoding:
-        return (f"compiling {name} with torch.compile (at the first reply and once more past 128 tokens; about "
-                f"15-35 s each on a CPU, seconds once inductor's cache holds it) ...")
-    return (f"compiling {name} with torch.compile (first steps and first validation only; about 1-3 min on a CPU, "
-            f"1-2 min on a GPU, less once inductor's cache holds it) ...")
-
-
 def shutdown_runtime(rt: Runtime, barrier: bool = False) -> None:
     """Leave the process group. barrier (a run's normal end): first wait for every rank, so that none exits while
     another still works (rank 0 writing the final checkpoint) and torchrun's agents on every node see their ranks
@@ -506,7 +495,19 @@ def seed_everything(seed: int) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Atomic files: a reader or a crash sees the old file or the complete new one
+# Files: how a relative path is found; atomic writes (a reader or a crash sees the old file or the complete new one)
+
+
+def resolve_path(name: str | Path) -> Path:
+    """The one rule for every flag that names an input file or a glob of files (data, checkpoints, conversations,
+    texts): a relative path is looked up from the working directory first, then from the repository, so that the
+    documented defaults work from any directory; when neither holds anything it is returned as given, and the
+    error that follows names what the user typed."""
+    path = Path(name)
+    if path.is_absolute() or path.exists() or glob.glob(str(path)):
+        return path
+    in_repo = REPO_DIR / path
+    return in_repo if in_repo.exists() or glob.glob(str(in_repo)) else path
 
 
 @contextlib.contextmanager
@@ -550,30 +551,8 @@ def next_multiple_of_n(v: float | int, *, n: int) -> int:
     return n * max(1, math.ceil(v / n))
 
 
-def compiled_on_cpu(x: Tensor) -> bool:
-    """Whether x is traced by torch.compile for a CPU: where a one-token decoding step takes the forms written
-    for inductor's loops (one_token_norm, streamed_matvec, one_query_attention) instead of the eager kernels."""
-    return x.device.type == "cpu" and torch.compiler.is_compiling()
-
-
 def norm(x: Tensor) -> Tensor:
-    if x.ndim >= 3 and x.size(1) == 1 and compiled_on_cpu(x):
-        return one_token_norm(x)
     return F.rms_norm(x, (x.size(-1),))
-
-
-def stored(x: Tensor) -> Tensor:
-    """x, computed once into a buffer by compiled code. Inductor otherwise inlines a cheap elementwise result into
-    every loop that reads it, and a matrix-vector product reads its input once per tile of weight rows; a
-    reduction (here the max of two equal copies) is always stored."""
-    return torch.stack([x, x], dim=-1).amax(dim=-1)
-
-
-def one_token_norm(x: Tensor) -> Tensor:
-    """F.rms_norm for one token in a compiled decoding step, with the reciprocal root stored: compiled C keeps
-    errno semantics, so a square root inlined into a product's inner loop is recomputed for every weight vector."""
-    r = stored(torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps))
-    return (x.float() * r).type_as(x)
 
 
 def _register_fp8_ops() -> None:
@@ -627,14 +606,16 @@ def fp8_supported(device: torch.device) -> bool:
 
 
 class CastedLinear(nn.Linear):
-    """Bias-free linear whose weight stays fp32 (autocast casts it); optional FP8 matmul for lm_head in training."""
+    """Bias-free linear whose weight stays fp32 (autocast casts it); optional FP8 matmul for lm_head in training.
+    decode: a decode format attached from outside (inference.py: the weight rounded to bf16 or int8, one-row
+    kernels), called with the weight instead of the plain product; None in training."""
 
     def __init__(self, in_features: int, out_features: int, x_s: float = 1.0, w_s: float = 1.0,
                  grad_s: float = 1.0):
         super().__init__(in_features, out_features, bias=False)
         self.use_fp8 = False  # switched on by GPT.enable_fp8_head on supporting GPUs
         self.x_s, self.w_s, self.grad_s = x_s, w_s, grad_s
-        self.packed: PackedWeight | None = None  # the weight in a decode format (set_inference_weights)
+        self.decode: Callable[[Tensor, Tensor], Tensor] | None = None  # inference.set_inference_weights
 
     def reset_parameters(self) -> None:
         std = 0.5 * self.in_features**-0.5  # 0.5 beats the default 1/sqrt(3) (record)
@@ -647,89 +628,12 @@ class CastedLinear(nn.Linear):
             flat = x.flatten(0, -2).contiguous()
             out = torch.ops.moddedgpt.fp8_mm(flat, self.weight, self.x_s, self.w_s, self.grad_s)[0]
             return out.reshape(*x.shape[:-1], -1)
-        return project(x, self.weight, self.packed)
+        return linear(x, self.weight, self.decode)
 
 
-def project(x: Tensor, weight: Tensor, packed: "PackedWeight | None") -> Tensor:
-    """x @ weight.T, with the packed decode copy of the weight for a few rows (decoding) when there is one."""
-    if x.numel() == x.size(-1) and compiled_on_cpu(x):
-        return (packed.streamed(x) if packed is not None else streamed_matvec(x, weight)).to(x.dtype)
-    if packed is not None and x.numel() <= PACKED_ROWS * x.size(-1):
-        return packed(x)
-    return F.linear(x, weight.type_as(x))
-
-
-def streamed_matvec(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
-    """One row x @ weight.T (times a per-row scale) in fp32, written as a broadcast product and a sum so that
-    torch.compile makes it one loop streaming the weight once, in whatever format it is stored. For a single
-    row on a CPU that loop reads memory about twice as fast as the BLAS matrix-vector kernels (bench.py
-    --only decode). Only for compiled code: run eagerly it would materialise every product."""
-    flat = x.reshape(1, -1).float()
-    y = (flat[:, None, :] * weight.float()[None]).sum(-1)
-    y = y if scale is None else y * scale.float()
-    return y.view(*x.shape[:-1], -1)
-
-
-INFERENCE_WEIGHTS = ("fp32", "bf16", "int8")
-TILE_ROWS = 16  # output rows per tile of a packed weight's streamed copy: one AVX-512 vector of fp32
-PACKED_ROWS = 8  # up to this many rows (decode batches) use the packed kernel; more rows (scoring) a plain GEMM
-
-
-class PackedWeight:
-    """A matrix in a decode format: bf16, or int8 with one bf16 scale per output row (symmetric, absmax / 127).
-
-    Decoding a few rows is memory-bound, so the bytes of the weights set the speed: int8 reads a quarter of fp32.
-    The kernel for int8 (torch._weight_int8pack_mm, the one gpt-fast uses) takes bf16 activations and is fast
-    only for a few rows, so larger batches go through a plain GEMM with the dequantized matrix instead. A compiled
-    decoding step of one row reads a second copy in tiles of TILE_ROWS rows instead (streamed), made by tile()
-    when compile_decoding switches compiled steps on, so that eager decoding keeps one copy.
-    """
-
-    def __init__(self, weight: Tensor, fmt: str):
-        if fmt not in ("bf16", "int8"):
-            raise ValueError(f"unknown packed weight format {fmt!r} (bf16 or int8)")
-        self.fmt = fmt
-        w = weight.detach().float()
-        if fmt == "int8":
-            scale = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.bfloat16).tiny).bfloat16()
-            self.q = (w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
-            self.scale = scale
-        else:
-            self.w = w.bfloat16()
-        self.tiled: Tensor | None = None
-
-    def tile(self, on: bool = True) -> None:
-        """Make (on) or drop the tiled copy (out / TILE_ROWS, in, TILE_ROWS) that streamed() reads; a matrix whose
-        rows are not a multiple of TILE_ROWS has none and streams by rows."""
-        matrix = self.q if self.fmt == "int8" else self.w
-        on = on and matrix.size(0) % TILE_ROWS == 0
-        self.tiled = matrix.view(-1, TILE_ROWS, matrix.size(1)).transpose(1, 2).contiguous() if on else None
-
-    def dequantized(self) -> Tensor:
-        """The fp32 matrix this format represents exactly: what every other path computes with."""
-        return self.q.float() * self.scale.float()[:, None] if self.fmt == "int8" else self.w.float()
-
-    def streamed(self, x: Tensor) -> Tensor:
-        """One row (compiled decoding) through the tiled copy, with bf16 activations as in __call__: for each
-        tile of TILE_ROWS output rows, a sum over the input of x times a contiguous (in, TILE_ROWS) slab, which
-        torch.compile makes into a loop with one vector accumulator per tile and no horizontal sums."""
-        scale = self.scale if self.fmt == "int8" else None
-        if self.tiled is None:
-            return streamed_matvec(x.to(torch.bfloat16), self.q if scale is not None else self.w, scale)
-        flat = x.reshape(1, -1).to(torch.bfloat16).float()
-        y = (flat[:, None, :, None] * self.tiled.float()[None]).sum(2).view(1, -1)  # (1, out)
-        y = y if scale is None else y * scale.float()
-        return y.view(*x.shape[:-1], -1)
-
-    def __call__(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
-        if self.fmt == "bf16":
-            y = F.linear(flat, self.w)
-        elif flat.device.type == "cpu":
-            y = torch._weight_int8pack_mm(flat, self.q, self.scale)
-        else:  # no int8 kernel assumed off the CPU: the same numbers from a bf16 product
-            y = F.linear(flat, self.q.to(torch.bfloat16)) * self.scale
-        return y.view(*x.shape[:-1], -1).to(x.dtype)
+def linear(x: Tensor, weight: Tensor, decode: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+    """x @ weight.T in x's dtype, or what the decode format attached to the layer computes instead."""
+    return F.linear(x, weight.type_as(x)) if decode is None else decode(x, weight)
 
 
 class Rotary(nn.Module):
@@ -757,13 +661,17 @@ class Rotary(nn.Module):
 
     def forward(self, x_BTHD: Tensor, offset: int | Tensor = 0) -> Tensor:
         """offset: the first token's position; a (1,) tensor for one token at a time (a decoding step), so that a
-        compiled step does not specialise on the position."""
+        compiled step does not specialise on the position. Eagerly, a longer sequence than the table grows it;
+        compiled code gets a table long enough from ensure_positions (the scripts call it before compiling)."""
         T = x_BTHD.size(-3)
         if isinstance(offset, Tensor):
             cos, sin = self.cos[offset][None, :, None, :], self.sin[offset][None, :, None, :]
-        elif offset + T > self.cos.size(0):
-            raise ValueError(f"sequence of {offset + T} tokens exceeds the rotary table ({self.cos.size(0)})")
         else:
+            if offset + T > self.cos.size(0):
+                if torch.compiler.is_compiling():
+                    raise ValueError(f"sequence of {offset + T} tokens exceeds the rotary table "
+                                     f"({self.cos.size(0)}); call GPT.ensure_positions before compiling")
+                self.ensure_length(offset + T)
             cos = self.cos[None, offset:offset + T, None, :]
             sin = self.sin[None, offset:offset + T, None, :]
         x1, x2 = x_BTHD.float().chunk(2, dim=-1)
@@ -777,23 +685,11 @@ AttnMask = Any  # a FlexAttention BlockMask on CUDA, a boolean (B, 1, T, T) tens
 
 def attention(q_BHTD: Tensor, k_BHTD: Tensor, v_BHTD: Tensor, mask: AttnMask, scale: float) -> Tensor:
     """The single attention entry point: FlexAttention for block masks, SDPA for boolean masks."""
-    if isinstance(mask, Tensor) and q_BHTD.size(2) == 1 and compiled_on_cpu(q_BHTD):  # a compiled decoding step
-        return one_query_attention(q_BHTD, k_BHTD, v_BHTD, mask, scale)
     if isinstance(mask, Tensor):
         return F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, attn_mask=mask, scale=scale)
     from torch.nn.attention.flex_attention import flex_attention
 
     return flex_attention(q_BHTD, k_BHTD, v_BHTD, block_mask=mask, scale=scale)
-
-
-def one_query_attention(q_BH1D: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, mask_B11S: Tensor, scale: float) -> Tensor:
-    """Attention of one query per sequence (a decoding step) as products and sums that torch.compile fuses into
-    a couple of loops; SDPA's CPU kernel costs more in setup than a few hundred keys cost to read. The mask
-    always keeps the query's own key, so no row is empty."""
-    scores = (stored(q_BH1D) * k_BHSD).sum(-1, keepdim=True) * scale  # (B, H, S, 1); q's norm and rotation once
-    scores = scores.masked_fill(~mask_B11S.transpose(-1, -2), float("-inf"))
-    probs = scores.float().softmax(dim=2).type_as(v_BHSD)
-    return (probs * v_BHSD).sum(2, keepdim=True)  # (B, H, 1, D)
 
 
 class CausalSelfAttention(nn.Module):
@@ -808,20 +704,22 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = CastedLinear(hdim, dim)
         self.c_proj.weight.detach().zero_()  # zero-init output projection (record)
         self.attn_scale = 0.12  # fixed logit scale instead of 1/sqrt(head_dim) (record)
-        self.packed_qkv: PackedWeight | None = None  # the merged QKV in a decode format (set_inference_weights)
+        self.qkv_decode: Callable[[Tensor, Tensor], Tensor] | None = None  # as CastedLinear.decode
 
-    def forward(self, x: Tensor, ve: Tensor | None, mask: AttnMask, kv: "LayerCache | None" = None) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, mask: AttnMask, kv: Any = None) -> Tensor:
+        """kv: a cache layer (inference.py) that stores this chunk's keys and values and attends over its window."""
         B, T = x.size(0), x.size(1)
-        qkv = project(x, self.qkv_w.flatten(end_dim=1), self.packed_qkv)
+        qkv = linear(x, self.qkv_w.flatten(end_dim=1), self.qkv_decode)
         q, k, v = qkv.view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)  # (B, T, H, D) each
         q, k = norm(q), norm(k)  # QK-norm
         offset = 0 if kv is None else kv.offset
         q, k = self.rotary(q, offset), self.rotary(k, offset)
         v = self.lambdas[0] * v + (self.lambdas[1] * ve.view_as(v) if ve is not None else 0)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2).type_as(q)  # (B, H, T, D)
-        if kv is not None:
-            k, v = kv.update(k, v)  # the cached window of keys and values, this chunk's included
-        y = attention(q, k, v, mask, self.attn_scale)
+        if kv is None:
+            y = attention(q, k, v, mask, self.attn_scale)
+        else:
+            y = kv.attend(q, k, v, mask, self.attn_scale)
         y = y.transpose(1, 2).contiguous().view(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
         return self.c_proj(y)
 
@@ -844,8 +742,7 @@ class Block(nn.Module):
         self.mlp = MLP(dim)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # mix of the residual x and the embedding x0
 
-    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask: AttnMask,
-                kv: "LayerCache | None" = None) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask: AttnMask, kv: Any = None) -> Tensor:
         x = self.lambdas[0] * x + self.lambdas[1] * x0
         if self.attn is not None:
             x = x + self.attn(norm(x), ve, mask, kv)
@@ -862,6 +759,11 @@ def long_window_layers(num_layers: int) -> list[bool]:
     """Long (vs half) windows on layers 0, 4, ... of the first half, mirrored in the second (record: 0,4,7,11)."""
     half = num_layers // 2
     return [(i if i < half else num_layers - 1 - i) % 4 == 0 for i in range(num_layers)]
+
+
+def short_window(window_blocks: Tensor | int) -> Tensor | int:
+    """The window of the short-window layers: half the long one (record)."""
+    return window_blocks // 2
 
 
 def block_keep_mask(docs_BT: Tensor, window_blocks: Tensor | int) -> tuple[Tensor, Tensor]:
@@ -960,7 +862,6 @@ class GPT(nn.Module):
         self.modified_loss_fn = softcap_modified_loss  # the same, with loss modifiers or token weights
         self.loss_modifiers: tuple[LossModifier, ...] = ()  # training only; evaluation stays plain cross-entropy
         self.loss_classes = vocab_size  # rows a target can be: label smoothing spreads its mass over these
-        self.decode_fn: Callable | None = None  # a compiled decoding step (compile_decoding); None: eager
 
     @classmethod
     def from_hparams(cls, hp: Hyperparameters) -> "GPT":
@@ -975,11 +876,11 @@ class GPT(nn.Module):
     def attention_masks(self, input_BT: Tensor, window_blocks: Tensor | int) -> tuple[AttnMask, AttnMask]:
         docs = (input_BT == EOT_ID).cumsum(dim=1)  # document id of every token
         build = flex_block_mask if self.use_flex else dense_attention_mask
-        return build(docs, window_blocks), build(docs, window_blocks // 2)
+        return build(docs, window_blocks), build(docs, short_window(window_blocks))
 
-    def hidden_states(self, input_BT: Tensor, long_mask: AttnMask, short_mask: AttnMask,
-                      cache: "KVCache | None" = None) -> Tensor:
-        """The normed final residual stream (B, T, model_dim); with a cache, of T new tokens after cache.pos."""
+    def hidden_states(self, input_BT: Tensor, long_mask: AttnMask, short_mask: AttnMask, cache: Any = None) -> Tensor:
+        """The normed final residual stream (B, T, model_dim); with a cache (inference.py), of T new tokens after
+        the cached ones: cache.layer(i) is what layer i's attention stores into and attends over."""
         masks = [long_mask if is_long else short_mask for is_long in long_window_layers(self.num_layers)]
         value_embeds = [ve(input_BT) for ve in self.value_embeds]
         ves = [value_embeds[i] if i is not None else None for i in value_embed_layout(self.num_layers)]
@@ -1029,21 +930,6 @@ class GPT(nn.Module):
             loss = self.loss_fn(x, self.lm_head.weight, target_seq)
         return (loss, {}) if parts else loss
 
-    def forward_cached(self, input_BT: Tensor, cache: "KVCache", window_blocks: int) -> Tensor:
-        """Logits (B, T, V) of T new tokens that follow the cache's tokens; their keys and values join the cache.
-
-        Equal to rows cache.pos.. of forward() on the whole sequence (tested), at the cost of the new rows only.
-        """
-        T = input_BT.size(1)
-        if cache.pos + T > cache.capacity:
-            raise ValueError(f"KV cache holds {cache.capacity} tokens; {cache.pos + T} requested")
-        cache.tokens[:, cache.pos:cache.pos + T] = input_BT
-        start, long_mask, short_mask = cache.masks(T, window_blocks)
-        cache.key_start = start
-        x = self.hidden_states(input_BT, long_mask, short_mask, cache)
-        cache.pos += T
-        return self.logits(x)
-
 
 def strip_compile_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Remove torch.compile's `_orig_mod.` and DDP's `module.` prefixes."""
@@ -1084,35 +970,6 @@ def build_model(hp: Hyperparameters, rt: Runtime, chat: bool = False) -> tuple[G
         model.modified_loss_fn = compile_with_fallback(softcap_modified_loss, "the loss head")
     forward = CompiledModule(model, "the model") if rt.compile else model
     return model, forward
-
-
-def set_inference_weights(model: GPT, fmt: str) -> GPT:
-    """Round every matrix a token passes through (the blocks and lm_head; the embedding tables stay fp32, a token
-    reads one row of each) to `fmt` ('fp32' leaves the model as it is) and keep a packed copy for decoding.
-    Scoring, the KV cache and the full-recompute reference then all compute with the same rounded weights, so a
-    quality check of one (eval.py's val loss) holds for the others."""
-    if fmt not in INFERENCE_WEIGHTS:
-        raise ConfigError(f"--weights={fmt}: expected one of {', '.join(INFERENCE_WEIGHTS)}")
-    if fmt == "fp32":
-        return model
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, CastedLinear):
-                module.packed = PackedWeight(module.weight, fmt)
-                module.weight.copy_(module.packed.dequantized())
-            elif isinstance(module, CausalSelfAttention):
-                module.packed_qkv = PackedWeight(module.qkv_w.flatten(end_dim=1), fmt)
-                module.qkv_w.copy_(module.packed_qkv.dequantized().view_as(module.qkv_w))
-    return model
-
-
-def packed_weights(model: GPT) -> Iterator[PackedWeight]:
-    """The decode copies set_inference_weights made: each CastedLinear's and each attention's merged QKV."""
-    for module in model.modules():
-        packed = module.packed if isinstance(module, CastedLinear) else (
-            module.packed_qkv if isinstance(module, CausalSelfAttention) else None)
-        if packed is not None:
-            yield packed
 
 
 # -----------------------------------------------------------------------------
@@ -1381,6 +1238,28 @@ def setup_optimizers(model: GPT, hp: Hyperparameters, rank: int = 0, world_size:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
     return optimizers
+
+
+def optimizer_state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
+    """Bytes the optimizers' state holds once the first step has made it: two moments per Adam (and AdamW)
+    parameter, one momentum per Muon parameter (what a checkpoint's size estimate counts before step 1)."""
+    size = 0
+    for opt in optimizers:
+        per_param = 2 if isinstance(opt, torch.optim.Adam) else 1
+        size += per_param * sum(p.numel() * p.element_size() for g in opt.param_groups for p in g["params"])
+    return size
+
+
+def optimizer_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], step: int, hp: Hyperparameters,
+                   world_size: int = 1) -> None:
+    """The update that follows a step's backward passes, the same in every training path (pretraining,
+    fine-tuning, the benchmark, the CUDA tests): gradients averaged over ranks, the schedules of `step` set,
+    every optimizer stepped, the gradients dropped."""
+    all_reduce_gradients(model, world_size)
+    apply_schedules(optimizers, step, hp)
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
 
 
 def all_reduce_gradients(model: nn.Module, world_size: int) -> None:
@@ -1917,22 +1796,27 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
 def find_latest_checkpoint(log_dir: str | Path = "logs", run_id: str | None = None,
                            kind: str | None = None) -> Path | None:
-    """Newest complete checkpoint (by modification time, then step) under log_dir or one run, optionally only
-    of one kind ('chat' or 'base'); None if none."""
-    root = Path(log_dir)
-    found = [p for p in root.glob(f"{run_id or '*'}/state_step*.pt") if CHECKPOINT_RE.search(p.name)]
-    found.sort(key=lambda p: (p.stat().st_mtime, int(CHECKPOINT_RE.search(p.name).group(1))), reverse=True)
-    return next((p for p in found if kind is None or checkpoint_kind(p) == kind), None)
+    """The newest complete checkpoint under log_dir (or of one run), optionally only of one kind ('chat' or
+    'base'); None if none. Newest: the run most recently written to (the latest modification time of its
+    checkpoints), and within that run the highest step, so a copy that does not keep timestamps cannot make an
+    earlier step of a run win over a later one."""
+    runs = [d for d in Path(log_dir).glob(run_id or "*") if d.is_dir()]
+    by_run = [(max(p.stat().st_mtime for p in found), d.name, found) for d in runs if (found := run_checkpoints(d))]
+    for _, _, found in sorted(by_run, key=lambda r: r[:2], reverse=True):
+        match = next((p for p in reversed(found) if kind is None or checkpoint_kind(p) == kind), None)
+        if match is not None:
+            return match
+    return None
 
 
 def resolve_checkpoint(spec: str, log_dir: str | Path = "logs") -> Path:
-    """'latest' or a path; raises CheckpointError when nothing is found."""
+    """'latest' (find_latest_checkpoint) or a path (resolve_path); raises CheckpointError when nothing is found."""
     if spec == "latest":
         latest = find_latest_checkpoint(log_dir)
         if latest is None:
             raise CheckpointError(f"no checkpoint found under {log_dir}/ (run pretraining.py first)")
         return latest
-    path = Path(spec)
+    path = resolve_path(spec)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     return path
@@ -1961,6 +1845,11 @@ def get_window_size_blocks(step: int, hp: Hyperparameters) -> int:
     return next_multiple_of_n(hp.window_max * x, n=BLOCK_SIZE) // BLOCK_SIZE
 
 
+def final_window_blocks(hp: Hyperparameters) -> int:
+    """The sliding window the model ends training with, in blocks: the one to use for evaluation and generation."""
+    return get_window_size_blocks(hp.num_iterations, hp)
+
+
 def apply_schedules(optimizers: list[torch.optim.Optimizer], step: int, hp: Hyperparameters) -> None:
     lr_mult = get_lr(step, hp)
     for opt in optimizers:
@@ -1969,410 +1858,3 @@ def apply_schedules(optimizers: list[torch.optim.Optimizer], step: int, hp: Hype
         if isinstance(opt, Muon):
             for group in opt.param_groups:
                 group["momentum"] = get_muon_momentum(step, hp)
-
-
-# -----------------------------------------------------------------------------
-# Generation: KV cache, sampling, the inference loader, chat and base-model replies
-
-
-def final_window_blocks(hp: Hyperparameters) -> int:
-    """The sliding window the model ends training with, in blocks: the one to use for evaluation and generation."""
-    return get_window_size_blocks(hp.num_iterations, hp)
-
-
-def cached_mask_rows(docs_BT: Tensor, q_start: int, window_blocks: int) -> tuple[int, Tensor]:
-    """Rows q_start.. of dense_attention_mask for a sequence that ends after docs_BT, over the keys that any of
-    them may see: returns (first key position, boolean (B, 1, T - q_start, T - first)).
-
-    The sequence is padded to whole blocks with its last document, as a full forward of tokens padded with
-    non-<|endoftext|> ids sees it. The record's block mask is causal: a query block keeps the window_blocks most
-    recent blocks that share the document of its *first* token (block_keep_mask works out to that), so tokens
-    appended later, <|endoftext|> included, never change rows already computed and cached keys stay valid.
-    """
-    B, T = docs_BT.shape
-    pad = (-T) % BLOCK_SIZE
-    docs = torch.cat([docs_BT, docs_BT[:, -1:].expand(B, pad)], dim=1)
-    keep_full, keep_partial = block_keep_mask(docs, window_blocks)
-    q = torch.arange(q_start, T, device=docs_BT.device)
-    rows_BQN = (keep_full | keep_partial)[:, q // BLOCK_SIZE]  # (B, Tq, NB): key blocks each query keeps
-    first_block = int(rows_BQN.flatten(0, 1).any(0).nonzero()[0])  # the diagonal block is always kept
-    k = torch.arange(first_block * BLOCK_SIZE, T, device=docs_BT.device)
-    mask = rows_BQN[:, :, k // BLOCK_SIZE] & (k[None, :] <= q[:, None])[None]
-    mask &= docs_BT[:, q, None] == docs_BT[:, None, k]
-    return first_block * BLOCK_SIZE, mask[:, None]
-
-
-class KVCache:
-    """Preallocated keys and values of every attention layer for B sequences of up to `capacity` tokens.
-
-    The model calls layer(i).update() once per attention layer per forward_cached(); pos counts the cached
-    tokens; key_start is the first key position the current chunk's queries may see (the sliding window), so
-    attention reads only the window and decoding costs O(window) per token, not O(context).
-    """
-
-    def __init__(self, model: GPT, batch_size: int, capacity: int):
-        capacity = next_multiple_of_n(capacity, n=BLOCK_SIZE)
-        model.ensure_positions(capacity)
-        self.capacity, self.pos, self.key_start = capacity, 0, 0
-        self.tokens = torch.zeros(batch_size, capacity, dtype=torch.long, device=model.embed.weight.device)
-        self.k: list[Tensor | None] = [None] * len(model.blocks)
-        self.v: list[Tensor | None] = [None] * len(model.blocks)
-
-    def layer(self, i: int) -> "LayerCache":
-        return LayerCache(self, i)
-
-    def masks(self, T: int, window_blocks: int) -> tuple[int, Tensor, Tensor]:
-        """(first key position, long-window rows, short-window rows) for T new tokens."""
-        end = self.pos + T
-        if end > self.capacity:
-            raise ValueError(f"KV cache holds {self.capacity} tokens; {end} requested")
-        docs = (self.tokens[:, :end] == EOT_ID).cumsum(dim=1)
-        start_long, long_mask = cached_mask_rows(docs, self.pos, window_blocks)
-        start_short, short_mask = cached_mask_rows(docs, self.pos, window_blocks // 2)
-        start = min(start_long, start_short)  # one key range for both: pad the narrower rows on the left
-        return start, F.pad(long_mask, (start_long - start, 0)), F.pad(short_mask, (start_short - start, 0))
-
-    def expand(self, n: int) -> "KVCache":
-        """n copies of a one-sequence cache (several samples from one prefilled prompt)."""
-        out = copy.copy(self)
-        out.tokens = self.tokens.expand(n, -1).clone()
-        out.k = [None if t is None else t.expand(n, -1, -1, -1).clone() for t in self.k]
-        out.v = [None if t is None else t.expand(n, -1, -1, -1).clone() for t in self.v]
-        return out
-
-
-@dataclass
-class LayerCache:
-    cache: KVCache
-    index: int
-
-    @property
-    def offset(self) -> int:
-        return self.cache.pos
-
-    def update(self, k_BHTD: Tensor, v_BHTD: Tensor) -> tuple[Tensor, Tensor]:
-        """Store this chunk's keys and values; return those of positions key_start .. pos + T."""
-        c, i, T = self.cache, self.index, k_BHTD.size(2)
-        if c.k[i] is None:
-            B, H, _, D = k_BHTD.shape
-            c.k[i] = k_BHTD.new_zeros(B, H, c.capacity, D)
-            c.v[i] = v_BHTD.new_zeros(B, H, c.capacity, D)
-        c.k[i][:, :, c.pos:c.pos + T] = k_BHTD
-        c.v[i][:, :, c.pos:c.pos + T] = v_BHTD
-        return c.k[i][:, :, c.key_start:c.pos + T], c.v[i][:, :, c.key_start:c.pos + T]
-
-
-class RingCache:
-    """What a one-token decoding step can see: the keys and values of the last (window_blocks + 1) blocks of
-    positions, position p in slot p % size, taken over from a prefilled KVCache.
-
-    A query sees keys of its own document in its own block and the window_blocks blocks before it (block_keep_mask),
-    so older keys can be overwritten and a step reads at most `size` keys whatever the context. Which keys of
-    earlier blocks the current block's queries may see is fixed when the block begins (the record's mask depends
-    on the document of a block's first token only: cached_mask_rows), so a step only adds "same document".
-    """
-
-    def __init__(self, kv: KVCache, window_blocks: int):
-        self.size = (window_blocks + 1) * BLOCK_SIZE
-        self.window_blocks, self.pos, self.block = window_blocks, kv.pos, -1
-        device = kv.tokens.device
-        positions = torch.arange(max(0, kv.pos - self.size), kv.pos, device=device)
-        slots = positions % self.size
-
-        def ring(t: Tensor | None) -> Tensor | None:  # slots no step reads yet stay unwritten (_start_block)
-            return None if t is None else t.new_empty(*t.shape[:2], self.size, t.size(3)).index_copy_(
-                2, slots, t[:, :, positions])
-
-        self.k, self.v = [ring(t) for t in kv.k], [ring(t) for t in kv.v]
-        docs = (kv.tokens[:, :kv.pos] == EOT_ID).cumsum(dim=1)
-        B = docs.size(0)
-        self.doc = docs[:, -1].clone()  # (B,) document of the newest token
-        self.slot_doc = torch.zeros(B, self.size, dtype=torch.long, device=device).index_copy_(
-            1, slots, docs[:, positions])
-        self.seen_long = torch.zeros(B, self.size, dtype=torch.bool, device=device)
-        self.seen_short = torch.zeros_like(self.seen_long)
-        self.pos_t = torch.zeros(1, dtype=torch.long, device=device)  # pos and its slot as tensors: a compiled
-        self.slot_t = torch.zeros(1, dtype=torch.long, device=device)  # step must not specialise on them
-        self.used = 0  # slots a step attends over, up to size
-
-    @property
-    def slot_pos(self) -> Tensor:
-        """(size,) the position each slot holds: the newest p < pos with p % size == slot, or -1 while empty."""
-        slots = torch.arange(self.size, device=self.slot_doc.device)
-        newest = slots + (self.pos - 1 - slots).div(self.size, rounding_mode="floor") * self.size
-        return torch.where(newest >= 0, newest, -1)
-
-    def layer(self, i: int) -> "RingLayer":
-        return RingLayer(self, i)
-
-    def advance(self, ids_B: Tensor, whole_blocks: bool = True) -> tuple[Tensor, Tensor]:
-        """Place the token at position pos (ids_B, one per sequence); masks (B, 1, 1, n) over the first n slots for
-        its long- and short-window layers. whole_blocks: n counts whole blocks of slots, so that a compiled step
-        sees a few shapes; otherwise (eager) only the filled slots, which the attention kernel then reads."""
-        p, slot = self.pos, self.pos % self.size
-        self.pos_t.fill_(p)
-        self.slot_t.fill_(slot)
-        self.doc += ids_B == EOT_ID
-        self.slot_doc[:, slot] = self.doc
-        if p // BLOCK_SIZE != self.block:
-            self.block = p // BLOCK_SIZE
-            self._start_block()
-        else:
-            self.seen_long[:, slot] = self.seen_short[:, slot] = True
-        # slots past pos stay empty (unseen) until the ring wraps
-        self.used = n = min(next_multiple_of_n(p + 1, n=BLOCK_SIZE) if whole_blocks else p + 1, self.size)
-        same_doc = self.slot_doc[:, :n] == self.doc[:, None]
-        return (self.seen_long[:, :n] & same_doc)[:, None, None], (self.seen_short[:, :n] & same_doc)[:, None, None]
-
-    def _start_block(self) -> None:
-        """Which cached keys the queries of the block beginning at (or containing) pos may see: the row of pos.
-        Before the ring first wraps, the block's slots from pos on hold no key yet; a step over whole blocks
-        reads them (masked), so they are zeroed here: garbage there could be NaN, and 0 x NaN is NaN. (Zeroing
-        the whole ring up front writes every layer's full window for each reply, however short.)"""
-        p = self.pos
-        if p < self.size:
-            for t in self.k + self.v:
-                if t is not None:
-                    t[:, :, p:min(self.size, (self.block + 1) * BLOCK_SIZE)].zero_()
-        first = max(0, self.block - self.window_blocks) * BLOCK_SIZE  # keys before this are outside every window
-        slots = torch.arange(first, p + 1, device=self.slot_doc.device) % self.size
-        docs = self.slot_doc[:, slots]
-        for window, seen in ((self.window_blocks, self.seen_long), (self.window_blocks // 2, self.seen_short)):
-            start, rows = cached_mask_rows(docs, p - first, window)
-            seen.zero_()
-            seen[:, slots[start:]] = rows[:, 0, 0]
-
-
-@dataclass
-class RingLayer:
-    cache: RingCache
-    index: int
-
-    @property
-    def offset(self) -> Tensor:
-        return self.cache.pos_t
-
-    def update(self, k_BHTD: Tensor, v_BHTD: Tensor) -> tuple[Tensor, Tensor]:
-        """Store the step's key and value in its slot; return those of the slots the step attends over."""
-        c, i = self.cache, self.index
-        c.k[i].index_copy_(2, c.slot_t, k_BHTD)
-        c.v[i].index_copy_(2, c.slot_t, v_BHTD)
-        return c.k[i][:, :, :c.used], c.v[i][:, :, :c.used]
-
-
-def step_logits(model: GPT, ids_B: Tensor, long_mask: Tensor, short_mask: Tensor, ring: RingCache) -> Tensor:
-    """The tensor work of a decoding step (what compile_decoding compiles): every layer, the ring's writes, logits."""
-    return model.logits(model.hidden_states(ids_B[:, None], long_mask, short_mask, ring))[:, -1]
-
-
-def compile_decoding(model: GPT, on: bool = True) -> GPT:
-    """Run this model's decoding steps through torch.compile (or eagerly again with on=False). A step is a few
-    hundred small operators around a few matrix-vector products; compiled, the small ones fuse into a few loops
-    and the per-operator overhead, most of a small model's step on a CPU, goes. On a CPU the compiled step of one
-    token also takes forms written for inductor's loops: products as streamed sums over the weights
-    (streamed_matvec, PackedWeight.streamed), which read memory faster than the BLAS matrix-vector kernels, and
-    norms and attention that store what every weight or key would otherwise recompute (one_token_norm,
-    one_query_attention). Shapes: the batch, and the attended slots (whole blocks, up to the ring's size) as one
-    symbol, so a generation compiles about twice."""
-    for packed in packed_weights(model):
-        packed.tile(on)
-    model.decode_fn = compile_with_fallback(step_logits, "the decoding step", dynamic=None) if on else None
-    return model
-
-
-def decode_step(model: GPT, ids_B: Tensor, ring: RingCache) -> Tensor:
-    """Logits (B, V) after one more token per sequence: ids_B at position ring.pos, which then advances."""
-    long_mask, short_mask = ring.advance(ids_B, whole_blocks=model.decode_fn is not None)
-    logits = (model.decode_fn or step_logits)(model, ids_B, long_mask, short_mask, ring)
-    ring.pos += 1
-    return logits
-
-
-def reference_logits(model: GPT, tokens_BT: Tensor, window_blocks: int) -> Tensor:
-    """Next-token logits (B, V) from a full forward of the whole context (the path the KV cache must equal)."""
-    B, T = tokens_BT.shape
-    pad = (-T) % BLOCK_SIZE  # padding follows the last token, so causality leaves row T-1 unchanged
-    padded = torch.cat([tokens_BT, tokens_BT.new_zeros(B, pad)], dim=1)
-    model.ensure_positions(T + pad)
-    return model(padded, None, window_blocks)[:, T - 1]
-
-
-def sample_next(logits_BV: Tensor, generator: torch.Generator, temperature: float = 0.0, top_k: int = 0,
-                top_p: float = 1.0) -> Tensor:
-    """One token per row: greedy at temperature 0, else sampled from the top-k and then top-p (nucleus) set."""
-    logits = logits_BV.float()
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
-        outside[:, 0] = False  # the most likely token always stays (top_p -> 0 is greedy)
-        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
-
-
-@torch.no_grad()
-def generate(model: GPT, prompt: list[int], *, window_blocks: int, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, num_samples: int = 1,
-             stop_ids: Collection[int] = (EOT_ID,), vocab_limit: int = 50257, use_cache: bool = True,
-             autocast: contextlib.AbstractContextManager | None = None) -> Iterator[list[int | None]]:
-    """Stream num_samples continuations of prompt: one list per step with each sample's new token id, or None
-    once that sample has produced a stop token (stop tokens are not yielded). Ends when every sample stopped
-    or after max_new_tokens steps.
-
-    use_cache=True prefills a KV cache once (shared by all samples) and then feeds one token per step;
-    use_cache=False recomputes the whole context every step (the reference). Ids >= vocab_limit (padding rows,
-    and chat tokens for a base model) are never sampled.
-    """
-    if not prompt:
-        raise ValueError("generate() needs a non-empty prompt (start it with <|endoftext|>)")
-    device = model.embed.weight.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    ctx = autocast or contextlib.nullcontext()
-    prompt_BT = torch.tensor([prompt], dtype=torch.long, device=device)
-    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    model.eval()
-    with ctx:
-        if use_cache:
-            model.ensure_positions(len(prompt) + max_new_tokens)
-            cache = KVCache(model, 1, len(prompt))  # the prompt's keys; the ring holds the window after that
-            logits = model.forward_cached(prompt_BT, cache, window_blocks)[:, -1]
-            if num_samples > 1:
-                cache, logits = cache.expand(num_samples), logits.expand(num_samples, -1)
-            ring = RingCache(cache, window_blocks)
-        else:
-            tokens = prompt_BT.expand(num_samples, -1)
-            logits = reference_logits(model, tokens, window_blocks)
-    done = torch.zeros(num_samples, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        next_ids = sample_next(logits[:, :vocab_limit], generator, temperature, top_k, top_p)
-        done |= torch.isin(next_ids, stop)
-        if bool(done.all()):
-            return
-        yield [None if d else t for d, t in zip(done.tolist(), next_ids.tolist())]
-        if step == max_new_tokens - 1:
-            return
-        with ctx:
-            if not use_cache:
-                tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
-                logits = reference_logits(model, tokens, window_blocks)
-            else:
-                logits = decode_step(model, next_ids, ring)
-
-
-class StreamDecoder:
-    """Token ids to text as they arrive: bytes of a character split across tokens are held until complete."""
-
-    def __init__(self, tokenizer: "Tokenizer"):
-        self.tokenizer = tokenizer
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def add(self, token_id: int) -> str:
-        return self._utf8.decode(self.tokenizer.token_bytes(token_id))
-
-    def flush(self) -> str:
-        return self._utf8.decode(b"", final=True)
-
-
-@dataclass
-class InferenceModel:
-    """A checkpoint loaded for eval.py and chat.py, with how to run it."""
-
-    path: Path
-    model: GPT
-    hp: Hyperparameters
-    kind: str  # "chat" (fine-tuned on the chat template) or "base"
-    step: int
-    tokenizer: Tokenizer
-    device: torch.device
-    score_dtype: torch.dtype | None  # autocast for batched scoring
-    decode_dtype: torch.dtype | None  # autocast for token-by-token decoding
-    weights: str = "fp32"  # the matrices' format (set_inference_weights)
-    compiled: bool = False  # decoding steps through torch.compile (compile_decoding)
-
-    @property
-    def window_blocks(self) -> int:
-        return final_window_blocks(self.hp)
-
-    @property
-    def vocab_limit(self) -> int:
-        return CHAT_VOCAB_LIMIT if self.kind == "chat" else self.hp.vocab_size
-
-    def autocast(self, dtype: torch.dtype | None) -> contextlib.AbstractContextManager | None:
-        return torch.autocast(self.device.type, dtype=dtype) if dtype else None
-
-    def describe(self) -> str:
-        weights = "" if self.weights == "fp32" else f", {self.weights} weights"
-        return f"{self.path} (step {self.step}, {self.kind} model, preset {self.hp.preset}{weights})"
-
-
-def load_for_inference(spec: str = "latest", log_dir: str | Path = "logs", device: str = "auto",
-                       dtype: str = "auto", prefer_chat: bool = False, weights: str = "fp32",
-                       compile_decode: bool = False) -> InferenceModel:
-    """'latest' (the newest chat checkpoint first when prefer_chat) or a path, on the chosen device; weights: the
-    matrices rounded to bf16 or int8 (set_inference_weights), or 'auto': int8 on a CPU, where it decodes faster
-    than fp32 at the same val loss (docs/measurements.md, "Fast decoding"), the checkpoint's fp32 elsewhere;
-    compile_decode: compiled decoding steps."""
-    if spec == "latest" and prefer_chat:
-        path = find_latest_checkpoint(log_dir, kind="chat") or resolve_checkpoint("latest", log_dir)
-    else:
-        path = resolve_checkpoint(spec, log_dir)
-    dev = detect_device(device)
-    if dev.type == "cpu":
-        keep_freed_memory()  # batched scoring allocates and frees large logits too
-    model, hp, ckpt = load_model(path, dev)
-    weights = ("int8" if dev.type == "cpu" else "fp32") if weights == "auto" else weights
-    compile_decoding(set_inference_weights(model, weights), compile_decode)
-    score_dtype = pick_autocast_dtype(dtype, dev)
-    # batch-1 decoding is memory-bound: on CPU autocast re-casts every weight for every token, which costs more than
-    # bf16 saves (docs/measurements.md, "Decode vs transformers")
-    decode_dtype = score_dtype if dev.type != "cpu" or dtype == "bf16" else None
-    return InferenceModel(path=path, model=model.eval(), hp=hp, kind="chat" if ckpt.get("kind") == "chat" else "base",
-                          step=int(ckpt.get("step", 0)), tokenizer=get_tokenizer(), device=dev,
-                          score_dtype=score_dtype, decode_dtype=decode_dtype, weights=weights,
-                          compiled=compile_decode)
-
-
-BASE_SPEAKERS = ("USER.", "ASSISTANT.")  # play format of the default corpus: NAME. on its own line, then the speech
-BASE_STOP = "\n\n"  # a speech ends at a blank line, where the next speaker would begin
-
-
-def render_prompt(tokenizer: Tokenizer, kind: str, messages: list[dict[str, str]]) -> list[int]:
-    """Prompt ids for the reply to a conversation that ends with a user message: chat template v1 for chat models,
-    a plain-text play-format dialogue for base models (which never saw the chat tokens)."""
-    if kind == "chat":
-        return render_conversation(tokenizer, messages, add_generation_prompt=True)[0]
-    you, bot = BASE_SPEAKERS
-    text = "".join(f"{m['content']}\n\n" if m["role"] == "system" else
-                   f"{you if m['role'] == 'user' else bot}\n{m['content']}\n\n" for m in messages)
-    return tokenizer.encode_document(f"{text}{bot}\n")
-
-
-def stream_reply(im: InferenceModel, ids: list[int], *, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True) -> Iterator[str]:
-    """Text of the reply as it is generated. A chat model stops at <|end|>; a base model's reply ends at its first
-    blank line (trailing newlines are held back until it is clear they do not end the speech)."""
-    stops = (CHAT_SPECIAL_TOKENS["<|end|>"], EOT_ID) if im.kind == "chat" else (EOT_ID,)
-    decoder = StreamDecoder(im.tokenizer)
-    steps = generate(im.model, ids, window_blocks=im.window_blocks, max_new_tokens=max_new_tokens,
-                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=stops,
-                     vocab_limit=im.vocab_limit, use_cache=use_cache, autocast=im.autocast(im.decode_dtype))
-    base = im.kind == "base"
-    text, shown = "", 0
-    for step in steps:
-        text += decoder.add(step[0])
-        body = text.lstrip("\n") if base else text
-        if base and BASE_STOP in body:
-            yield body[shown:body.index(BASE_STOP)]
-            return
-        safe = len(body.rstrip("\n")) if base else len(body)
-        yield body[shown:safe]
-        shown = safe
-    body = (text + decoder.flush()).lstrip("\n") if base else text + decoder.flush()
-    yield body[shown:].rstrip("\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import glob
 import math
 import time
 from pathlib import Path
@@ -48,24 +49,20 @@ def resolve_config(argv: list[str] | None) -> tuple[Hyperparameters, R.Resume | 
 
 
 def ensure_data(hp: Hyperparameters, rt: Runtime) -> None:
-    """Build the Shakespeare shards when the preset's files are missing (rank 0 builds, the others wait)."""
-    if "data/shakespeare/" in hp.train_files and not list(M.REPO_DIR.glob("data/shakespeare/*.bin")):
+    """Build the Shakespeare shards when the preset's own files are missing (rank 0 builds, the others wait)."""
+    source = M.preset_data(hp)
+    if source == "shakespeare" and not glob.glob(str(M.resolve_path(hp.train_files))):
         if rt.master:
             R.import_data_script("shakespeare").prepare()
         if rt.distributed:
             dist.barrier()
     for pattern in (hp.train_files, hp.val_files):
         try:
-            M.list_shards(_repo_path(pattern))
+            M.list_shards(str(M.resolve_path(pattern)))
         except M.DataError as e:
-            hint = "; download them with `python data/fineweb.py`" if "fineweb10B" in pattern else ""
+            hint = "; download them with `python data/fineweb.py`" if source == "speedrun" else ""
             raise M.DataError(f"{e}{hint}") from None
-    M.check_data(hp, rt.world_size, _repo_path(hp.train_files), _repo_path(hp.val_files))
-
-
-def _repo_path(pattern: str) -> str:
-    """Relative data paths resolve against the repository, so the script runs from any directory."""
-    return pattern if Path(pattern).is_absolute() else str(M.REPO_DIR / pattern)
+    M.check_data(hp, rt.world_size, str(M.resolve_path(hp.train_files)), str(M.resolve_path(hp.val_files)))
 
 
 def train_micro_batches(forward, batch: tuple, hp: Hyperparameters, rt: Runtime, window: torch.Tensor
@@ -94,18 +91,14 @@ def train_micro_batches(forward, batch: tuple, hp: Hyperparameters, rt: Runtime,
 
 def train_step(forward, raw_model, optimizers, batch: tuple, step: int, hp: Hyperparameters, rt: Runtime,
                window: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One optimizer step: micro-batches, gradient averaging over ranks, schedules, Adam + Muon."""
+    """One optimizer step: micro-batches, then model.optimizer_step (gradients averaged, schedules, Adam + Muon)."""
     train_loss = train_micro_batches(forward, batch, hp, rt, window)
-    M.all_reduce_gradients(raw_model, rt.world_size)
-    M.apply_schedules(optimizers, step, hp)
-    for opt in optimizers:
-        opt.step()
-    raw_model.zero_grad(set_to_none=True)
+    M.optimizer_step(raw_model, optimizers, step, hp, rt.world_size)
     return train_loss
 
 
 def make_train_loader(hp: Hyperparameters, rt: Runtime, start: dict | None = None):
-    return M.distributed_data_generator(_repo_path(hp.train_files), hp.tokens_per_step, rt.rank, rt.world_size,
+    return M.distributed_data_generator(str(M.resolve_path(hp.train_files)), hp.tokens_per_step, rt.rank, rt.world_size,
                                         device=rt.device, start=start, row_len=hp.row_len,
                                         shuffle_seed=hp.seed if hp.shuffle_rows else None, vocab_size=hp.vocab_size)
 
@@ -192,7 +185,7 @@ def train(run: R.ScriptRun, hp: Hyperparameters, rt: Runtime, resume: R.Resume |
                 training_time_ms += 1000 * (time.perf_counter() - t0)
                 if step > start_step:  # checkpoint first, so a failed evaluation loses nothing
                     save(step, training_time_ms)
-                val_loss, val_step = M.evaluate(forward, hp, rt, window, _repo_path(hp.val_files)), step
+                val_loss, val_step = M.evaluate(forward, hp, rt, window, str(M.resolve_path(hp.val_files))), step
                 if not math.isfinite(val_loss):
                     raise saver.diverged(f"step {step}: the validation loss is {val_loss}")
                 log.print(f"step:{step}/{hp.num_iterations} val_loss:{val_loss:.4f} "

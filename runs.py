@@ -11,7 +11,7 @@ Sections, in order:
     Resume          --resume latest | RUN_DIR | CHECKPOINT into a Resume
     Saver           checkpoints: finite weights only, atomic, pruned, a failed write keeps the previous one
     Stopping        StopSignal, divergence, lost ranks, the exit policy
-    Script helpers  import_data_script, warm_up_steps
+    Script helpers  import_data_script, warm_up_steps, the compile notice
     Progress        tqdm bars on stderr for long work without step lines, only on a terminal
 
 Exit codes of every script: 0 done (or stopped by SIGTERM/SIGINT after writing a checkpoint); 1 a run that cannot
@@ -159,6 +159,7 @@ def import_plugins(hp: Hyperparameters) -> None:
 
 def check_extensions(hp: Hyperparameters) -> None:
     """Before anything is written: plugins import, every loss modifier is known, every tracker can start."""
+    check_tracker_names(hp)
     import_plugins(hp)
     M.loss_modifiers(hp)
     check_trackers(hp)
@@ -235,13 +236,9 @@ def check_writable(run_dir: Path) -> None:
 
 
 def checkpoint_bytes(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> int:
-    """Size of a checkpoint before the first step has created optimizer state: weights, plus two moments per
-    Adam parameter and one momentum per Muon parameter (what the states hold after step 1)."""
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    for opt in optimizers:
-        per_param = 2 if isinstance(opt, torch.optim.Adam) else 1
-        size += per_param * sum(p.numel() * p.element_size() for g in opt.param_groups for p in g["params"])
-    return size
+    """Size of a checkpoint before the first step has created optimizer state: the weights and what the
+    optimizers' state will hold after step 1 (model.optimizer_state_bytes)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + M.optimizer_state_bytes(optimizers)
 
 
 def check_disk_space(run_dir: Path, hp: Hyperparameters, bytes_per_checkpoint: int) -> None:
@@ -430,8 +427,21 @@ class RunLog:
 # -----------------------------------------------------------------------------
 # Trackers: TensorBoard and Weights & Biases, imported only when asked for, written by rank 0
 
-TRACKER_PACKAGES = {"tensorboard": "tensorboard==2.21.0", "wandb": "wandb==0.31.0"}  # as pinned in requirements.txt
+TRACKERS = ("tensorboard", "wandb")  # what --trackers accepts
+TRACKER_PACKAGES = {"tensorboard": "tensorboard==2.21.0", "wandb": "wandb==0.31.0"}  # as pinned in requirements-test.txt
 TRACKER_MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
+
+
+def tracker_names(hp: Hyperparameters) -> list[str]:
+    """--trackers as a list: 'tensorboard, wandb' -> ['tensorboard', 'wandb']."""
+    return [name.strip() for name in hp.trackers.split(",") if name.strip()]
+
+
+def check_tracker_names(hp: Hyperparameters) -> None:
+    """Every name in --trackers is one this harness writes."""
+    if bad := sorted(set(tracker_names(hp)) - set(TRACKERS)):
+        raise ConfigError(f"--trackers={hp.trackers!r}: unknown tracker {bad[0]!r} (choose from "
+                          f"{', '.join(TRACKERS)})")
 
 
 def tracker_scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -460,16 +470,17 @@ def tracker_root(hp: Hyperparameters, run_dir: Path) -> Path:
 
 
 def check_trackers(hp: Hyperparameters) -> None:
-    """Before anything is written: every tracker asked for imports, and --tracker-dir can be written."""
+    """Before anything is written: every tracker asked for is known and imports, and --tracker-dir can be written."""
     import importlib
 
-    for name in hp.tracker_names:
+    check_tracker_names(hp)
+    for name in tracker_names(hp):
         try:
             importlib.import_module(TRACKER_MODULES[name])
         except ImportError:
             raise ConfigError(f"--trackers={name} needs the {name} package, which is not installed: "
                               f"pip install {TRACKER_PACKAGES[name]}") from None
-    if hp.tracker_names and hp.tracker_dir:
+    if tracker_names(hp) and hp.tracker_dir:
         root = Path(hp.tracker_dir)
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -565,7 +576,7 @@ def open_trackers(hp: Hyperparameters, rt: Runtime, run_dir: Path, resumed: bool
     if not rt.master:
         return []
     root, trackers = tracker_root(hp, run_dir), []
-    for name in hp.tracker_names:
+    for name in tracker_names(hp):
         try:
             if name == "tensorboard":
                 trackers.append(TensorBoardTracker(root / "tensorboard", run_dir / "metrics.jsonl", resumed))
@@ -609,8 +620,8 @@ def latest_run(log_dir: str | Path, script: str) -> Path | None:
 
 
 def resume_target(spec: str, log_dir: str | Path, script: str) -> tuple[Path, Path | None]:
-    """(run directory, newest checkpoint or None) for --resume latest | RUN_DIR | CHECKPOINT."""
-    path = Path(spec)
+    """(run directory, newest checkpoint or None) for --resume latest | RUN_DIR | CHECKPOINT (model.resolve_path)."""
+    path = M.resolve_path(spec)
     if spec == "latest":
         run_dir = latest_run(log_dir, script)
         if run_dir is None:
@@ -882,6 +893,20 @@ def warm_up_steps(hp: Hyperparameters, rt: Runtime) -> int:
     return 10 if rt.device.type == "cuda" else 2
 
 
+def compile_notice(name: str) -> str:
+    """What the first compiled steps do and roughly how long they take: rounded ranges of the whole-model compile
+    measured on CPUs and GPUs (docs/measurements.md, "Warm-up")."""
+    return (f"compiling {name} with torch.compile (first steps and first validation only; about 1-3 min on a CPU, "
+            f"1-2 min on a GPU, less once inductor's cache holds it) ...")
+
+
+def announce_compile(rt: Runtime) -> None:
+    """Say, before the first compiled step, what the silence that follows is (rank 0, stderr, so stdout and log.txt
+    stay as they were)."""
+    if rt.compile and rt.master:
+        print(compile_notice("the model"), file=sys.stderr, flush=True)
+
+
 # -----------------------------------------------------------------------------
 # Progress: tqdm bars for long work that prints no step lines (data preparation, eval.py's scoring)
 
@@ -912,27 +937,3 @@ def progress(iterable: Any = None, *, desc: str, total: float | None = None, uni
     return tqdm(iterable, desc=desc, total=total, unit=unit, unit_scale=unit_scale, leave=leave, file=stream,
                 disable=not on, mininterval=0.5, dynamic_ncols=True)
 
-
-def announce_compile(rt: Runtime) -> None:
-    """Say, before the first compiled step, what the silence that follows is (rank 0, stderr, so stdout and log.txt
-    stay as they were)."""
-    if rt.compile and rt.master:
-        print(M.compile_notice("the model"), file=sys.stderr, flush=True)
-
-
-def add_inference_flags(p: argparse.ArgumentParser, default_weights: str) -> None:
-    """--weights and --compile of eval.py and chat.py: how the checkpoint's matrices are held, and whether the
-    decoding step is compiled (model.set_inference_weights, model.compile_decoding)."""
-    auto = " (int8 on a CPU, fp32 on a GPU)" if default_weights == "auto" else ""
-    p.add_argument("--weights", default=default_weights, choices=(*M.INFERENCE_WEIGHTS, "auto"),
-                   help=f"matrices for scoring and decoding: fp32 (the checkpoint's), bf16, or int8 (one scale per "
-                   f"row; decoding reads a quarter of the bytes); default {default_weights}{auto}")
-    p.add_argument("--compile", default="off", choices=("on", "off"),
-                   help="compile the decoding step with torch.compile (several times faster decoding on a CPU, "
-                   "after a one-time compile at the first reply)")
-
-
-def announce_decode_compile(im: M.InferenceModel) -> None:
-    """Say what the pause before the first compiled reply is (stderr)."""
-    if im.compiled:
-        print(M.compile_notice("the decoding step", decoding=True), file=sys.stderr, flush=True)

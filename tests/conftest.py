@@ -22,6 +22,7 @@ from torch import Tensor
 REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
 
+import inference as I  # noqa: E402
 import model as M  # noqa: E402
 import runs as R  # noqa: E402
 
@@ -329,3 +330,59 @@ def straight(parent: Path, task_files: tuple[Path, Path]) -> Path:
                                       "--val-data", str(task_files[1]))])
     assert r.returncode == 0, r.stderr
     return logs / "straight"
+
+
+# -----------------------------------------------------------------------------
+# Generation: the model, prompts and greedy helpers that test_generation.py and test_decode.py share
+
+WINDOW = 2  # blocks: 256 tokens, so the 300- and 700-token prompts below are longer than the window
+NEW_TOKENS = 30
+PROMPTS = {  # name: (length, <|endoftext|> positions)
+    "one-token": (1, [0]),
+    "five-no-eot": (5, []),
+    "127": (127, [0, 60]),
+    "128": (128, [0, 64]),
+    "129": (129, [0, 100, 128]),
+    "300-past-window": (300, [0, 170, 260]),
+    "700-past-window": (700, [0, 200, 333, 650]),
+}
+
+
+def build_model(seed: int = 1) -> M.GPT:
+    """4 layers (so long and short windows both occur), 256-token rotary table, non-zero output projections."""
+    torch.manual_seed(0)
+    return randomize_zero_inits(M.GPT.from_hparams(tiny_hparams(row_len=256, num_layers=4)), seed=seed).eval()
+
+
+def prompt_tokens(n: int, eots: list[int], seed: int = 0) -> list[int]:
+    """n random tokens below <|endoftext|>, with <|endoftext|> exactly at positions eots."""
+    return random_tokens(1, n, seed=seed, eot_positions={0: eots})[0].tolist()
+
+
+def greedy(model: M.GPT, prompt: list[int], n: int, use_cache: bool, window_blocks: int = WINDOW) -> list[int]:
+    """n greedy tokens of one sample with no stop token."""
+    steps = list(I.generate(model, prompt, window_blocks=window_blocks, max_new_tokens=n, stop_ids=(),
+                            use_cache=use_cache))
+    assert all(len(step) == 1 and step[0] is not None for step in steps)
+    return [step[0] for step in steps]
+
+
+def reference_choices(model: M.GPT, prompt: list[int], generated: list[int], window_blocks: int = WINDOW) -> list[int]:
+    """The greedy token the reference path picks after each prefix prompt + generated[:t], t = 0..n-1.
+
+    reference_logits of every prefix in one batch: each row is one prefix padded with zeros to whole blocks, as
+    reference_logits pads it, and only its last real row goes through lm_head (one forward instead of n).
+    """
+    seq = torch.tensor(prompt + generated[:-1])
+    lengths = torch.arange(len(prompt), len(seq) + 1)  # (n,)
+    S = M.BLOCK_SIZE
+    rows = torch.zeros(len(lengths), -(-len(seq) // S) * S, dtype=torch.long)  # (n, T), T in whole blocks
+    for r, n in enumerate(lengths.tolist()):
+        rows[r, :n] = seq[:n]
+    with torch.no_grad():
+        # the library's reference for the first and the longest prefix (this also grows the rotary table)
+        ends = [I.reference_logits(model, seq[None, :n], window_blocks) for n in (len(prompt), len(seq))]
+        x = model.hidden_states(rows, *model.attention_masks(rows, window_blocks))
+        logits = model.logits(x[torch.arange(len(lengths)), lengths - 1])  # (n, V)
+    torch.testing.assert_close(logits[[0, -1]], torch.cat(ends), atol=1e-5, rtol=0)
+    return logits[:, :M.EOT_ID + 1].argmax(dim=-1).tolist()  # generate()'s default vocab_limit

@@ -53,6 +53,7 @@ import numpy as np
 import pytest
 import torch
 
+import inference as I
 import model as M
 import runs as R
 from conftest import REPO_DIR, random_documents, tiny_hparams
@@ -637,13 +638,13 @@ def run_in_process(case: Case, argv: list[str], monkeypatch: pytest.MonkeyPatch,
     """main(argv) as the command line runs it: stdin a pipe, warnings printed, an escaping exception a traceback."""
     module = script_module(case.script)
     prompts: list[list[int]] = []
-    generate = M.generate
+    generate = I.generate
 
     def spy(model: Any, prompt: list[int], **kw: Any) -> Any:
         prompts.append(list(prompt))
         return generate(model, prompt, **kw)
 
-    monkeypatch.setattr(M, "generate", spy)
+    monkeypatch.setattr(I, "generate", spy)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(case.stdin), encoding="utf-8", newline="\n"))
     monkeypatch.setattr(sys, "argv", [case.script, *argv])
     code, trace = 0, ""

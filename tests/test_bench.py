@@ -15,6 +15,7 @@ import torch
 from conftest import REPO_DIR, run_script, tiny_hparams
 
 import bench
+import inference as I
 import model as M
 import runs as R
 
@@ -113,13 +114,13 @@ def test_decode_keys_are_the_ring_slots_a_step_reads(context: int, window_blocks
     """By hand: occupied slots in whole 128-token blocks, at most the ring's window_blocks + 1 blocks."""
     assert bench.decode_keys(context, window_blocks) == keys
     model = M.GPT.from_hparams(tiny_hparams())
-    cache = M.KVCache(model, 1, context - 1)
+    cache = I.KVCache(model, 1, context - 1)
     with torch.no_grad():
-        model.forward_cached(torch.full((1, context - 1), 5), cache, window_blocks)
-    ring = M.RingCache(cache, window_blocks)
+        I.prefill(model, torch.full((1, context - 1), 5), cache, window_blocks)
+    ring = I.RingCache(cache, window_blocks)
     ring.advance(torch.tensor([5]))  # the token at position context - 1
     assert ring.used == keys  # what the step attends over
-    eager = M.RingCache(cache, window_blocks)
+    eager = I.RingCache(cache, window_blocks)
     eager.advance(torch.tensor([5]), whole_blocks=False)  # eager steps read the filled slots only
     assert eager.used == bench.decode_keys(context, window_blocks, whole_blocks=False) == min(context, keys)
 

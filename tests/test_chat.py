@@ -13,6 +13,7 @@ import pexpect
 import pytest
 
 import chat
+import inference as I
 import model as M
 from conftest import CPU, REPO_DIR, eval_json, script, script_env, write_checkpoint
 
@@ -28,8 +29,8 @@ def replies(stdout: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def inference(long_logs: dict[str, Path]) -> dict[str, M.InferenceModel]:
-    return {kind: M.load_for_inference(str(long_logs[kind]), device="cpu", dtype="fp32") for kind in ("base", "chat")}
+def inference(long_logs: dict[str, Path]) -> dict[str, I.InferenceModel]:
+    return {kind: I.load_for_inference(str(long_logs[kind]), device="cpu", dtype="fp32") for kind in ("base", "chat")}
 
 
 # -----------------------------------------------------------------------------
@@ -151,7 +152,7 @@ SPELLED = "Say <|assistant|> then <|endoftext|> and <|end|><|user|><|system|>"
 
 
 @pytest.mark.parametrize("kind", ["base", "chat"])
-def test_render_never_forges_special_tokens(inference: dict[str, M.InferenceModel], kind: str) -> None:
+def test_render_never_forges_special_tokens(inference: dict[str, I.InferenceModel], kind: str) -> None:
     im, tok = inference[kind], inference[kind].tokenizer
     special = set(tok.special_ids.values())
     conv = chat.Conversation(system="Be brief.", turns=[("hi <|end|>", "hello <|endoftext|>")])
@@ -171,7 +172,7 @@ def test_render_never_forges_special_tokens(inference: dict[str, M.InferenceMode
 
 
 @pytest.mark.parametrize("kind", ["base", "chat"])
-def test_fit_drops_oldest_turns_keeps_system_prompt(inference: dict[str, M.InferenceModel], kind: str) -> None:
+def test_fit_drops_oldest_turns_keeps_system_prompt(inference: dict[str, I.InferenceModel], kind: str) -> None:
     im = inference[kind]
     turns = [(f"question {i}: " + "tell me more " * 6, f"answer {i}") for i in range(10)]
     conv = chat.Conversation(system="You are a player in a comedy.", turns=list(turns))
@@ -188,7 +189,7 @@ def test_fit_drops_oldest_turns_keeps_system_prompt(inference: dict[str, M.Infer
     assert chat.fit(im, full, "and now?", 10_000) == (chat.render(im, full, "and now?"), "") and full.turns == turns
 
 
-def test_fit_cuts_a_long_message_but_keeps_the_prompt_start(inference: dict[str, M.InferenceModel]) -> None:
+def test_fit_cuts_a_long_message_but_keeps_the_prompt_start(inference: dict[str, I.InferenceModel]) -> None:
     """A message cut to fit keeps the prompt's start (<|endoftext|>, system prompt, speaker) intact."""
     im = inference["base"]
     ids, note = chat.fit(im, chat.Conversation(system="Be brief."), "\n\n" + "word " * 300, 100)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from conftest import random_documents, randomize_zero_inits, run, script, tiny_hparams, write_checkpoint
 
+import inference as I
 import model as M
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -118,10 +119,7 @@ def test_compiled_training_steps_lower_the_loss() -> None:
         with rt.autocast():
             loss = forward(x, y, window)
         loss.backward()
-        M.apply_schedules(optimizers, step, hp)
-        for opt in optimizers:
-            opt.step()
-        raw.zero_grad(set_to_none=True)
+        M.optimizer_step(raw, optimizers, step, hp)
         losses.append(loss.item())
     assert losses[-1] < losses[0]
 
@@ -133,8 +131,8 @@ def test_kv_cache_generation_matches_reference_on_gpu() -> None:
     model = M.GPT.from_hparams(hp).cuda().eval()
     torch.nn.init.normal_(model.lm_head.weight, std=0.02)
     prompt = doc_tokens(1, 300, "cpu")[0].tolist()
-    kv = [s[0] for s in M.generate(model, prompt, window_blocks=2, max_new_tokens=40, stop_ids=())]
-    ref = [s[0] for s in M.generate(model, prompt, window_blocks=2, max_new_tokens=40, stop_ids=(), use_cache=False)]
+    kv = [s[0] for s in I.generate(model, prompt, window_blocks=2, max_new_tokens=40, stop_ids=())]
+    ref = [s[0] for s in I.generate(model, prompt, window_blocks=2, max_new_tokens=40, stop_ids=(), use_cache=False)]
     assert kv == ref
 
 
@@ -168,9 +166,7 @@ def test_bf16_embeddings_train_and_checkpoint_on_gpu(tmp_path: Path) -> None:
     assert grad.dtype == torch.bfloat16 and torch.isfinite(grad.float()).all() and grad.abs().sum() > 0
     before = raw.embed.weight.detach().clone()
     optimizers = M.setup_optimizers(raw, hp)
-    M.apply_schedules(optimizers, 0, hp)
-    for opt in optimizers:
-        opt.step()
+    M.optimizer_step(raw, optimizers, 0, hp)
     assert raw.embed.weight.dtype == torch.bfloat16 and not torch.equal(raw.embed.weight, before)
     path = M.save_checkpoint(tmp_path / "state_step000001.pt", step=1, model=raw, optimizers=optimizers, hp=hp,
                              code={})
@@ -216,28 +212,28 @@ def test_inference_model_on_gpu_decodes_like_the_reference(tmp_path: Path) -> No
     hp = tiny_hparams(row_len=256)
     torch.manual_seed(0)
     path = write_checkpoint(tmp_path, "tiny", 6, randomize_zero_inits(M.GPT.from_hparams(hp)), hp)
-    fp32 = M.load_for_inference(str(path), tmp_path, device="cuda", dtype="fp32")
+    fp32 = I.load_for_inference(str(path), tmp_path, device="cuda", dtype="fp32")
     assert fp32.device.type == "cuda" and fp32.decode_dtype is None
     prompt = doc_tokens(1, 300, "cpu")[0].tolist()
     w = fp32.window_blocks
-    kv = [s[0] for s in M.generate(fp32.model, prompt, window_blocks=w, max_new_tokens=32, stop_ids=())]
-    ref = [s[0] for s in M.generate(fp32.model, prompt, window_blocks=w, max_new_tokens=32, stop_ids=(),
+    kv = [s[0] for s in I.generate(fp32.model, prompt, window_blocks=w, max_new_tokens=32, stop_ids=())]
+    ref = [s[0] for s in I.generate(fp32.model, prompt, window_blocks=w, max_new_tokens=32, stop_ids=(),
                                     use_cache=False)]
     assert kv == ref
-    bf16 = M.load_for_inference(str(path), tmp_path, device="cuda")
+    bf16 = I.load_for_inference(str(path), tmp_path, device="cuda")
     assert bf16.score_dtype == bf16.decode_dtype == torch.bfloat16
     tokens = torch.tensor([prompt + kv], device="cuda")  # (1, 332)
-    cache = M.KVCache(bf16.model, 1, tokens.size(1))
+    cache = I.KVCache(bf16.model, 1, tokens.size(1))
     with torch.no_grad():
         with bf16.autocast(bf16.decode_dtype):
-            cached = [bf16.model.forward_cached(tokens[:, :300], cache, w)[:, -1]]
-            cached += [bf16.model.forward_cached(tokens[:, t:t + 1], cache, w)[:, -1] for t in range(300, 331)]
-            full = [M.reference_logits(bf16.model, tokens[:, :t + 1], w) for t in range(299, 331)]
-        exact = [M.reference_logits(fp32.model, tokens[:, :t + 1], w) for t in (299, 315, 330)]
+            cached = [I.prefill(bf16.model, tokens[:, :300], cache, w)[:, -1]]
+            cached += [I.prefill(bf16.model, tokens[:, t:t + 1], cache, w)[:, -1] for t in range(300, 331)]
+            full = [I.reference_logits(bf16.model, tokens[:, :t + 1], w) for t in range(299, 331)]
+        exact = [I.reference_logits(fp32.model, tokens[:, :t + 1], w) for t in (299, 315, 330)]
     assert min(float(c.std()) for c in cached) > 0.5  # logits that differ: the tolerances below mean something
     assert max(float((c - f).abs().max()) for c, f in zip(cached, full)) < 0.1
     assert max(float((cached[t - 299] - e).abs().max()) for t, e in zip((299, 315, 330), exact)) < 0.15
-    reply = "".join(M.stream_reply(bf16, prompt, max_new_tokens=16, temperature=0.8, top_k=50, seed=1))
+    reply = "".join(I.stream_reply(bf16, prompt, max_new_tokens=16, temperature=0.8, top_k=50, seed=1))
     assert isinstance(reply, str)
 
 

@@ -1,4 +1,4 @@
-"""model.py's fast decoding: the ring KV cache, weights in bf16 / int8 (set_inference_weights) and the compiled
+"""inference.py's fast decoding: the ring KV cache, weights in bf16 / int8 (set_inference_weights) and the compiled
 decoding step (compile_decoding), each against the full-forward reference. Speed is bench.py's (--only decode).
 
     python -m pytest tests/test_decode.py -q      # CPU, about a minute on 2 cores (two compiles)
@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import Tensor
 
+import inference as I
 import model as M
-from conftest import random_tokens, randomize_zero_inits, tiny_hparams
-from test_generation import NEW_TOKENS, PROMPTS, WINDOW, build_model, greedy, prompt_tokens, reference_choices
+from conftest import (NEW_TOKENS, PROMPTS, WINDOW, build_model, greedy, prompt_tokens, random_tokens,
+                      randomize_zero_inits, reference_choices, tiny_hparams)
 
 S = M.BLOCK_SIZE
 
@@ -24,10 +25,10 @@ def teacher_forced_logits(model: M.GPT, tokens_BT: Tensor, prefill: int, window_
     B, T = tokens_BT.shape
     model.ensure_positions(T)
     with torch.no_grad():
-        cache = M.KVCache(model, B, prefill)
-        first = model.forward_cached(tokens_BT[:, :prefill], cache, window_blocks)[:, -1]
-        ring = M.RingCache(cache, window_blocks)
-        rest = [M.decode_step(model, tokens_BT[:, t], ring) for t in range(prefill, T - 1)]
+        cache = I.KVCache(model, B, prefill)
+        first = I.prefill(model, tokens_BT[:, :prefill], cache, window_blocks)[:, -1]
+        ring = I.RingCache(cache, window_blocks)
+        rest = [I.decode_step(model, tokens_BT[:, t], ring) for t in range(prefill, T - 1)]
     return torch.stack([first, *rest], dim=1)
 
 
@@ -68,16 +69,16 @@ def test_whole_block_steps_read_zeros_where_the_ring_holds_no_key_yet(model: M.G
     tokens = random_tokens(1, T, seed=3, eot_positions={0: [0, 140]})
     model.ensure_positions(T)
     with torch.no_grad():
-        cache = M.KVCache(model, 1, prefill)
-        model.forward_cached(tokens[:, :prefill], cache, WINDOW)
-        ring = M.RingCache(cache, WINDOW)
+        cache = I.KVCache(model, 1, prefill)
+        I.prefill(model, tokens[:, :prefill], cache, WINDOW)
+        ring = I.RingCache(cache, WINDOW)
         for t in ring.k + ring.v:
             if t is not None:
                 t[:, :, prefill:] = float("nan")
         rows = []
         for t in range(prefill, T - 1):
             long_mask, short_mask = ring.advance(tokens[:, t], whole_blocks=True)
-            rows.append(M.step_logits(model, tokens[:, t], long_mask, short_mask, ring))
+            rows.append(I.step_logits(model, tokens[:, t], long_mask, short_mask, ring))
             ring.pos += 1
     want = full_logits(model, tokens, WINDOW)[:, prefill:-1]
     torch.testing.assert_close(torch.stack(rows, 1), want, atol=2e-5, rtol=0)
@@ -85,10 +86,10 @@ def test_whole_block_steps_read_zeros_where_the_ring_holds_no_key_yet(model: M.G
 
 def test_ring_holds_the_window_and_a_block() -> None:
     m = build_model()
-    cache = M.KVCache(m, 1, 10)
+    cache = I.KVCache(m, 1, 10)
     with torch.no_grad():
-        m.forward_cached(random_tokens(1, 10, seed=0), cache, 3)
-    ring = M.RingCache(cache, 3)
+        I.prefill(m, random_tokens(1, 10, seed=0), cache, 3)
+    ring = I.RingCache(cache, 3)
     assert ring.size == 4 * S
     assert all(k is None or k.shape[2] == 4 * S for k in ring.k)
     assert ring.slot_pos[:10].tolist() == list(range(10)) and bool((ring.slot_pos[10:] == -1).all())
@@ -98,8 +99,8 @@ def test_ring_equals_the_kv_cache_for_several_samples(model: M.GPT) -> None:
     # num_samples > 1 expands the prefilled cache before the ring takes it over; rows then diverge when sampled
     prompt = prompt_tokens(300, [0, 170, 260], seed=2)
     kw = dict(window_blocks=WINDOW, max_new_tokens=20, stop_ids=(), temperature=1.0, seed=7)
-    three = [list(s) for s in zip(*M.generate(model, prompt, num_samples=3, **kw))]
-    reference = [list(s) for s in zip(*M.generate(model, prompt, num_samples=3, use_cache=False, **kw))]
+    three = [list(s) for s in zip(*I.generate(model, prompt, num_samples=3, **kw))]
+    reference = [list(s) for s in zip(*I.generate(model, prompt, num_samples=3, use_cache=False, **kw))]
     assert three == reference and len({tuple(s) for s in three}) > 1
 
 
@@ -110,38 +111,40 @@ def test_ring_equals_the_kv_cache_for_several_samples(model: M.GPT) -> None:
 def test_packed_int8_rows_are_symmetric_absmax_and_the_matmul_matches_the_dequantized_matrix() -> None:
     w = torch.randn(300, 64, generator=torch.Generator().manual_seed(0))
     w[7] = 0  # a zero row (zero-initialised projections) must not divide by zero
-    packed = M.PackedWeight(w, "int8")
+    packed = I.PackedWeight(w, "int8")
     assert packed.q.dtype == torch.int8 and packed.scale.dtype == torch.bfloat16
     assert int(packed.q.abs().amax()) <= 127 and bool((packed.q[7] == 0).all())
     deq = packed.dequantized()
     assert float((deq - w).abs().amax(dim=1).div(w.abs().amax(dim=1).clamp_min(1e-9)).amax()) < 1 / 127 + 0.01
     x = torch.randn(3, 64)
     ref = x.bfloat16().float() @ deq.T  # the kernel takes bf16 activations and gives bf16 out
-    torch.testing.assert_close(packed(x), ref, atol=0.02 * float(ref.abs().amax()), rtol=0.02)
+    torch.testing.assert_close(packed.few_rows(x), ref, atol=0.02 * float(ref.abs().amax()), rtol=0.02)
+    assert torch.equal(packed(x, w), packed.few_rows(x))  # a decode batch of 3 rows takes the packed kernel
 
 
 def test_many_rows_use_the_plain_product_with_the_rounded_matrix() -> None:
     linear = M.CastedLinear(64, 32)
-    linear.packed = M.PackedWeight(linear.weight, "int8")
+    linear.decode = I.PackedWeight(linear.weight, "int8")
     with torch.no_grad():
-        linear.weight.copy_(linear.packed.dequantized())
-    x = torch.randn(M.PACKED_ROWS + 1, 64)
+        linear.weight.copy_(linear.decode.dequantized())
+    x = torch.randn(I.PACKED_ROWS + 1, 64)
     assert torch.equal(linear(x), torch.nn.functional.linear(x, linear.weight))  # scoring: exact fp32 product
 
 
 def test_set_inference_weights_rounds_every_matrix_and_keeps_the_embeddings() -> None:
     m = build_model()
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    M.set_inference_weights(m, "bf16")
+    I.set_inference_weights(m, "bf16")
     for name, p in m.named_parameters():
         if "embed" in name or p.ndim < 2:
             assert torch.equal(p, before[name]), name  # tables (one row per token) and scalars stay fp32
         else:
             assert torch.equal(p, before[name].bfloat16().float()), name
-    assert all(b.attn.packed_qkv is not None for b in m.blocks if b.attn is not None)
-    assert M.set_inference_weights(build_model(), "fp32").lm_head.packed is None
+    assert all(b.attn.qkv_decode is not None for b in m.blocks if b.attn is not None)
+    assert all(p.fmt == "bf16" for p in I.weight_formats(m)) and m.lm_head.decode is not None
+    assert I.set_inference_weights(build_model(), "fp32").lm_head.decode is None
     with pytest.raises(M.ConfigError, match=r"^--weights=fp16: expected one of fp32, bf16, int8$"):
-        M.set_inference_weights(m, "fp16")
+        I.set_inference_weights(m, "fp16")
 
 
 INT8_LOGIT_TOLERANCE = 0.05  # max |logit difference| of the tiny model's soft-capped logits (range 0..30)
@@ -151,7 +154,7 @@ INT8_LOGIT_TOLERANCE = 0.05  # max |logit difference| of the tiny model's soft-c
 def test_quantised_logits_stay_close_to_fp32(fmt: str, tolerance: float) -> None:
     # on a tiny model with lm_head std 0.02 (logits of a trained model's scale, not the random-test 1.0)
     reference = randomize_zero_inits(M.GPT.from_hparams(tiny_hparams(row_len=256, num_layers=4)), head_std=0.02)
-    quantised = M.set_inference_weights(copy.deepcopy(reference), fmt)
+    quantised = I.set_inference_weights(copy.deepcopy(reference), fmt)
     tokens = random_tokens(2, 300, seed=1, eot_positions={0: [0, 150], 1: [0]})
     want = full_logits(reference, tokens, WINDOW)[:, 99:-1]
     decoded = teacher_forced_logits(quantised, tokens, 100, WINDOW)  # the packed kernels, one row at a time
@@ -166,7 +169,7 @@ def test_quantised_logits_stay_close_to_fp32(fmt: str, tolerance: float) -> None
 
 @pytest.fixture(scope="module")
 def compiled_model() -> M.GPT:
-    return M.compile_decoding(build_model())
+    return I.compile_decoding(build_model())
 
 
 @pytest.mark.parametrize("name", ["129", "300-past-window", "700-past-window"])
@@ -180,16 +183,16 @@ def test_compiled_decoding_greedy_equals_reference(compiled_model: M.GPT, name: 
 def test_compiled_decoding_logits_equal_eager(compiled_model: M.GPT) -> None:
     tokens = random_tokens(1, 500, seed=4, eot_positions={0: [0, 200, 333]})
     compiled = teacher_forced_logits(compiled_model, tokens, 50, WINDOW)
-    eager = teacher_forced_logits(M.compile_decoding(build_model(), on=False), tokens, 50, WINDOW)
+    eager = teacher_forced_logits(I.compile_decoding(build_model(), on=False), tokens, 50, WINDOW)
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("fmt, length, seed, eot", [("int8", 400, 5, 150), ("bf16", 300, 6, 100)])
 def test_compiled_rounded_decoding_matches_eager(fmt: str, length: int, seed: int, eot: int) -> None:
-    m = M.set_inference_weights(build_model(), fmt)
+    m = I.set_inference_weights(build_model(), fmt)
     tokens = random_tokens(1, length, seed=seed, eot_positions={0: [0, eot]})
     eager = teacher_forced_logits(m, tokens, 20, WINDOW)
-    compiled = teacher_forced_logits(M.compile_decoding(m), tokens, 20, WINDOW)
+    compiled = teacher_forced_logits(I.compile_decoding(m), tokens, 20, WINDOW)
     torch.testing.assert_close(compiled, eager, atol=0.05, rtol=0)
 
 
@@ -197,13 +200,13 @@ def test_compiled_rounded_decoding_matches_eager(fmt: str, length: int, seed: in
 
 
 @pytest.mark.parametrize("fmt", ["int8", "bf16"])
-@pytest.mark.parametrize("rows", [64, 300])  # whole tiles of M.TILE_ROWS, and a size streamed by rows
+@pytest.mark.parametrize("rows", [64, 300])  # whole tiles of I.TILE_ROWS, and a size streamed by rows
 def test_streamed_product_equals_the_packed_product(fmt: str, rows: int) -> None:
     w = torch.randn(rows, 48, generator=torch.Generator().manual_seed(rows))
-    packed = M.PackedWeight(w, fmt)
+    packed = I.PackedWeight(w, fmt)
     assert packed.tiled is None  # until compiled steps need it (compile_decoding)
     packed.tile()
-    assert (packed.tiled is None) == (rows % M.TILE_ROWS != 0)
+    assert (packed.tiled is None) == (rows % I.TILE_ROWS != 0)
     x = torch.randn(1, 1, 48, generator=torch.Generator().manual_seed(1))
     ref = x.bfloat16().float() @ packed.dequantized().T  # bf16 activations, the rounded matrix, fp32 sums
     got = packed.streamed(x)
@@ -212,27 +215,34 @@ def test_streamed_product_equals_the_packed_product(fmt: str, rows: int) -> None
 
 
 def test_compile_decoding_makes_and_drops_the_tiled_copies() -> None:
-    m = M.set_inference_weights(build_model(), "int8")
-    packed = [m.lm_head.packed] + [b.attn.packed_qkv for b in m.blocks if b.attn is not None]
+    m = I.set_inference_weights(build_model(), "int8")
+    packed = [m.lm_head.decode] + [b.attn.qkv_decode for b in m.blocks if b.attn is not None]
     assert all(p.tiled is None for p in packed)
-    M.compile_decoding(m)
+    I.compile_decoding(m)
     assert all(p.tiled is not None for p in packed)  # the tiny model's rows are whole tiles
-    M.compile_decoding(m, on=False)
+    I.compile_decoding(m, on=False)
     assert all(p.tiled is None for p in packed) and m.decode_fn is None
 
 
 def test_streamed_matvec_and_stored_compute_what_they_replace() -> None:
     x, w = torch.randn(1, 1, 40), torch.randn(24, 40)
-    torch.testing.assert_close(M.streamed_matvec(x, w), x @ w.T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(I.streamed_matvec(x, w), x @ w.T, atol=1e-5, rtol=1e-5)
     scale = torch.rand(24)
-    torch.testing.assert_close(M.streamed_matvec(x, w, scale), (x @ w.T) * scale, atol=1e-5, rtol=1e-5)
-    assert torch.equal(M.stored(x), x)
+    torch.testing.assert_close(I.streamed_matvec(x, w, scale), (x @ w.T) * scale, atol=1e-5, rtol=1e-5)
+    assert torch.equal(I.stored(x), x)
 
 
-def test_one_token_norm_equals_rms_norm() -> None:
-    x = torch.randn(3, 1, 4, 64) * 5
-    torch.testing.assert_close(M.one_token_norm(x), torch.nn.functional.rms_norm(x, (64,)), atol=1e-6, rtol=1e-6)
-    assert M.one_token_norm(torch.zeros(1, 1, 8)).eq(0).all()  # eps keeps a zero row finite
+def test_a_compiled_one_row_projection_of_a_normed_row_equals_rms_norm_and_the_product() -> None:
+    # the fp32 format streams the weight from a stored input, so the norm's reciprocal root is computed once per
+    # row (not per weight vector) while the numbers stay those of rms_norm and the plain product; eps keeps a zero
+    # row finite
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    fmt = I.WeightFormat()
+    step = torch.compile(lambda x: fmt(torch.nn.functional.rms_norm(x, (64,)), w))
+    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(1)) * 5
+    want = torch.nn.functional.linear(torch.nn.functional.rms_norm(x, (64,)), w)
+    torch.testing.assert_close(step(x), want, atol=1e-5, rtol=1e-5)
+    assert step(torch.zeros(1, 1, 64)).eq(0).all()
 
 
 def test_one_query_attention_equals_sdpa_with_the_mask() -> None:
@@ -241,7 +251,7 @@ def test_one_query_attention_equals_sdpa_with_the_mask() -> None:
     mask = torch.rand(2, 1, 1, 40, generator=g) < 0.5
     mask[..., 7] = True  # the query's own slot is always visible
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.12)
-    torch.testing.assert_close(M.one_query_attention(q, k, v, mask, 0.12), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(I.one_query_attention(q, k, v, mask, 0.12), ref, atol=1e-5, rtol=1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -259,7 +269,7 @@ def test_greedy_agreement_by_hand() -> None:
 def test_quality_rows_compare_each_format_with_fp32(long_logs: dict) -> None:
     import bench
 
-    eager = [(fmt, fmt, False) for fmt in M.INFERENCE_WEIGHTS]  # compiled steps: tested against eager above
+    eager = [(fmt, fmt, False) for fmt in I.INFERENCE_WEIGHTS]  # compiled steps: tested against eager above
     rows = bench.bench_quality(str(long_logs["base"]), str(long_logs["logs"]), prompts=3, new_tokens=6, rows=2,
                                paths=eager)
     assert [(r["path"], r["weights"], r["compiled"]) for r in rows] == eager

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import eval as EV
+import inference as I
 import model as M
 from conftest import CPU, eval_json, random_documents, randomize_zero_inits, script, tiny_args, write_checkpoint
 
@@ -241,7 +242,7 @@ def test_multiple_choice_picks_the_certain_ending(choice_ckpt: Path, tok: M.Toke
     assert out["choices"] == dict(file=str(right), examples=3, acc=1.0, acc_norm=1.0)
     out = eval_json("--checkpoint", str(choice_ckpt), "--hellaswag", str(right), "--limit", "2")
     assert out["choices"]["examples"] == 2
-    im = M.load_for_inference(str(choice_ckpt), device="cpu", dtype="fp32")
+    im = I.load_for_inference(str(choice_ckpt), device="cpu", dtype="fp32")
     wrong = write_choices(tmp_path / "wrong.jsonl", right=False)
     assert EV.eval_choices(im, str(wrong), 0) == dict(file=str(wrong), examples=3, acc=0.0, acc_norm=0.0)
 

@@ -43,6 +43,7 @@ from torch import Tensor
 from conftest import REPO_DIR, never_stopping_model, random_tokens, randomize_zero_inits, tiny_hparams, \
     write_checkpoint
 
+import inference as I
 import model as M
 
 # one xdist worker for the whole file (pytest.ini: --dist loadgroup): a session fixture is made once per worker,
@@ -362,7 +363,7 @@ def stops_and_limit(kind: str) -> tuple[tuple[int, ...], int]:
 def greedy_pair(exports: dict, name: str, kind: str, prompt: list[int], n: int) -> tuple[list[int], list[int]]:
     model, hp, _ = ours(exports, name)
     stops, limit = stops_and_limit(kind)
-    want = [s[0] for s in M.generate(model, prompt, window_blocks=M.final_window_blocks(hp), max_new_tokens=n,
+    want = [s[0] for s in I.generate(model, prompt, window_blocks=M.final_window_blocks(hp), max_new_tokens=n,
                                      vocab_limit=limit, stop_ids=stops)]
     with torch.no_grad():
         out = hf_model(exports, name).generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)

@@ -24,7 +24,7 @@ from conftest import ft_args, metric_rows, run, tiny_hparams
 
 EOT = M.EOT_ID
 SYS, USR, AST, END = (M.CHAT_SPECIAL_TOKENS[t] for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"))
-IGNORE = FT.IGNORE
+IGNORE = M.IGNORE_INDEX
 CONTEXT = 128  # the parent's row_len: the longest conversation a row holds
 
 

@@ -1,4 +1,4 @@
-"""model.py's generation section: the KV cache against the full-forward reference, several samples, sampling, stop
+"""inference.py's generation: the KV cache against the full-forward reference, several samples, sampling, stop
 tokens, the KVCache itself and streaming decode (the chat template: tests/test_data.py; checkpoint kinds:
 tests/test_config_and_checkpoints.py).
 
@@ -10,60 +10,21 @@ import pytest
 import torch
 from torch import Tensor
 
+import inference as I
 import model as M
-from conftest import doc_ids, random_documents, random_tokens, randomize_zero_inits, tiny_hparams
+from conftest import (NEW_TOKENS, PROMPTS, WINDOW, build_model, doc_ids, greedy, prompt_tokens, random_documents,
+                      random_tokens, randomize_zero_inits, reference_choices, tiny_hparams)
 
 S = M.BLOCK_SIZE  # 128-token attention blocks
-WINDOW = 2  # blocks: 256 tokens, so the 300- and 700-token prompts below are longer than the window
-NEW_TOKENS = 30
 
 
 # -----------------------------------------------------------------------------
 # Helpers
 
 
-def build_model(seed: int = 1) -> M.GPT:
-    """4 layers (so long and short windows both occur), 256-token rotary table, non-zero output projections."""
-    torch.manual_seed(0)
-    return randomize_zero_inits(M.GPT.from_hparams(tiny_hparams(row_len=256, num_layers=4)), seed=seed).eval()
-
-
 @pytest.fixture(scope="module")
 def model() -> M.GPT:
     return build_model()
-
-
-def prompt_tokens(n: int, eots: list[int], seed: int = 0) -> list[int]:
-    """n random tokens below <|endoftext|>, with <|endoftext|> exactly at positions eots."""
-    return random_tokens(1, n, seed=seed, eot_positions={0: eots})[0].tolist()
-
-
-def greedy(model: M.GPT, prompt: list[int], n: int, use_cache: bool, window_blocks: int = WINDOW) -> list[int]:
-    """n greedy tokens of one sample with no stop token."""
-    steps = list(M.generate(model, prompt, window_blocks=window_blocks, max_new_tokens=n, stop_ids=(),
-                            use_cache=use_cache))
-    assert all(len(step) == 1 and step[0] is not None for step in steps)
-    return [step[0] for step in steps]
-
-
-def reference_choices(model: M.GPT, prompt: list[int], generated: list[int], window_blocks: int = WINDOW) -> list[int]:
-    """The greedy token the reference path picks after each prefix prompt + generated[:t], t = 0..n-1.
-
-    reference_logits of every prefix in one batch: each row is one prefix padded with zeros to whole blocks, as
-    reference_logits pads it, and only its last real row goes through lm_head (one forward instead of n).
-    """
-    seq = torch.tensor(prompt + generated[:-1])
-    lengths = torch.arange(len(prompt), len(seq) + 1)  # (n,)
-    rows = torch.zeros(len(lengths), -(-len(seq) // S) * S, dtype=torch.long)  # (n, T), T in whole blocks
-    for r, n in enumerate(lengths.tolist()):
-        rows[r, :n] = seq[:n]
-    with torch.no_grad():
-        # the library's reference for the first and the longest prefix (this also grows the rotary table)
-        ends = [M.reference_logits(model, seq[None, :n], window_blocks) for n in (len(prompt), len(seq))]
-        x = model.hidden_states(rows, *model.attention_masks(rows, window_blocks))
-        logits = model.logits(x[torch.arange(len(lengths)), lengths - 1])  # (n, V)
-    torch.testing.assert_close(logits[[0, -1]], torch.cat(ends), atol=1e-5, rtol=0)
-    return logits[:, :M.EOT_ID + 1].argmax(dim=-1).tolist()  # generate()'s default vocab_limit
 
 
 def padded_dense_rows(docs_BT: Tensor, window_blocks: int) -> Tensor:
@@ -76,17 +37,6 @@ def padded_dense_rows(docs_BT: Tensor, window_blocks: int) -> Tensor:
 
 # -----------------------------------------------------------------------------
 # KV cache against the reference
-
-
-PROMPTS = {  # name: (length, <|endoftext|> positions)
-    "one-token": (1, [0]),
-    "five-no-eot": (5, []),
-    "127": (127, [0, 60]),
-    "128": (128, [0, 64]),
-    "129": (129, [0, 100, 128]),
-    "300-past-window": (300, [0, 170, 260]),
-    "700-past-window": (700, [0, 200, 333, 650]),
-}
 
 
 @pytest.mark.parametrize("name", list(PROMPTS))
@@ -121,7 +71,7 @@ def test_kv_cache_equals_reference_when_model_emits_eot_mid_block(eot_model: M.G
     assert any(p % S for p in eot_positions), f"no <|endoftext|> mid-block: {eot_positions}"
     assert cached == reference_choices(eot_model, prompt, cached)
     # with the default stop_ids the same run ends at the first <|endoftext|>, which is not yielded
-    stopped = [s[0] for s in M.generate(eot_model, prompt, window_blocks=WINDOW, max_new_tokens=60)]
+    stopped = [s[0] for s in I.generate(eot_model, prompt, window_blocks=WINDOW, max_new_tokens=60)]
     assert stopped == cached[:cached.index(M.EOT_ID)]
 
 
@@ -140,15 +90,15 @@ CHUNKS = [0, 128, 384, 512, 640]
 
 
 @pytest.mark.parametrize("window_blocks", [1, 2, 3, 1 << 20])
-def test_forward_cached_chunks_equal_forward(model: M.GPT, window_blocks: int) -> None:
+def test_prefill_chunks_equal_forward(model: M.GPT, window_blocks: int) -> None:
     # Prefill and block-wise decoding must reproduce the training forward's logits, with documents starting
     # mid-block (row 0) and one long document (row 1), for windows shorter and longer than the sequence.
     tokens = random_tokens(2, CHUNKS[-1], seed=11, eot_positions={0: [0, 100, 300, 420], 1: [0]})
     model.ensure_positions(CHUNKS[-1])  # the full forward needs the table too, whichever test ran first
     with torch.no_grad():
         full = model(tokens, None, window_blocks)
-        cache = M.KVCache(model, 2, CHUNKS[-1])
-        parts = [model.forward_cached(tokens[:, a:b], cache, window_blocks) for a, b in zip(CHUNKS, CHUNKS[1:])]
+        cache = I.KVCache(model, 2, CHUNKS[-1])
+        parts = [I.prefill(model, tokens[:, a:b], cache, window_blocks) for a, b in zip(CHUNKS, CHUNKS[1:])]
     assert cache.pos == CHUNKS[-1]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
     # the last chunk reads only the window: block 4 (window 1) or blocks 3-4 (window 2: row 0's block 3 is
@@ -168,7 +118,7 @@ def test_cached_mask_rows_equal_dense_rows(window_blocks: int) -> None:
         T = docs.size(1)
         dense = padded_dense_rows(docs, window_blocks)
         for q_start in (0, 64, 128, 256, T - 1):
-            first, rows = M.cached_mask_rows(docs, q_start, window_blocks)
+            first, rows = I.cached_mask_rows(docs, q_start, window_blocks)
             assert first % S == 0 and first <= q_start
             assert rows.shape == (2, 1, T - q_start, T - first)
             assert torch.equal(rows, dense[:, :, q_start:, first:]), (T, q_start)
@@ -183,9 +133,6 @@ def test_rotary_ensure_length_keeps_table_and_allows_long_prompts() -> None:
     assert all(b.attn.rotary is rotary for b in m.blocks)  # one table shared by every layer
     cos, sin = rotary.cos.clone(), rotary.sin.clone()
     assert cos.size(0) == 256
-    tokens = random_tokens(1, 384, seed=0, eot_positions={0: [0]})
-    with pytest.raises(ValueError, match=r"sequence of 384 tokens exceeds the rotary table \(256\)"):
-        m(tokens, None, WINDOW)
     rotary.ensure_length(100)  # shorter: nothing to do
     assert torch.equal(rotary.cos, cos)
     rotary.ensure_length(300)
@@ -198,6 +145,21 @@ def test_rotary_ensure_length_keeps_table_and_allows_long_prompts() -> None:
     assert cached == reference_choices(m, prompt, cached)
 
 
+def test_a_forward_longer_than_the_rotary_table_grows_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A library user's load_model(...) then model(x): any length works eagerly, as if ensure_positions had been
+    # called first; compiled code cannot grow a buffer, so it names the call to make before compiling.
+    tokens = random_tokens(1, 384, seed=0, eot_positions={0: [0]})
+    grown, sized = build_model(), build_model()
+    sized.ensure_positions(384)
+    with torch.no_grad():
+        assert torch.equal(grown(tokens, None, WINDOW), sized(tokens, None, WINDOW))
+    assert grown.blocks[0].attn.rotary.cos.size(0) == 384
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(ValueError, match=r"^sequence of 512 tokens exceeds the rotary table \(384\); call "
+                                         r"GPT.ensure_positions before compiling$"):
+        grown(random_tokens(1, 512, seed=1, eot_positions={0: [0]}), None, WINDOW)
+
+
 # -----------------------------------------------------------------------------
 # Several samples, sampling, stop tokens
 
@@ -207,22 +169,22 @@ def test_num_samples(model: M.GPT) -> None:
     # sampled ones must differ from each other and be reproducible from the seed.
     prompt = prompt_tokens(150, [0, 70], seed=2)
     kw = dict(window_blocks=WINDOW, max_new_tokens=20, stop_ids=())
-    one = [s[0] for s in M.generate(model, prompt, **kw)]
-    three = list(M.generate(model, prompt, num_samples=3, **kw))
+    one = [s[0] for s in I.generate(model, prompt, **kw)]
+    three = list(I.generate(model, prompt, num_samples=3, **kw))
     assert [list(s) for s in zip(*three)] == [one] * 3
-    sampled = [list(s) for s in zip(*M.generate(model, prompt, temperature=1.0, seed=3, num_samples=3, **kw))]
+    sampled = [list(s) for s in zip(*I.generate(model, prompt, temperature=1.0, seed=3, num_samples=3, **kw))]
     assert len(sampled) == 3 and all(len(s) == 20 for s in sampled)
     assert sampled[0] != sampled[1] and sampled[1] != sampled[2] and sampled[0] != sampled[2]
-    again = [list(s) for s in zip(*M.generate(model, prompt, temperature=1.0, seed=3, num_samples=3, **kw))]
+    again = [list(s) for s in zip(*I.generate(model, prompt, temperature=1.0, seed=3, num_samples=3, **kw))]
     assert again == sampled
-    other = [list(s) for s in zip(*M.generate(model, prompt, temperature=1.0, seed=4, num_samples=3, **kw))]
+    other = [list(s) for s in zip(*I.generate(model, prompt, temperature=1.0, seed=4, num_samples=3, **kw))]
     assert other != sampled
 
 
 def draws(logits_V: Tensor, n: int = 4000, seed: int = 0, **kw: float) -> list[int]:
     """n samples of sample_next from one row of logits (one call on n copies of the row)."""
     gen = torch.Generator().manual_seed(seed)
-    return M.sample_next(logits_V.expand(n, -1), gen, **kw).tolist()
+    return I.sample_next(logits_V.expand(n, -1), gen, **kw).tolist()
 
 
 def test_sample_next_seed_and_temperature_zero() -> None:
@@ -232,7 +194,7 @@ def test_sample_next_seed_and_temperature_zero() -> None:
     assert draws(logits, seed=1, temperature=1.0) == draws(logits, seed=1, temperature=1.0)
     assert draws(logits, seed=1, temperature=1.0) != draws(logits, seed=2, temperature=1.0)
     rows = torch.randn(64, 1000)
-    greedy_ids = M.sample_next(rows, torch.Generator().manual_seed(0), temperature=0.0)
+    greedy_ids = I.sample_next(rows, torch.Generator().manual_seed(0), temperature=0.0)
     assert torch.equal(greedy_ids, rows.argmax(dim=-1))
 
 
@@ -264,7 +226,7 @@ def test_top_p_samples_only_the_nucleus(top_p: float, temperature: float) -> Non
 def test_top_p_tiny_keeps_the_top_token() -> None:
     # However small top_p is, the most likely token stays, so sampling degenerates to greedy, never to nothing.
     rows = torch.randn(200, 100)
-    ids = M.sample_next(rows, torch.Generator().manual_seed(0), temperature=1.0, top_p=1e-6)
+    ids = I.sample_next(rows, torch.Generator().manual_seed(0), temperature=1.0, top_p=1e-6)
     assert torch.equal(ids, rows.argmax(dim=-1))
 
 
@@ -281,10 +243,10 @@ def test_vocab_limit_is_never_exceeded(model: M.GPT, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(model, "logits", prefer_padding)
     kw = dict(window_blocks=WINDOW, max_new_tokens=10, stop_ids=())
-    assert [s[0] for s in M.generate(model, prompt, vocab_limit=M.EOT_ID + 1, **kw)] == expected
-    chat = [s[0] for s in M.generate(model, prompt, vocab_limit=M.CHAT_VOCAB_LIMIT, **kw)]
+    assert [s[0] for s in I.generate(model, prompt, vocab_limit=M.EOT_ID + 1, **kw)] == expected
+    chat = [s[0] for s in I.generate(model, prompt, vocab_limit=M.CHAT_VOCAB_LIMIT, **kw)]
     assert chat == [min(M.CHAT_SPECIAL_TOKENS.values())] * 10  # greedy takes the first of the tied maxima
-    sampled = {t for step in M.generate(model, prompt, vocab_limit=M.CHAT_VOCAB_LIMIT, temperature=1.0,
+    sampled = {t for step in I.generate(model, prompt, vocab_limit=M.CHAT_VOCAB_LIMIT, temperature=1.0,
                                         num_samples=8, **kw) for t in step}
     assert sampled == set(M.CHAT_SPECIAL_TOKENS.values())  # all four chat tokens, nothing at or above the limit
 
@@ -294,19 +256,19 @@ def test_stop_ids(model: M.GPT) -> None:
     # itself is never yielded); generation ends when every sample has stopped.
     prompt = prompt_tokens(60, [0, 30], seed=9)
     kw = dict(window_blocks=WINDOW, max_new_tokens=12, temperature=1.0, seed=7, num_samples=3)
-    free = list(M.generate(model, prompt, stop_ids=(), **kw))
+    free = list(I.generate(model, prompt, stop_ids=(), **kw))
     assert len(free) == 12 and all(None not in step for step in free)
     samples = [list(s) for s in zip(*free)]
     stops = (samples[0][3], samples[1][5], samples[2][8])  # sample i stops at step 3, 5 and 8
     assert all(not set(stops) & set(s[:n]) for s, n in zip(samples, (3, 5, 8)))  # no earlier stop
     assert all(stops[0] not in s for s in samples[1:])
 
-    one_stops = list(M.generate(model, prompt, stop_ids=(stops[0],), **kw))
+    one_stops = list(I.generate(model, prompt, stop_ids=(stops[0],), **kw))
     assert len(one_stops) == 12  # the others continue to max_new_tokens
     assert [step[0] for step in one_stops] == samples[0][:3] + [None] * 9
     assert [step[1:] for step in one_stops] == [step[1:] for step in free]
 
-    all_stop = list(M.generate(model, prompt, stop_ids=stops, **kw))
+    all_stop = list(I.generate(model, prompt, stop_ids=stops, **kw))
     assert len(all_stop) == 8  # step 8, where the last sample stops, is not yielded
     expected = [s[:n] + [None] * (8 - n) for s, n in zip(samples, (3, 5, 8))]
     assert [list(s) for s in zip(*all_stop)] == expected
@@ -315,10 +277,10 @@ def test_stop_ids(model: M.GPT) -> None:
 def test_generate_bounds_and_errors(model: M.GPT) -> None:
     # max_new_tokens bounds the number of steps (0 yields nothing); an empty prompt is a clear error.
     prompt = prompt_tokens(10, [0], seed=10)
-    assert len(list(M.generate(model, prompt, window_blocks=WINDOW, max_new_tokens=7, stop_ids=()))) == 7
-    assert list(M.generate(model, prompt, window_blocks=WINDOW, max_new_tokens=0)) == []
+    assert len(list(I.generate(model, prompt, window_blocks=WINDOW, max_new_tokens=7, stop_ids=()))) == 7
+    assert list(I.generate(model, prompt, window_blocks=WINDOW, max_new_tokens=0)) == []
     with pytest.raises(ValueError, match="needs a non-empty prompt"):
-        next(M.generate(model, [], window_blocks=WINDOW, max_new_tokens=5))
+        next(I.generate(model, [], window_blocks=WINDOW, max_new_tokens=5))
 
 
 # -----------------------------------------------------------------------------
@@ -331,12 +293,12 @@ def test_kv_cache_expand_copies_are_independent(model: M.GPT) -> None:
     prompt = torch.tensor([prompt_tokens(100, [0, 50], seed=12)])
     new_B1 = torch.tensor([[11], [22], [33]])
     with torch.no_grad():
-        cache = M.KVCache(model, 1, 256)
-        model.forward_cached(prompt, cache, WINDOW)
+        cache = I.KVCache(model, 1, 256)
+        I.prefill(model, prompt, cache, WINDOW)
         k0, v0, tokens0 = [k.clone() for k in cache.k], [v.clone() for v in cache.v], cache.tokens.clone()
         a, b = cache.expand(3), cache.expand(3)
-        logits_a = model.forward_cached(new_B1, a, WINDOW)[:, -1]
-        singles = [model.forward_cached(new_B1[r:r + 1], cache.expand(1), WINDOW)[:, -1] for r in range(3)]
+        logits_a = I.prefill(model, new_B1, a, WINDOW)[:, -1]
+        singles = [I.prefill(model, new_B1[r:r + 1], cache.expand(1), WINDOW)[:, -1] for r in range(3)]
     assert (cache.pos, a.pos, b.pos) == (100, 101, 100)
     assert torch.equal(cache.tokens, tokens0) and torch.equal(b.tokens, tokens0.expand(3, -1))
     assert a.tokens[:, 100].tolist() == [11, 22, 33]
@@ -357,14 +319,14 @@ def test_kv_cache_expand_copies_are_independent(model: M.GPT) -> None:
 ])
 def test_kv_cache_overflow_is_a_clear_error(model: M.GPT, prefill: int, extra: int) -> None:
     # Feeding more tokens than the cache holds must fail with a message naming both sizes, leaving it as it was.
-    cache = M.KVCache(model, 1, 100)
+    cache = I.KVCache(model, 1, 100)
     assert cache.capacity == 128  # rounded up to whole blocks
     tokens = torch.tensor([prompt_tokens(prefill + extra, [0], seed=13)])
     with torch.no_grad():
         if prefill:
-            model.forward_cached(tokens[:, :prefill], cache, WINDOW)
+            I.prefill(model, tokens[:, :prefill], cache, WINDOW)
         with pytest.raises(ValueError, match=f"KV cache holds 128 tokens; {prefill + extra} requested"):
-            model.forward_cached(tokens[:, prefill:], cache, WINDOW)
+            I.prefill(model, tokens[:, prefill:], cache, WINDOW)
     assert cache.pos == prefill
 
 
@@ -394,7 +356,7 @@ def test_stream_decoder_holds_split_characters(tok: M.Tokenizer) -> None:
     split = [t for t in ids if not is_utf8(tok.token_bytes(t))]
     assert len(split) >= 4, "the example must split characters across tokens"
     assert "\ufffd" in "".join(tok.decode([t]) for t in ids)  # what decoding token by token would show
-    decoder = M.StreamDecoder(tok)
+    decoder = I.StreamDecoder(tok)
     pieces = [decoder.add(t) for t in ids] + [decoder.flush()]
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import eval as EV
+import inference as I
 import model as M
 from conftest import REPO_DIR, randomize_zero_inits, run, tiny_hparams, write_checkpoint
 
@@ -71,7 +72,7 @@ def test_multiple_choice_equals_eval_py(setup: dict[str, Path]) -> None:
     assert choices["examples"] == results["sample_len"] == MC_EXAMPLES
     assert (choices["acc"], choices["acc_norm"]) == (results["acc,none"], results["acc_norm,none"])
     assert 0 < choices["acc"] < 1 and 0 < choices["acc_norm"] < 1  # not a degenerate model that always ties
-    im = M.load_for_inference(str(setup["ckpt"]), device="cpu", dtype="fp32")
+    im = I.load_for_inference(str(setup["ckpt"]), device="cpu", dtype="fp32")
     for sample in sorted(samples, key=lambda s: s["doc_id"])[:10]:
         doc = sample["doc"]
         expected = EV.ending_logprobs(im, im.tokenizer.encode_document(doc["ctx"]),

@@ -115,7 +115,7 @@ def test_the_compile_notice_is_one_line_on_rank_0_of_a_compiled_run(capsys: pyte
 
     R.announce_compile(rt(True, 0))
     out, err = capsys.readouterr()
-    assert out == "" and err == M.compile_notice("the model") + "\n"
+    assert out == "" and err == R.compile_notice("the model") + "\n"
     assert err.startswith("compiling the model with torch.compile (first steps and first validation only; about ")
     for quiet in (rt(True, 1), rt(False, 0)):
         R.announce_compile(quiet)

@@ -290,9 +290,10 @@ def test_unwritable_tracker_dir_is_a_config_error(tmp_path: Path) -> None:
 
 def test_unknown_tracker_name_is_a_config_error() -> None:
     """--trackers accepts only tensorboard and wandb (spaces around commas allowed); anything else is named."""
-    tiny_hparams(trackers=" tensorboard , wandb ").validate(1)
+    R.check_tracker_names(tiny_hparams(trackers=" tensorboard , wandb "))
+    assert R.tracker_names(tiny_hparams(trackers=" tensorboard , wandb ")) == ["tensorboard", "wandb"]
     with pytest.raises(M.ConfigError) as e:
-        tiny_hparams(trackers="tensorboard,mlflow").validate(1)
+        R.check_extensions(tiny_hparams(trackers="tensorboard,mlflow"))
     assert str(e.value) == "--trackers='tensorboard,mlflow': unknown tracker 'mlflow' (choose from tensorboard, wandb)"
 
 

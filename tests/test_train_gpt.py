@@ -67,12 +67,12 @@ def test_import_does_no_work(tmp_path: Path) -> None:
 
 
 def test_sections_follow_model_py_order() -> None:
-    """The banners of train_gpt.py name model.py's sections, in model.py's order (atomic files, tokenizer and
-    generation excepted: the record's training writes with torch.save and needs no tokenizer; loss modifiers too:
-    it trains the record's plain loss and refuses their flags), then training."""
+    """The banners of train_gpt.py name model.py's sections, in model.py's order (files and the tokenizer excepted:
+    the record's training reads its shards by glob, writes with torch.save and needs no tokenizer; loss modifiers
+    too: it trains the record's plain loss and refuses their flags), then training."""
     banner = re.compile(r"^# -{77}\n# (\w[\w ]*?)(?::.*)?$", re.MULTILINE)
     ours = banner.findall(SOURCE)
-    skipped = ("Atomic files", "Loss modifiers", "Tokenizer and chat format", "Generation")
+    skipped = ("Files", "Loss modifiers", "Tokenizer and chat format")
     lib = [s for s in banner.findall((REPO_DIR / "model.py").read_text()) if s not in skipped]
     assert ours == lib + ["Training"], ours
 
