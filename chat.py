@@ -32,6 +32,17 @@ Ctrl-C stops a reply and keeps what was written; Ctrl-C at the prompt does nothi
 SETTINGS = {"temperature": float, "top_k": int, "top_p": float, "max_new_tokens": int, "seed": int}
 
 
+def setting_problem(name: str, value: float) -> str | None:
+    """What is wrong with a sampling setting (a flag or a /command), or None."""
+    if name in ("temperature", "top_k") and value < 0:
+        return "must be >= 0"
+    if name == "top_p" and not 0 < value <= 1:
+        return "must be in (0, 1]"
+    if name == "max_new_tokens" and value < 1:
+        return "must be >= 1"
+    return None
+
+
 @dataclass
 class Conversation:
     system: str = ""
@@ -156,10 +167,11 @@ class Chat:
         if word.startswith("/") and name in SETTINGS:
             try:
                 value = SETTINGS[name](rest.strip())
-                if value < 0 or (name == "top_p" and not 0 < value <= 1) or (name == "max_new_tokens" and value < 1):
-                    raise ValueError
             except ValueError:
                 self.say(f"[/{name} needs a valid {SETTINGS[name].__name__}, got {rest.strip()!r}]")
+                return True
+            if problem := setting_problem(name, value):
+                self.say(f"[/{name} {problem}, got {rest.strip()}]")
                 return True
             setattr(self.settings, name, value)
             self.say(f"[{name} = {value}]")
@@ -227,8 +239,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=0, help="tokens of conversation kept (default: the model's "
                    "row length, at least 1024, at most 4096)")
     args = p.parse_args(argv)
-    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
-        p.error("--temperature and --top-k must be >= 0, --top-p in (0, 1], --max-new-tokens >= 1")
+    for name in ("temperature", "top_k", "top_p", "max_new_tokens"):
+        if problem := setting_problem(name, getattr(args, name)):
+            p.error(f"--{name.replace('_', '-')}={getattr(args, name)} {problem}")
     if args.context and args.context < 2 * M.BLOCK_SIZE:
         p.error(f"--context={args.context} must be at least {2 * M.BLOCK_SIZE}")
     return args

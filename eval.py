@@ -3,12 +3,14 @@
     python eval.py                                     # latest checkpoint under logs/: val metrics + samples
     python eval.py --checkpoint logs/RUN/state_step000075.pt --val-tokens 65536
     python eval.py --text notes.txt                    # the same metrics on any UTF-8 text file
-    python eval.py --prompt "ROMEO." --num-samples 3 --temperature 0.8 --max-new-tokens 80
+    python eval.py --prompt "ROMEO." --num-samples 3 --temperature 0.8 --max-new-tokens 80   # samples only
+    python eval.py --val --prompt "ROMEO."             # the val metrics too
     python eval.py --hellaswag data/hellaswag/hellaswag_val.jsonl     # after `python data/hellaswag.py`
     python eval.py --chat-eval data/chat_tasks/heldout.json     # exact match of chat replies + assistant loss
     python eval.py --json                              # the results as JSON on stdout
 
-Results also go to logs/<run_id>/eval_<step>.json beside the checkpoint, with every setting that produced them.
+Results also go to logs/<run_id>/eval_<step>.json beside the checkpoint, merged by section (val, text, choices, chat,
+samples) with what earlier runs wrote there, with the settings each section was computed with ("runs").
 """
 from __future__ import annotations
 
@@ -52,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--val-files", help="glob of validation shards (default: the checkpoint's)")
     p.add_argument("--val-tokens", type=val_budget, help="token budget for the loss: a multiple of the checkpoint's "
                    "val_seq_len, or 'all' (every full row of the split; default: the checkpoint's budget)")
+    p.add_argument("--val", action="store_true", help="score the validation split also when --text, --hellaswag, "
+                   "--chat-eval or --prompt is given (without them it is scored anyway)")
     p.add_argument("--text", help="UTF-8 text file to score instead of the validation shards")
     p.add_argument("--hellaswag", help="multiple-choice JSONL (ctx, endings, label per line)")
     p.add_argument("--chat-eval", help="held-out conversations (finetune.py's format): exact match of the generated "
@@ -74,8 +78,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 0")
     if isinstance(args.val_tokens, int) and args.val_tokens < 1:
         p.error(f"--val-tokens={args.val_tokens} must be positive")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        p.error("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
+    for name, ok, rule in (("temperature", args.temperature >= 0, ">= 0"), ("top_k", args.top_k >= 0, ">= 0"),
+                           ("top_p", 0 < args.top_p <= 1, "in (0, 1]")):
+        if not ok:
+            p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be {rule}")
     return args
 
 
@@ -263,7 +269,9 @@ def eval_samples(im: I.InferenceModel, args: argparse.Namespace, prompts: list[s
         start = time.perf_counter()
         decoders = [I.StreamDecoder(im.tokenizer) for _ in range(args.num_samples)]
         texts = [""] * args.num_samples
-        print(f"--- sample {i + 1}/{len(prompts)} (seed {args.seed + i}) ---\n{prompt}", end="", file=out, flush=True)
+        samples = f", {args.num_samples} samples" if args.num_samples > 1 else ""
+        print(f"--- prompt {i + 1}/{len(prompts)} (seed {args.seed + i}{samples}) ---\n{prompt}", end="", file=out,
+              flush=True)
         steps = I.generate(im.model, im.tokenizer.encode_document(prompt), window_blocks=im.window_blocks,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, seed=args.seed + i, num_samples=args.num_samples,
@@ -289,7 +297,7 @@ def eval_samples(im: I.InferenceModel, args: argparse.Namespace, prompts: list[s
 
 
 def print_table(im: I.InferenceModel, results: dict[str, Any], out: Any) -> None:
-    print(f"checkpoint: {im.describe()}\ndevice: {im.device}, scoring dtype: {im.score_dtype or torch.float32}, "
+    print(f"device: {im.device}, scoring dtype: {im.score_dtype or torch.float32}, "
           f"weights: {im.weights}, "
           f"attention window: {im.window_blocks * M.BLOCK_SIZE} tokens", file=out)
     rows = []
@@ -320,13 +328,32 @@ def print_table(im: I.InferenceModel, results: dict[str, Any], out: Any) -> None
         print(f"{metric:<28} {value:>10}  {note}".rstrip(), file=out)
 
 
+SECTIONS = {"val": ("val",), "text": ("text",), "choices": ("choices",), "chat": ("chat",),
+            "samples": ("samples", "sampling")}  # what one kind of evaluation writes into the results file
+RUN_SETTINGS = ("device", "dtype", "weights", "compiled_decoding", "window_tokens", "eval_seconds")
+
+
+def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The results file after this run: every section an earlier run wrote and this one did not compute is kept;
+    this run's sections replace theirs; "runs" says, per section, the settings and date it was computed with."""
+    merged = {**old, **new}
+    settings = {k: new[k] for k in RUN_SETTINGS if k in new} | {"date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    merged["runs"] = {**old.get("runs", {}), **{kind: settings for kind, keys in SECTIONS.items() if keys[0] in new}}
+    return merged
+
+
 def write_results(im: I.InferenceModel, results: dict[str, Any]) -> Path | None:
     """logs/<run_id>/eval_<step>.json beside the checkpoint (eval_<step>_int8.json etc. for rounded weights, so they
-    never replace the reference's), written atomically; None if not writable."""
+    never replace the reference's), merged by section with what earlier runs wrote there (merge_results) and
+    written atomically; None if not writable."""
     path = im.path.parent / f"eval_{im.step}{'' if im.weights == 'fp32' else '_' + im.weights}.json"
     try:
+        old = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        old = {}  # unreadable: this run's results replace it
+    try:
         with M.atomic_write(path, "w") as f:
-            f.write(json.dumps(results, indent=2) + "\n")
+            f.write(json.dumps(merge_results(old if isinstance(old, dict) else {}, results), indent=2) + "\n")
     except OSError as e:
         print(f"eval.py: warning: results not saved to {path} ({e.strerror})", file=sys.stderr)
         return None
@@ -341,9 +368,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                    device=str(im.device), dtype=str(im.score_dtype or torch.float32),
                                    weights=im.weights, compiled_decoding=im.compiled,
                                    window_tokens=im.window_blocks * M.BLOCK_SIZE)
+    print(f"checkpoint: {im.describe()}", file=out, flush=True)
     start = time.perf_counter()
     default = not (args.text or args.hellaswag or args.prompt or args.chat_eval)
-    if default:
+    if args.prompt and not (args.val or args.text or args.hellaswag or args.chat_eval):
+        print("eval.py: --prompt given: samples only (add --val to score the validation split too)", file=out)
+    if default or args.val:
         results["val"] = eval_val(im, args)
     if args.text:
         results["text"] = eval_text(im, args.text, None if args.val_tokens == "all" else args.val_tokens)

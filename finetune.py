@@ -315,7 +315,9 @@ def train(run: R.ScriptRun, hp: Hyperparameters, args: argparse.Namespace, rt: R
     n_train = sum(e.trained for e in data["train"])
     state = f"resumed at step {start_step}" if resume else "new"
     log.print(f"fine-tuning {parent_path} -> {run.run_dir.path} ({state})"
-              f" device:{rt.device} world_size:{rt.world_size} optimizer:{hp.optimizer}")
+              f" device:{rt.device} dtype:{rt.autocast_dtype or torch.float32} world_size:{rt.world_size} "
+              f"optimizer:{hp.optimizer}")
+    log.print(f"dtype_choice: {rt.dtype_reason}")
     log.print(f"data: {len(data['train'])} train / {len(data['val'])} held-out conversations ({n_train:,} trained "
               f"tokens per epoch), {len(data['skipped'])} invalid skipped, {data['truncated']} truncated at a turn "
               f"boundary, {data['dropped']} dropped (longer than the {hp.row_len or hp.train_seq_len}-token "
@@ -373,7 +375,7 @@ def train(run: R.ScriptRun, hp: Hyperparameters, args: argparse.Namespace, rt: R
 def main(argv: list[str] | None = None) -> None:
     with R.exit_policy(R.ScriptRun("finetune.py")) as run:
         run.hp, args, parent_path, parent, resume = resolve(argv)
-        run.rt = M.init_runtime(run.hp)
+        run.rt = M.init_runtime(run.hp, whole_model_on_cpu=True)  # compiled on a CPU too, as pretraining is
         run.hp.validate(run.rt.world_size)
         R.check_extensions(run.hp)
         train(run, run.hp, args, run.rt, parent_path, parent, resume)

@@ -29,11 +29,14 @@ import contextlib
 import copy
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
+import platform
 import re
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -328,6 +331,7 @@ class Runtime:
     local_rank: int = 0
     world_size: int = 1
     autocast_dtype: torch.dtype | None = None  # None = fp32
+    dtype_reason: str = ""  # why this dtype (choose_autocast), for the run header
     compile: bool = False  # whole model
     compile_head: bool = False  # only the soft-capped cross-entropy (the CPU hot spot)
 
@@ -368,25 +372,104 @@ def detect_device(name: str = "auto") -> torch.device:
     return device
 
 
-def cpu_has_fast_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 autocast pays there (docs/measurements.md, "Where the CPU time goes")."""
+BF16_MIN_SPEEDUP = 1.2  # bf16 autocast rounds every product's inputs: a CPU takes it only where clearly faster
+DTYPE_PROBE_ROWS = 128  # rows of the probed products: well under a second in fp32 on 2 cores at the default shape
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    dtype: torch.dtype | None  # autocast dtype; None = fp32
+    reason: str  # why, for the run header
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name and its bf16 instruction sets, from /proc/cpuinfo ('' where there is none)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+        return ""
+    name = re.search(r"^model name\s*:\s*(.*)$", info, re.MULTILINE)
+    units = sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16)\b", info)))
+    return " ".join([name.group(1).strip() if name else platform.machine(), *units])
 
 
-def pick_autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
-    if choice == "fp32":
-        return None
-    if choice == "bf16":
-        return torch.bfloat16
+def bf16_speedup(model_dim: int, vocab: int, rows: int = DTYPE_PROBE_ROWS, repeats: int = 2) -> float:
+    """fp32 seconds over bf16 seconds for the products that dominate a CPU training step of this shape: the lm_head's
+    forward (rows, dim) x (dim, vocab) and its input gradient (rows, vocab) x (vocab, dim), and an MLP product
+    (rows, dim) x (dim, 4 dim); the best of `repeats` after one untimed call. CPUs with the same instruction sets
+    differ here: an AVX-512 BF16 CPU without AMX ran bf16 products slower than fp32 (docs/measurements.md,
+    "CPU autocast chosen by measurement")."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(rows, model_dim, generator=g), torch.randn(vocab, model_dim, generator=g)
+    dy, w_mlp = torch.randn(rows, vocab, generator=g), torch.randn(4 * model_dim, model_dim, generator=g)
+
+    def seconds(dtype: torch.dtype) -> float:
+        a, b, c, d = (t.to(dtype) for t in (x, w, dy, w_mlp))
+        best = math.inf
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            F.linear(a, b), c @ b, F.linear(a, d)
+            best = best if i == 0 else min(best, time.perf_counter() - start)
+        return best
+
+    return seconds(torch.float32) / seconds(torch.bfloat16)
+
+
+def cpu_dtype_cache(key: str) -> Path:
+    """Where the probe's answer for `key` is kept: one file per machine, torch version and model shape, under
+    $XDG_CACHE_HOME (default ~/.cache)/modded-nanogpt/."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modded-nanogpt"
+    return root / f"cpu_dtype_{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def cpu_dtype_choice(model_dim: int, vocab: int) -> DtypeChoice:
+    """--dtype auto on a CPU: fp32 without bf16 instructions; otherwise bf16 where a probe of this model's products
+    (bf16_speedup) finds it at least BF16_MIN_SPEEDUP times as fast as fp32. The answer is kept per machine, torch
+    version and shape (cpu_dtype_cache; the first process to write it wins), so every run on a machine, a resumed
+    one included, makes the same choice and its losses stay deterministic."""
+    machine = cpu_model_name()
+    if not re.search(r"\b(avx512_bf16|amx_bf16)\b", machine):
+        return DtypeChoice(None, "auto: fp32, this CPU has no bf16 instructions (avx512_bf16, amx_bf16)")
+    key = f"{machine} | torch {torch.__version__} | dim {model_dim} vocab {vocab}"
+    path = cpu_dtype_cache(key)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        record = dict(key=key, speedup=round(bf16_speedup(model_dim, vocab), 2))
+        try:  # written whole to a temporary file, then linked into place: a reader never sees half a file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(record))
+            try:
+                os.link(tmp, path)
+            except FileExistsError:  # another process probed at the same time: its answer is every run's
+                record = json.loads(path.read_text())
+            finally:
+                tmp.unlink(missing_ok=True)
+        except (OSError, ValueError):
+            pass  # no writable cache: this run's own probe decides
+    speedup = float(record["speedup"])
+    dtype = torch.bfloat16 if speedup >= BF16_MIN_SPEEDUP else None
+    return DtypeChoice(dtype, f"auto: {'bf16' if dtype else 'fp32'}, bf16 products ran {speedup:.2f}x fp32's speed in "
+                              f"a probe of this model's shapes on this CPU ({path})")
+
+
+def choose_autocast(choice: str, device: torch.device, model_dim: int = 768, vocab: int = 50304) -> DtypeChoice:
+    """The autocast dtype of --dtype and why: bf16 or fp32 as given; auto: bf16 on CUDA GPUs that support it, the
+    probe's choice on a CPU (cpu_dtype_choice), fp32 elsewhere."""
+    if choice != "auto":
+        return DtypeChoice(torch.bfloat16 if choice == "bf16" else None, f"--dtype {choice}")
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        ok = torch.cuda.is_bf16_supported()
+        return DtypeChoice(torch.bfloat16 if ok else None, f"auto: {'bf16' if ok else 'fp32, no bf16'} on this GPU")
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_fast_bf16() else None
-    return None
+        return cpu_dtype_choice(model_dim, vocab)
+    return DtypeChoice(None, f"auto: fp32 on {device.type}")
+
+
+def pick_autocast_dtype(choice: str, device: torch.device, model_dim: int = 768, vocab: int = 50304
+                        ) -> torch.dtype | None:
+    return choose_autocast(choice, device, model_dim, vocab).dtype
 
 
 def keep_freed_memory() -> bool:
@@ -412,9 +495,9 @@ def keep_freed_memory() -> bool:
 
 def init_runtime(hp: Hyperparameters, whole_model_on_cpu: bool = False) -> Runtime:
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; plain python is one process with no process group.
-    whole_model_on_cpu: --compile=auto compiles the whole model on CPU too (pretraining: long runs of fixed shapes,
-    where it pays: docs/measurements.md, "Whole-model compile"); otherwise CPU compiles only the loss head, which
-    repays its compile in seconds."""
+    whole_model_on_cpu: --compile=auto compiles the whole model on CPU too (training: runs of fixed shapes, where it
+    pays: docs/measurements.md, "Whole-model compile"); otherwise (benchmarks, short jobs) CPU compiles only the
+    loss head, which repays its compile in seconds."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = detect_device(hp.device)
@@ -434,10 +517,26 @@ def init_runtime(hp: Hyperparameters, whole_model_on_cpu: bool = False) -> Runti
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None,
                                 timeout=timedelta(seconds=hp.collective_timeout))
     whole = device.type == "cuda" or (whole_model_on_cpu and device.type == "cpu")
+    dtype = shared_choice(lambda: choose_autocast(hp.dtype, device, hp.model_dim,
+                                                  next_multiple_of_n(hp.vocab_size, n=128)),
+                         world_size > 1 and device.type == "cpu" and hp.dtype == "auto")
     return Runtime(device=device, rank=rank, local_rank=local_rank, world_size=world_size,
-                   autocast_dtype=pick_autocast_dtype(hp.dtype, device),
+                   autocast_dtype=dtype.dtype, dtype_reason=dtype.reason,
                    compile=hp.compile == "on" or (hp.compile == "auto" and whole),
                    compile_head=hp.compile == "head" or (hp.compile == "auto" and not whole))
+
+
+def shared_choice(choose: Callable[[], DtypeChoice], distributed: bool) -> DtypeChoice:
+    """Rank 0's choice on every rank: a CPU probe on each rank (or node) could choose otherwise; one broadcast."""
+    if not distributed:
+        return choose()
+    box = [None]
+    if dist.get_rank() == 0:
+        choice = choose()
+        box = [(choice.dtype is not None, choice.reason)]
+    dist.broadcast_object_list(box, src=0)
+    bf16, reason = box[0]
+    return DtypeChoice(torch.bfloat16 if bf16 else None, reason)
 
 
 def compile_with_fallback(fn: Any, name: str, dynamic: bool | None = False) -> Any:
@@ -1563,6 +1662,8 @@ def load_conversations(path: str | Path, skip_invalid: bool = False) -> tuple[li
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty (expected conversations as JSON or JSONL)")
     numbered: list[tuple[str, Any]] = []
     line_no = 0
     try:

@@ -137,6 +137,7 @@ def open_log(rt: Runtime, hp: Hyperparameters, code: dict[str, str], raw_model, 
               f"tokens/step:{step_tokens:,} budget:{step_tokens * hp.num_iterations:,} tokens "
               f"accumulation:{hp.rank_equivalents // rt.world_size}" +
               (f" resumed_from:{hp.resume} step:{start_step}" if start_step is not None else ""))
+    log.print(f"dtype_choice: {rt.dtype_reason}")
     return log
 
 

@@ -48,10 +48,21 @@ from model import CheckpointError, ConfigError, Hyperparameters, Runtime, Traini
 # Flags: CLI, environment and .env into Hyperparameters
 
 
+def did_you_mean(name: str, choices: list[str], prefix: str = "") -> str:
+    """' (did you mean --num-iterations?)' for a close known name, else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.75)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports bad flags as one line (no usage block) and exits 2."""
+    """argparse that reports bad flags as one line (no usage block), with the closest known flag, and exits 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("unrecognized arguments: "):
+            unknown = [w.split("=")[0] for w in message.split(": ", 1)[1].split() if w.startswith("--")]
+            message += did_you_mean(unknown[0], list(self._option_string_actions)) if unknown else ""
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -105,7 +116,8 @@ def explicit_overrides(argv: list[str] | None = None, prog: str = "pretraining.p
             continue
         name = key[len(ENV_PREFIX):].lower()
         if name not in known:
-            raise ConfigError(f"environment variable {key} names no hyperparameter")
+            hint = did_you_mean(name.upper(), [k.upper() for k in known], ENV_PREFIX)
+            raise ConfigError(f"environment variable {key} names no hyperparameter{hint}")
         values[name] = raw
     # argparse turns `--flag=--` into [] (its "--" marker); the user meant the text "--"
     values.update({k: "--" if v == [] else v for k, v in args.items() if v is not None})

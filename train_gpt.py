@@ -20,6 +20,7 @@ import contextlib
 import copy
 import dataclasses
 import glob
+import hashlib
 import inspect
 import json
 import math
@@ -234,8 +235,19 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"--{_flag(name)}: invalid value {value!r} ({e})") from None
 
 
+def did_you_mean(name: str, choices: list[str], prefix: str = "") -> str:
+    """' (did you mean --num-iterations?)' for a close known name, else '' (as pretraining.py says it)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.75)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("unrecognized arguments: "):
+            unknown = [w.split("=")[0] for w in message.split(": ", 1)[1].split() if w.startswith("--")]
+            message += did_you_mean(unknown[0], list(self._option_string_actions)) if unknown else ""
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -262,7 +274,8 @@ def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None
     for key, raw in env.items():
         if key.startswith(ENV_PREFIX) and key != "NANOGPT_RANKS_FILE":
             if key[len(ENV_PREFIX):].lower() not in known:
-                raise ConfigError(f"environment variable {key} names no hyperparameter")
+                hint = did_you_mean(key[len(ENV_PREFIX):], [k.upper() for k in known], ENV_PREFIX)
+                raise ConfigError(f"environment variable {key} names no hyperparameter{hint}")
             values[key[len(ENV_PREFIX):].lower()] = raw
     values.update({k: "--" if v == [] else v for k, v in vars(build_arg_parser().parse_args(argv)).items()})
     values = {k: _coerce(k, v) for k, v in values.items() if v is not None}  # argparse reads `--flag=--` as []
@@ -288,6 +301,7 @@ class Runtime:
     local_rank: int = 0
     world_size: int = 1
     autocast_dtype: torch.dtype | None = None  # None = fp32
+    dtype_reason: str = ""  # why this dtype, for the run header
     compile: bool = False  # whole model
     compile_head: bool = False  # only the soft-capped cross-entropy (the CPU hot spot)
 
@@ -327,19 +341,82 @@ def detect_device(name: str = "auto") -> torch.device:
     return device
 
 
-def pick_autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA, and on CPUs with AVX-512 BF16 or AMX (docs/measurements.md)."""
+BF16_MIN_SPEEDUP = 1.2  # bf16 autocast rounds every product's inputs: a CPU takes it only where clearly faster
+DTYPE_PROBE_ROWS = 128  # rows of the probed products: well under a second in fp32 on 2 cores at the default shape
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name and its bf16 instruction sets, from /proc/cpuinfo ('' where there is none)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    name = re.search(r"^model name\s*:\s*(.*)$", info, re.MULTILINE)
+    units = sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16)\b", info)))
+    return " ".join([name.group(1).strip() if name else platform.machine(), *units])
+
+
+def bf16_speedup(model_dim: int, vocab: int, rows: int = DTYPE_PROBE_ROWS, repeats: int = 2) -> float:
+    """fp32 seconds over bf16 seconds of the lm_head forward, its input gradient and an MLP product of this shape,
+    best of `repeats` after one untimed call (an AVX-512 BF16 CPU without AMX ran bf16 slower: docs/measurements.md)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(rows, model_dim, generator=g), torch.randn(vocab, model_dim, generator=g)
+    dy, w_mlp = torch.randn(rows, vocab, generator=g), torch.randn(4 * model_dim, model_dim, generator=g)
+
+    def seconds(dtype: torch.dtype) -> float:
+        a, b, c, d = (t.to(dtype) for t in (x, w, dy, w_mlp))
+        best = math.inf
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            F.linear(a, b), c @ b, F.linear(a, d)
+            best = best if i == 0 else min(best, time.perf_counter() - start)
+        return best
+
+    return seconds(torch.float32) / seconds(torch.bfloat16)
+
+
+def cpu_dtype_choice(model_dim: int, vocab: int) -> tuple[torch.dtype | None, str]:
+    """--dtype auto on a CPU, as model.py chooses it and from the same per-machine cache file, so both scripts make
+    the same choice on a machine: fp32 without bf16 instructions, else bf16 where the probe finds it at least
+    BF16_MIN_SPEEDUP times as fast."""
+    machine = cpu_model_name()
+    if not re.search(r"\b(avx512_bf16|amx_bf16)\b", machine):
+        return None, "auto: fp32, this CPU has no bf16 instructions (avx512_bf16, amx_bf16)"
+    key = f"{machine} | torch {torch.__version__} | dim {model_dim} vocab {vocab}"
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modded-nanogpt"
+    path = root / f"cpu_dtype_{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        record = dict(key=key, speedup=round(bf16_speedup(model_dim, vocab), 2))
+        try:  # whole to a temporary file, then linked into place; the first process to link it wins
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(record))
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                record = json.loads(path.read_text())
+            finally:
+                tmp.unlink(missing_ok=True)
+        except (OSError, ValueError):
+            pass
+    speedup = float(record["speedup"])
+    dtype = torch.bfloat16 if speedup >= BF16_MIN_SPEEDUP else None
+    return dtype, (f"auto: {'bf16' if dtype else 'fp32'}, bf16 products ran {speedup:.2f}x fp32's speed in a probe of "
+                   f"this model's shapes on this CPU ({path})")
+
+
+def pick_autocast_dtype(choice: str, device: torch.device, model_dim: int, vocab: int) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype and why: as given; auto: bf16 on CUDA GPUs that support it, the probe's choice on a CPU."""
     if choice != "auto":
-        return torch.bfloat16 if choice == "bf16" else None
+        return torch.bfloat16 if choice == "bf16" else None, f"--dtype {choice}"
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        ok = torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if ok else None, f"auto: {'bf16' if ok else 'fp32, no bf16'} on this GPU"
     if device.type == "cpu":
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None
-        return torch.bfloat16 if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else None
-    return None
+        return cpu_dtype_choice(model_dim, vocab)
+    return None, f"auto: fp32 on {device.type}"
 
 
 def keep_freed_memory() -> bool:
@@ -375,8 +452,14 @@ def init_runtime(hp: Hyperparameters) -> Runtime:
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None,
                                 timeout=timedelta(seconds=hp.collective_timeout))  # a dead rank stops the others
     whole = device.type in ("cuda", "cpu")  # CPU too: docs/measurements.md, "Whole-model compile"
+    box = [None]
+    if rank == 0 or not (world_size > 1 and device.type == "cpu" and hp.dtype == "auto"):
+        box = [pick_autocast_dtype(hp.dtype, device, hp.model_dim, next_multiple_of_n(hp.vocab_size, n=128))]
+    if world_size > 1 and device.type == "cpu" and hp.dtype == "auto":
+        dist.broadcast_object_list(box, src=0)  # rank 0's probe decides for every rank and node
+    dtype, reason = box[0]
     return Runtime(device=device, rank=rank, local_rank=local_rank, world_size=world_size,
-                   autocast_dtype=pick_autocast_dtype(hp.dtype, device),
+                   autocast_dtype=dtype, dtype_reason=reason,
                    compile=hp.compile == "on" or (hp.compile == "auto" and whole),
                    compile_head=hp.compile == "head" or (hp.compile == "auto" and not whole))
 
@@ -1149,6 +1232,7 @@ def train(hp: Hyperparameters, rt: Runtime) -> float:
                f"compile:{'model' if rt.compile else 'loss-head' if rt.compile_head else 'off'} "
                f"world_size:{rt.world_size} accumulation:{hp.rank_equivalents // rt.world_size} params:{params:,} "
                f"tokens/step:{hp.tokens_per_step:,} log:{logfile}", logfile)
+    print0(rt, f"dtype_choice: {rt.dtype_reason}", logfile)
     window = torch.zeros((), dtype=torch.int32, device=rt.device)  # a tensor, so compile does not recompile
     warmed = warm_up(forward, raw_model, optimizers, hp, rt, window)
     if warmed:

@@ -173,11 +173,30 @@ def eval_json(*args: str) -> dict:
     return json.loads(r.stdout)
 
 
+PORTS_PER_WORKER = 500  # each pytest-xdist worker hands out ports from its own block of this size
+PORT_BASE = 20000  # below Linux's ephemeral range (32768-60999): no connection is given one of these ports
+_ports_given: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (for torchrun's rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 for torchrun's rendezvous that no other test can get: each xdist worker picks from its
+    own block below the ephemeral range (so neither another worker nor an outgoing connection, such as gloo's,
+    takes it), never hands a port out twice, and checks that nothing listens on it now. A port asked of the
+    kernel and closed again (port 0) could be handed to the next worker, or to a connection, before torchrun
+    binds it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    block = PORT_BASE + PORTS_PER_WORKER * (int(worker[2:]) if worker[2:].isdigit() else 0)
+    for port in range(block, block + PORTS_PER_WORKER):
+        if port in _ports_given:
+            continue
+        _ports_given.add(port)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port left in {block}..{block + PORTS_PER_WORKER - 1}")
 
 
 def read_metrics(run_dir: Path) -> tuple[list[float], list[float]]:

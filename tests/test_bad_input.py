@@ -139,6 +139,10 @@ CASES: list[Case] = [
     pt("num-iterations-not-int", "{tiny} --num-iterations abc", "shards", "--num-iterations: invalid value 'abc'"),
     pt("num-iterations-zero", "{tiny} --num-iterations 0", "shards", "--num-iterations=0 must be positive"),
     pt("unknown-flag", "{tiny} --bogus-flag 1", "shards", "unrecognized arguments: --bogus-flag"),
+    pt("flag-typo", "{tiny} --num-iteration 5", "shards",
+       "unrecognized arguments: --num-iteration 5 (did you mean --num-iterations?)"),
+    pt("env-typo", "{tiny}", "shards", "environment variable NANOGPT_NUM_ITERATION names no hyperparameter (did you "
+       "mean NANOGPT_NUM_ITERATIONS?)", env={"NANOGPT_NUM_ITERATION": "3"}),
     pt("num-layers-odd", "{tiny} --num-layers 3", "shards", "--num-layers=3 must be even"),
     pt("train-glob-matches-nothing", "{tiny} --train-files /nonexistent/x_*.bin", "shards",
        "no files match '/nonexistent/x_*.bin'"),
@@ -206,6 +210,8 @@ CASES: list[Case] = [
     # train_gpt.py (moved from test_train_gpt.py: the first seven)
     tg("num-iterations-not-int", "{tiny} --num-iterations abc", "shards", "--num-iterations: invalid value 'abc'"),
     tg("unknown-flag", "{tiny} --bogus-flag 1", "shards", "unrecognized arguments: --bogus-flag"),
+    tg("flag-typo", "{tiny} --num-iteration 5", "shards",
+       "unrecognized arguments: --num-iteration 5 (did you mean --num-iterations?)"),
     tg("num-layers-odd", "{tiny} --num-layers 3", "shards", "--num-layers=3 must be even"),
     tg("train-glob-matches-nothing", "{tiny} --train-files /nonexistent/x_*.bin", "shards",
        "no files match '/nonexistent/x_*.bin'"),
@@ -277,8 +283,9 @@ CASES: list[Case] = [
     # finetune.py: more files
     ft("not-utf8-inside", "{ft}", "base", D + "not UTF-8 text (byte 65)",
        files=dj(b'{"conversations": [{"messages": [{"role": "user", "content": "caf\xe9"}]}]}')),
-    ft("empty-file", "{ft}", "base", D + "not valid JSON (line 1 column 1: ", files=dj("")),
-    ft("empty-jsonl", "{ft} --data {in}/d.jsonl", "base", DL + "no valid conversations", files=dj("\n\n", "d.jsonl")),
+    ft("empty-file", "{ft}", "base", D + "the file is empty (expected conversations as JSON or JSONL)", files=dj("")),
+    ft("empty-jsonl", "{ft} --data {in}/d.jsonl", "base", DL + "the file is empty (expected conversations as JSON or "
+       "JSONL)", files=dj("\n\n", "d.jsonl")),
     ft("top-level-number", "{ft}", "base", D + "expected an object with a 'conversations' list", files=dj("42")),
     ft("conversations-not-list", "{ft}", "base", D + "expected an object with a 'conversations' list",
        files=dj('{"conversations": {"messages": []}}')),
@@ -321,7 +328,7 @@ CASES: list[Case] = [
     ev("max-new-tokens-negative", "{ev} --max-new-tokens -1", "base", "--max-new-tokens=-1 must be >= 0"),
     ev("val-tokens-zero", "{ev} --val-tokens 0", "base", "--val-tokens=0 must be positive"),
     ev("val-tokens-word", "{ev} --val-tokens most", "base", "argument --val-tokens: invalid val_budget value: 'most'"),
-    ev("top-p-zero", "{ev} --top-p 0", "base", "--top-p in (0, 1]"),
+    ev("top-p-zero", "{ev} --top-p 0", "base", "--top-p=0.0 must be in (0, 1]"),
     ev("text-latin1", "{ev} --text {in}/latin1.txt", "base", "{in}/latin1.txt: cannot read as UTF-8 text",
        files={"in/latin1.txt": "café, naïve\n".encode("latin-1")}),
     ev("val-tokens-not-multiple", "{ev} --val-tokens 300", "base",
@@ -334,9 +341,13 @@ CASES: list[Case] = [
        files={"in/h.jsonl": CHOICE + "\n\n{oops\n"}),
     # eval.py: flags
     ev("unknown-flag", "{ev} --bogus", "base", "unrecognized arguments: --bogus"),
+    ev("flag-typo", "{ev} --temprature 1", "base", "unrecognized arguments: --temprature 1 (did you mean "
+       "--temperature?)"),
     ev("max-new-tokens-not-int", "{ev} --max-new-tokens abc", "base", "argument --max-new-tokens: invalid int value"),
     ev("limit-negative", "{ev} --limit -1", "base", "--limit=-1 must be >= 0"),
-    ev("temperature-negative", "{ev} --temperature -1", "base", "--temperature must be >= 0"),
+    ev("temperature-negative", "{ev} --temperature -1", "base", "--temperature=-1.0 must be >= 0"),
+    ev("top-k-negative", "{ev} --top-k -2", "base", "--top-k=-2 must be >= 0"),
+    ev("top-p-too-big", "{ev} --top-p 1.5", "base", "--top-p=1.5 must be in (0, 1]"),
     ev("dtype-fp16", "{ev} --dtype fp16", "base", "argument --dtype: invalid choice: 'fp16'"),
     ev("device-nonsense", "{ev} --device nonsense", "base", "--device='nonsense' is not a torch device"),
     # eval.py: checkpoints
@@ -389,8 +400,9 @@ CASES: list[Case] = [
     ch("checkpoint-code-in-zip", "{ch} --checkpoint {in}/zip_pickle.pt", "zip_pickle_ckpt",
        "{in}/zip_pickle.pt: " + CKPT_FLAW),
     ch("unknown-flag", "{ch} --bogus", "base", "unrecognized arguments: --bogus"),
-    ch("top-p-zero", "{ch} --top-p 0", "base", "--top-p in (0, 1]"),
-    ch("max-new-tokens-zero", "{ch} --max-new-tokens 0", "base", "--max-new-tokens >= 1"),
+    ch("top-p-zero", "{ch} --top-p 0", "base", "--top-p=0.0 must be in (0, 1]"),
+    ch("max-new-tokens-zero", "{ch} --max-new-tokens 0", "base", "--max-new-tokens=0 must be >= 1"),
+    ch("temperature-negative", "{ch} --temperature -1", "base", "--temperature=-1.0 must be >= 0"),
     ch("temperature-not-float", "{ch} --temperature hot", "base", "argument --temperature: invalid float value"),
     ch("context-too-small", "{ch} --context 100", "base", "--context=100 must be at least 256"),
     ch("dtype-fp16", "{ch} --dtype fp16", "base", "argument --dtype: invalid choice: 'fp16'"),

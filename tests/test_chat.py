@@ -68,7 +68,9 @@ def test_chat_in_a_terminal(long_logs: dict[str, Path]) -> None:
                              ("clear", "[conversation and system prompt cleared]"),
                              ("/max_new_tokens 3000", "[max_new_tokens = 3000]"),
                              ("/temperature 1", "[temperature = 1.0]"),
-                             ("/top_p 2", "[/top_p needs a valid float, got '2']")]:
+                             ("/top_p 2", "[/top_p must be in (0, 1], got 2]"),
+                             ("/temperature -1", "[/temperature must be >= 0, got -1]"),
+                             ("/top_k many", "[/top_k needs a valid int, got 'many']")]:
             child.sendline(line)
             child.expect_exact(answer)
             child.expect_exact("you> ")

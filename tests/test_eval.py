@@ -115,7 +115,8 @@ def test_val_metrics_equal_hand_computation(base_ckpt: Path, ckpt_hp: M.Hyperpar
     assert all(len(s["completions"]) == 1 and s["new_tokens"] <= 4 for s in out["samples"])
     assert out["sampling"] == dict(max_new_tokens=4, temperature=0.8, top_k=50, top_p=1.0, kv_cache=True)
     saved = json.loads((base_ckpt.parent / "eval_6.json").read_text())
-    assert saved == out
+    assert {k: saved[k] for k in out} == out  # the file may hold other runs' sections too (merge_results)
+    assert {k: saved["runs"]["val"][k] for k in EV.RUN_SETTINGS} == {k: out[k] for k in EV.RUN_SETTINGS}
 
 
 @pytest.mark.slow
@@ -127,7 +128,7 @@ def test_num_samples_zero_prints_the_metrics_only(base_ckpt: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     assert re.search(r"^val loss \(nats/token\) +\d+\.\d{4}  512 tokens of ", r.stdout, re.M), r.stdout
-    assert "--- sample" not in r.stdout + r.stderr
+    assert "--- prompt" not in r.stdout + r.stderr
     quiet = eval_json(*ckpt, "--num-samples", "0")
     default = eval_json(*ckpt, "--max-new-tokens", "2")
     assert "samples" not in quiet
@@ -279,6 +280,45 @@ def test_prompts_samples_seed_and_kv_cache(long_logs: dict[str, Path], tok: M.To
     assert (cached["sampling"]["kv_cache"], reference["sampling"]["kv_cache"]) == (True, False)
     assert cached["samples"][0]["new_tokens"] == 60
     assert cached["samples"][0]["completions"] == reference["samples"][0]["completions"]
+
+
+def test_merge_results_keeps_the_sections_of_earlier_runs() -> None:
+    """A later run replaces only the sections it computed; "runs" says with which settings each was computed."""
+    common = dict(checkpoint="c.pt", step=6, kind="base", preset="shakespeare")
+    first = dict(common, device="cpu", dtype="torch.float32", weights="fp32", compiled_decoding=False,
+                 window_tokens=256, val={"loss": 4.5}, eval_seconds=3.0)
+    second = dict(common, device="cpu", dtype="torch.bfloat16", weights="fp32", compiled_decoding=False,
+                  window_tokens=256, samples=[{"prompt": "ROMEO."}], sampling={"temperature": 0.8}, eval_seconds=1.0)
+    merged = EV.merge_results(EV.merge_results({}, first), second)
+    assert merged["val"] == {"loss": 4.5} and merged["samples"] == [{"prompt": "ROMEO."}]
+    assert merged["sampling"] == {"temperature": 0.8} and set(merged["runs"]) == {"val", "samples"}
+    assert merged["runs"]["val"]["dtype"] == "torch.float32" and merged["runs"]["val"]["eval_seconds"] == 3.0
+    assert merged["runs"]["samples"]["dtype"] == "torch.bfloat16" and merged["runs"]["samples"]["eval_seconds"] == 1.0
+    third = dict(second, val={"loss": 4.4}, samples=[{"prompt": "KING."}])
+    again = EV.merge_results(merged, third)
+    assert again["val"] == {"loss": 4.4} and again["samples"] == [{"prompt": "KING."}]
+    assert again["runs"]["val"]["dtype"] == "torch.bfloat16"
+
+
+@pytest.mark.slow
+def test_a_prompt_run_keeps_the_val_section_and_says_it_scores_nothing(base_ckpt: Path, tmp_path: Path) -> None:
+    """The sequence that lost the val results: a metrics run, then a --prompt run with two samples (samples only,
+    said in one line, one header for the prompt), then --val --prompt: the file keeps each section."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ckpt = run_dir / base_ckpt.name
+    ckpt.write_bytes(base_ckpt.read_bytes())
+    args = ("--checkpoint", str(ckpt), "--dtype", "fp32")
+    metrics = eval_json(*args, "--num-samples", "0")
+    r = script("eval.py", *CPU, *args, "--prompt", "ROMEO.", "--num-samples", "2", "--max-new-tokens", "3")
+    assert r.returncode == 0, r.stderr
+    assert "eval.py: --prompt given: samples only (add --val to score the validation split too)" in r.stdout
+    assert r.stdout.count("--- prompt 1/1 (seed 0, 2 samples) ---") == 1 and "val loss" not in r.stdout
+    saved = json.loads((run_dir / "eval_6.json").read_text())
+    assert saved["val"] == metrics["val"] and len(saved["samples"]) == 1
+    assert len(saved["samples"][0]["completions"]) == 2 and set(saved["runs"]) == {"val", "samples"}
+    both = eval_json(*args, "--val", "--prompt", "ROMEO.", "--max-new-tokens", "3")
+    assert both["val"] == metrics["val"] and both["samples"][0]["prompt"] == "ROMEO."
 
 
 @pytest.mark.slow

@@ -506,15 +506,15 @@ def test_finetune_starts_without_the_parents_modifiers_and_trackers(parent: Path
     assert FT.resolve(["--checkpoint", str(path), "--z-loss", "1e-4"])[0].z_loss == 1e-4
 
 
-def test_readme_custom_modifier_works_as_shown() -> None:
-    """The README's custom modifier is complete and under 15 lines: run as written, it registers a term that
-    composes with the cross-entropy and reports its metric."""
-    text = (M.REPO_DIR / "README.md").read_text()
+def test_docs_custom_modifier_works_as_shown() -> None:
+    """docs/loss_modifiers.md's custom modifier is complete and under 15 lines: run as written, it registers a term
+    that composes with the cross-entropy and reports its metric."""
+    text = (M.REPO_DIR / "docs" / "loss_modifiers.md").read_text()
     block = text.split("```python\n# my_terms.py", 1)[1].split("```", 1)[0]
     source = "# my_terms.py" + block
     assert len(source.strip().splitlines()) < 15
     try:
-        exec(compile(source, "README.md", "exec"), {})
+        exec(compile(source, "docs/loss_modifiers.md", "exec"), {})
         logits, targets = torch.randn(6, 12), torch.tensor([0, 3, 9, M.IGNORE_INDEX, 1, 2])
         mods = M.loss_modifiers(tiny_hparams(loss_terms="logit_l2=0.5"))
         loss, parts = M.modified_cross_entropy(logits, targets, mods, 10)

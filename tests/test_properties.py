@@ -220,7 +220,11 @@ def test_only_hyperparameters_may_use_the_env_prefix(key: str) -> None:
     value = str(getattr(preset_config(), name)) if known else "1"
     outcome = parse([f"--preset={PRESET}"], {key: value})
     if key.startswith(R.ENV_PREFIX) and not known and key != "NANOGPT_RANKS_FILE":
-        assert outcome == ("config", f"environment variable {key} names no hyperparameter")
+        base = f"environment variable {key} names no hyperparameter"
+        assert outcome[0] == "config" and outcome[1].startswith(base) and one_line(outcome[1])
+        hint = outcome[1][len(base):]  # nothing, or the closest real variable
+        assert hint == "" or (hint.startswith(" (did you mean NANOGPT_") and hint.endswith("?)")
+                              and hint[len(" (did you mean NANOGPT_"):-2].lower() in FIELD_TYPES)
     else:
         assert same_outcome(outcome, ("ok", preset_config()))  # the value given is the preset's own, or ignored
 
