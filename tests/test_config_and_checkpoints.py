@@ -242,6 +242,19 @@ def test_find_latest_checkpoint(tmp_path: Path) -> None:
     assert M.find_latest_checkpoint(logs) == same
 
 
+def test_the_newest_checkpoint_of_a_run_is_its_highest_step(tmp_path: Path) -> None:
+    """A copy that does not keep timestamps (here `touch`) can leave step 50 of a 75-step run newer than step 75:
+    the run still counts as written when its newest file was, and its highest step is the one used."""
+    logs = tmp_path / "logs"
+    final = touch(logs / "run" / "state_step000075.pt", 1_000)
+    touch(logs / "run" / "state_step000050.pt", 2_000)
+    assert M.find_latest_checkpoint(logs) == final == M.resolve_checkpoint("latest", logs)
+    other = touch(logs / "other" / "state_step000100.pt", 1_500)  # older than the run's step 50
+    assert M.find_latest_checkpoint(logs) == final
+    os.utime(other, (3_000, 3_000))
+    assert M.find_latest_checkpoint(logs) == other
+
+
 def test_find_latest_checkpoint_by_kind(tmp_path: Path) -> None:
     # chat.py looks for the newest fine-tuned checkpoint, eval.py for the newest of any kind; a newer base
     # checkpoint must not hide an older chat one, and unreadable files are never candidates of a kind.

@@ -3,7 +3,7 @@ embeddings (training, Adam, checkpoints), the compiled model against eager SDPA,
 eval.py's and chat.py's loader, the two scripts on CUDA against CPU, and the Hugging Face export of a GPU checkpoint
 loaded onto the GPU.
 
-Skipped on machines without CUDA (CI has none). On a GPU, `python bench.py --only gpu --json-out gpu_check.json`
+Skipped on machines without CUDA (CI has none). On a GPU, `python gpu_check.py --json-out gpu_check.json`
 runs them with tests/test_train_gpt.py::test_cuda_runs_agree and the GPU benchmarks in a fixed time; alone:
 
     python -m pytest tests/test_cuda.py -v -o addopts=     # the tokenizer tests need data/gpt2.tiktoken

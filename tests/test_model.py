@@ -548,7 +548,7 @@ def test_compile_fallback_lets_the_callers_own_errors_through(monkeypatch: pytes
 
 
 def test_compile_auto_picks_whole_model_for_cpu_pretraining_only() -> None:
-    """--compile auto on CPU: the whole model where the caller asks (pretraining.py, bench.py), else the loss
+    """--compile auto on CPU: the whole model where the caller asks (pretraining.py, finetune.py, bench.py), else the loss
     head; 'head' and 'on' choose explicitly; warm-up is 2 steps compiled on CPU, 0 uncompiled; CPU runtimes use
     deterministic algorithms."""
     pick = {}
@@ -564,6 +564,63 @@ def test_compile_auto_picks_whole_model_for_cpu_pretraining_only() -> None:
     assert R.warm_up_steps(tiny_hparams(compile="on", warmup_steps=5), M.Runtime(device=torch.device("cpu"),
                                                                                  compile=True)) == 5
     assert torch.are_deterministic_algorithms_enabled()  # CPU runs: compiled scatter-adds in a fixed order
+
+
+def test_cpu_dtype_auto_follows_the_probe_and_keeps_its_answer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--dtype auto on a CPU: fp32 without bf16 instructions (no probe); with them, bf16 exactly where the probe
+    finds bf16 at least BF16_MIN_SPEEDUP times as fast; the answer is kept per machine and shape, so a later run
+    (another speed now) makes the same choice; as given for bf16 and fp32."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cpu, probes = torch.device("cpu"), []
+
+    def probe(speedup: float) -> Any:
+        return lambda dim, vocab: probes.append((dim, vocab)) or speedup
+
+    monkeypatch.setattr(M, "cpu_model_name", lambda: "Xeon model 207 avx512_bf16")
+    monkeypatch.setattr(M, "bf16_speedup", probe(0.66))
+    slow = M.choose_autocast("auto", cpu, 256, 50304)
+    assert slow.dtype is None and slow.reason.startswith("auto: fp32, bf16 products ran 0.66x fp32's speed")
+    monkeypatch.setattr(M, "bf16_speedup", probe(6.0))
+    assert M.choose_autocast("auto", cpu, 256, 50304) == slow and probes == [(256, 50304)]  # kept, not probed
+    fast = M.choose_autocast("auto", cpu, 768, 50304)  # another shape: its own probe
+    assert fast.dtype == torch.bfloat16 and "6.00x" in fast.reason and probes[-1] == (768, 50304)
+    assert len(list((tmp_path / "modded-nanogpt").glob("cpu_dtype_*.json"))) == 2
+    for speedup, dtype in ((M.BF16_MIN_SPEEDUP, torch.bfloat16), (M.BF16_MIN_SPEEDUP - 0.01, None)):
+        monkeypatch.setattr(M, "bf16_speedup", probe(speedup))
+        assert M.choose_autocast("auto", cpu, 64, 100 + len(probes)).dtype == dtype
+    monkeypatch.setattr(M, "cpu_model_name", lambda: "Core i7 avx2")
+    count = len(probes)
+    assert M.choose_autocast("auto", cpu, 256, 50304).reason == ("auto: fp32, this CPU has no bf16 instructions "
+                                                                 "(avx512_bf16, amx_bf16)")
+    assert len(probes) == count
+    assert M.choose_autocast("bf16", cpu) == M.DtypeChoice(torch.bfloat16, "--dtype bf16")
+    assert M.choose_autocast("fp32", cpu) == M.DtypeChoice(None, "--dtype fp32")
+
+
+def test_cpu_dtype_cache_first_writer_wins_and_train_gpt_reads_it(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that finds the answer already written (another process probed at the same time, or train_gpt.py
+    ran first) uses it, whatever its own probe says; with no writable cache each run decides by its own probe."""
+    import train_gpt as T
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    for module, speedup in ((M, 3.0), (T, 0.5)):
+        monkeypatch.setattr(module, "cpu_model_name", lambda: "EPYC avx512_bf16")
+        monkeypatch.setattr(module, "bf16_speedup", lambda dim, vocab, s=speedup: s)
+    ours = M.choose_autocast("auto", torch.device("cpu"), 256, 50304)
+    theirs = T.pick_autocast_dtype("auto", torch.device("cpu"), 256, 50304)
+    assert ours.dtype == torch.bfloat16 and theirs == (ours.dtype, ours.reason)
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))  # a file where the cache directory would be
+    assert T.pick_autocast_dtype("auto", torch.device("cpu"), 256, 50304)[0] is None
+    assert M.choose_autocast("auto", torch.device("cpu"), 256, 50304).dtype == torch.bfloat16
+
+
+def test_bf16_speedup_is_a_ratio_of_two_timings() -> None:
+    """The real probe on a tiny shape: a positive, finite ratio (its value is the machine's: never asserted)."""
+    ratio = M.bf16_speedup(64, 512, rows=16, repeats=1)
+    assert 0 < ratio < math.inf
 
 
 def test_adamw_ablation_replaces_only_muon() -> None:

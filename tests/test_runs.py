@@ -29,7 +29,8 @@ import model as M
 import runs as R
 from conftest import REPO_DIR, cfg, tiny_hparams
 
-SCRIPTS = ("runs", "pretraining", "finetune", "eval", "chat", "bench", "train_gpt")
+SCRIPTS = ("runs", "inference", "pretraining", "finetune", "eval", "chat", "export", "bench", "gpu_check", "compare",
+           "train_gpt")
 # The section headings of Hyperparameters (the same in model.py and train_gpt.py); any other comment-only line
 # directly below a field must be a hanging-indent continuation of that field's comment.
 SECTIONS = ("bookkeeping", "data", "model", "optimisation (record values; provenance in setup_optimizers)",
@@ -257,6 +258,24 @@ def test_runs_imports_model_but_no_script() -> None:
     """runs.py sits between: it imports model.py and no script."""
     found = imported_modules(REPO_DIR / "runs.py")
     assert "model" in found and found.isdisjoint(set(SCRIPTS) - {"runs"})
+
+
+def test_inference_imports_model_and_never_the_harness() -> None:
+    """inference.py is library: it builds on model.py, and neither the harness nor a script."""
+    found = imported_modules(REPO_DIR / "inference.py")
+    assert "model" in found and found.isdisjoint(set(SCRIPTS) - {"inference"})
+
+
+def test_the_training_model_has_no_decode_specialisation() -> None:
+    """Decode formats, one-token kernels, caches and the compiled decoding step live in inference.py and reach the
+    model through its two seams (a projection's decode format, a cache layer's attend); model.py names none."""
+    tree = ast.parse((REPO_DIR / "model.py").read_text())
+    names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    names |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    names |= {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    decode = {"PackedWeight", "WeightFormat", "compiled_on_cpu", "one_token_norm", "stored", "streamed_matvec",
+              "one_query_attention", "decode_fn", "KVCache", "RingCache", "forward_cached", "set_inference_weights"}
+    assert names.isdisjoint(decode), sorted(names & decode)
 
 
 def test_model_never_exits_or_prints() -> None:
