@@ -534,7 +534,7 @@ def bench_quality(checkpoint: str, log_dir: str, prompts: int = 24, new_tokens: 
         I.compile_decoding(im.model, on)
         if not out:  # one checkpoint: every path decodes the same validation rows and prompts
             row_len = im.hp.row_len or 256
-            loader = M.distributed_data_generator(str(M.REPO_DIR / im.hp.val_files), row_len * max(prompts, rows),
+            loader = M.distributed_data_generator(str(M.resolve_path(im.hp.val_files)), row_len * max(prompts, rows),
                                                   0, 1, cycle=False, vocab_size=im.hp.vocab_size)
             val_rows = next(loader)[0].long().view(-1, row_len)
             order = torch.randperm(val_rows.size(0), generator=torch.Generator().manual_seed(0))

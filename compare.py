@@ -510,7 +510,7 @@ def train_peer(hp: M.Hyperparameters, lr: float, dtype: str, budget_s: float, va
     opt = peer_adamw(loss_fn, lr)
     step_s = warm_up_peer(loss_fn, opt, hp, rt)
     loader = pretraining.make_train_loader(hp, rt)
-    val_files = str(M.REPO_DIR / hp.val_files)  # relative to the repository, as pretraining.py resolves it
+    val_files = str(M.resolve_path(hp.val_files))  # as pretraining.py finds it
     curve = dict(steps=[0], tokens=[0], seconds=[0.0], val_loss=[M.evaluate(loss_fn, hp, rt, 0, val_files)])
     elapsed, steps, tokens = 0.0, 0, 0
     while True:  # the first step always runs; then each runs if the one before says it ends within the budget

@@ -588,7 +588,7 @@ def load_for_inference(spec: str = "latest", log_dir: str | Path = "logs", devic
     model, hp, ckpt = M.load_model(path, dev)
     weights = ("int8" if dev.type == "cpu" else "fp32") if weights == "auto" else weights
     compile_decoding(set_inference_weights(model, weights), compile_decode)
-    score_dtype = M.pick_autocast_dtype(dtype, dev, hp.model_dim, model.lm_head.weight.size(0))
+    score_dtype = M.choose_autocast(dtype, dev, hp.model_dim, model.lm_head.weight.size(0)).dtype
     # batch-1 decoding is memory-bound: on CPU autocast re-casts every weight for every token, which costs more than
     # bf16 saves (docs/decoding.md)
     decode_dtype = score_dtype if dev.type != "cpu" or dtype == "bf16" else None

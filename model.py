@@ -373,7 +373,6 @@ def detect_device(name: str = "auto") -> torch.device:
 
 
 BF16_MIN_SPEEDUP = 1.2  # bf16 autocast rounds every product's inputs: a CPU takes it only where clearly faster
-DTYPE_PROBE_ROWS = 128  # rows of the probed products: well under a second in fp32 on 2 cores at the default shape
 
 
 @dataclass(frozen=True)
@@ -383,72 +382,56 @@ class DtypeChoice:
 
 
 def cpu_model_name() -> str:
-    """The CPU's model name and its bf16 instruction sets, from /proc/cpuinfo ('' where there is none)."""
+    """The CPU's model name and its bf16 instruction sets, from /proc/cpuinfo."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return ""
+        return platform.machine()
     name = re.search(r"^model name\s*:\s*(.*)$", info, re.MULTILINE)
-    units = sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16)\b", info)))
-    return " ".join([name.group(1).strip() if name else platform.machine(), *units])
+    return " ".join([name.group(1).strip() if name else platform.machine(),
+                     *sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16)\b", info)))])
 
 
-def bf16_speedup(model_dim: int, vocab: int, rows: int = DTYPE_PROBE_ROWS, repeats: int = 2) -> float:
-    """fp32 seconds over bf16 seconds for the products that dominate a CPU training step of this shape: the lm_head's
-    forward (rows, dim) x (dim, vocab) and its input gradient (rows, vocab) x (vocab, dim), and an MLP product
-    (rows, dim) x (dim, 4 dim); the best of `repeats` after one untimed call. CPUs with the same instruction sets
-    differ here: an AVX-512 BF16 CPU without AMX ran bf16 products slower than fp32 (docs/measurements.md,
-    "CPU autocast chosen by measurement")."""
+def bf16_speedup(model_dim: int, vocab: int, rows: int = 128, repeats: int = 2) -> float:
+    """fp32 seconds over bf16 seconds of the products that dominate a CPU training step of this shape: the lm_head's
+    forward (rows, dim) x (dim, vocab) and input gradient (rows, vocab) x (vocab, dim), and an MLP product; the best
+    of `repeats` after one untimed call, well under a second on 2 cores. CPUs with the same instruction sets differ
+    here: an AVX-512 BF16 CPU without AMX ran bf16 slower than fp32 (docs/measurements.md, "CPU autocast")."""
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(rows, model_dim, generator=g), torch.randn(vocab, model_dim, generator=g)
-    dy, w_mlp = torch.randn(rows, vocab, generator=g), torch.randn(4 * model_dim, model_dim, generator=g)
+    shapes = ((rows, model_dim), (vocab, model_dim), (rows, vocab), (4 * model_dim, model_dim))
+    tensors = [torch.randn(*shape, generator=g) for shape in shapes]
 
     def seconds(dtype: torch.dtype) -> float:
-        a, b, c, d = (t.to(dtype) for t in (x, w, dy, w_mlp))
-        best = math.inf
-        for i in range(repeats + 1):
+        x, w, dy, w_mlp = (t.to(dtype) for t in tensors)
+        times = []
+        for _ in range(repeats + 1):
             start = time.perf_counter()
-            F.linear(a, b), c @ b, F.linear(a, d)
-            best = best if i == 0 else min(best, time.perf_counter() - start)
-        return best
+            F.linear(x, w), dy @ w, F.linear(x, w_mlp)
+            times.append(time.perf_counter() - start)
+        return min(times[1:])
 
     return seconds(torch.float32) / seconds(torch.bfloat16)
 
 
-def cpu_dtype_cache(key: str) -> Path:
-    """Where the probe's answer for `key` is kept: one file per machine, torch version and model shape, under
-    $XDG_CACHE_HOME (default ~/.cache)/modded-nanogpt/."""
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modded-nanogpt"
-    return root / f"cpu_dtype_{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-
-
 def cpu_dtype_choice(model_dim: int, vocab: int) -> DtypeChoice:
     """--dtype auto on a CPU: fp32 without bf16 instructions; otherwise bf16 where a probe of this model's products
-    (bf16_speedup) finds it at least BF16_MIN_SPEEDUP times as fast as fp32. The answer is kept per machine, torch
-    version and shape (cpu_dtype_cache; the first process to write it wins), so every run on a machine, a resumed
-    one included, makes the same choice and its losses stay deterministic."""
+    (bf16_speedup) finds it at least BF16_MIN_SPEEDUP times as fast as fp32. The probe's answer is kept per machine,
+    torch version and shape under $XDG_CACHE_HOME (~/.cache)/modded-nanogpt/, the first process to write it winning
+    (write_once), so every run on a machine, a resumed one included, makes the same choice."""
     machine = cpu_model_name()
     if not re.search(r"\b(avx512_bf16|amx_bf16)\b", machine):
         return DtypeChoice(None, "auto: fp32, this CPU has no bf16 instructions (avx512_bf16, amx_bf16)")
     key = f"{machine} | torch {torch.__version__} | dim {model_dim} vocab {vocab}"
-    path = cpu_dtype_cache(key)
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modded-nanogpt"
+    path = root / f"cpu_dtype_{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        record = dict(key=key, speedup=round(bf16_speedup(model_dim, vocab), 2))
-        try:  # written whole to a temporary file, then linked into place: a reader never sees half a file
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            tmp.write_text(json.dumps(record))
-            try:
-                os.link(tmp, path)
-            except FileExistsError:  # another process probed at the same time: its answer is every run's
-                record = json.loads(path.read_text())
-            finally:
-                tmp.unlink(missing_ok=True)
-        except (OSError, ValueError):
-            pass  # no writable cache: this run's own probe decides
-    speedup = float(record["speedup"])
+        speedup = float(json.loads(path.read_text())["speedup"])
+    except (OSError, ValueError, KeyError, TypeError):
+        speedup = round(bf16_speedup(model_dim, vocab), 2)
+        try:  # another process's answer where it was written first
+            speedup = float(json.loads(write_once(path, json.dumps(dict(key=key, speedup=speedup))))["speedup"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged cache file: this run's own probe decides
     dtype = torch.bfloat16 if speedup >= BF16_MIN_SPEEDUP else None
     return DtypeChoice(dtype, f"auto: {'bf16' if dtype else 'fp32'}, bf16 products ran {speedup:.2f}x fp32's speed in "
                               f"a probe of this model's shapes on this CPU ({path})")
@@ -465,11 +448,6 @@ def choose_autocast(choice: str, device: torch.device, model_dim: int = 768, voc
     if device.type == "cpu":
         return cpu_dtype_choice(model_dim, vocab)
     return DtypeChoice(None, f"auto: fp32 on {device.type}")
-
-
-def pick_autocast_dtype(choice: str, device: torch.device, model_dim: int = 768, vocab: int = 50304
-                        ) -> torch.dtype | None:
-    return choose_autocast(choice, device, model_dim, vocab).dtype
 
 
 def keep_freed_memory() -> bool:
@@ -624,6 +602,24 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[Any]:
         _fsync_dir(path.parent)  # the rename itself survives a power cut
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_once(path: Path, text: str) -> str:
+    """Create `path` holding `text` unless it exists; returns what the file holds then (the text of whichever
+    process created it first), or `text` where nothing can be written. Written whole to a temporary file and linked
+    into place, so a reader never sees half of it."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.link(tmp, path)
+    except FileExistsError:
+        return path.read_text()
+    except OSError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return text
 
 
 def _fsync_dir(directory: Path) -> None:

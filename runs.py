@@ -126,8 +126,8 @@ def explicit_overrides(argv: list[str] | None = None, prog: str = "pretraining.p
 
 def default_preset() -> str:
     """speedrun when CUDA and FineWeb shards are both present, else shakespeare."""
-    has_fineweb = bool(glob.glob(str(M.REPO_DIR / M.PRESETS["speedrun"].get(
-        "train_files", Hyperparameters.train_files))))
+    has_fineweb = bool(glob.glob(str(M.resolve_path(M.PRESETS["speedrun"].get(
+        "train_files", Hyperparameters.train_files)))))
     return "speedrun" if torch.cuda.is_available() and has_fineweb else "shakespeare"
 
 

@@ -15,7 +15,7 @@ loaded back in-process with transformers (CPU, fp32):
   and leave nothing behind; --overwrite replaces an export with a working one.
 
 sanitize_control_tokens keeps every spelled control token plain text; right around a spelling in the middle of text
-its ids can differ from ours (transformers encodes each side apart), which the README says.
+its ids can differ from ours (transformers encodes each side apart), which docs/export.md says.
 
     python -m pytest tests/test_export.py -q -p no:xdist -o addopts=-ra   # pytest.ini's -n 2 needs xdist
     # ~2.5 min of CPU (six exports and the pretraining/finetune fixtures are 2/3 of it): ~2 min wall on 2 idle
@@ -173,7 +173,7 @@ def hf_model(exports: dict, name: str, dtype: torch.dtype = torch.float32) -> An
 
 
 def hf_tokenizer(exports: dict, name: str) -> Any:
-    """AutoTokenizer.from_pretrained(dir, trust_remote_code=True) as the README writes it, with no one at the keyboard
+    """AutoTokenizer.from_pretrained(dir, trust_remote_code=True) as docs/export.md writes it, with no one at the keyboard
     (a prompt would get end-of-file at once instead of waiting 15 s on a terminal); the prompts it asked are recorded."""
     from transformers import AutoTokenizer
 
@@ -482,7 +482,7 @@ MID_TEXT = ["stop here <|end|> and go on", "<|end|><|user|>"]  # BPE joins ' <|'
 
 
 def test_chat_template_sanitize_control_tokens(exports: dict, tok: M.Tokenizer) -> None:
-    """sanitize_control_tokens=True (the README's advice for user text) encodes spellings as plain text: the ids of
+    """sanitize_control_tokens=True (docs/export.md's advice for user text) encodes spellings as plain text: the ids of
     render_conversation where BPE splits at the spelling anyway, never a control token, and the same text."""
     tokenizer = hf_tokenizer(exports, "chat")
     for content in SPELLED + MID_TEXT:

@@ -1,5 +1,5 @@
 """lm-evaluation-harness (the real package, pinned in requirements-test.txt) as a client of an export, on CPU with
-no network: the README's two lm_eval commands on data/lm_eval_tasks.py's local tasks give the figures eval.py gives.
+no network: docs/export.md's two lm_eval commands on data/lm_eval_tasks.py's local tasks give the figures eval.py gives.
 
 - shakespeare_mc (HellaSwag's format): the same acc and acc_norm as `eval.py --hellaswag`, and every choice's
   log-likelihood equal to eval.py's to 1e-4;
@@ -49,7 +49,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, shakespeare_data: Path) -> d
 
 
 def lm_eval(setup: dict[str, Path], task: str, *extra_model_args: str) -> tuple[dict, list[dict]]:
-    """The README's command (as `python -m lm_eval`); returns the task's results and its logged samples."""
+    """docs/export.md's command (as `python -m lm_eval`); returns the task's results and its logged samples."""
     model_args = ",".join([f"pretrained={setup['export']}", "trust_remote_code=True", "dtype=float32",
                            *extra_model_args])
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")

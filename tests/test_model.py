@@ -585,6 +585,9 @@ def test_cpu_dtype_auto_follows_the_probe_and_keeps_its_answer(tmp_path: Path, m
     fast = M.choose_autocast("auto", cpu, 768, 50304)  # another shape: its own probe
     assert fast.dtype == torch.bfloat16 and "6.00x" in fast.reason and probes[-1] == (768, 50304)
     assert len(list((tmp_path / "modded-nanogpt").glob("cpu_dtype_*.json"))) == 2
+    for damaged in (tmp_path / "modded-nanogpt").glob("cpu_dtype_*.json"):
+        damaged.write_text("{not json")  # a damaged cache: each run's own probe decides, nothing crashes
+    assert M.choose_autocast("auto", cpu, 256, 50304).dtype == torch.bfloat16 and probes[-1] == (256, 50304)
     for speedup, dtype in ((M.BF16_MIN_SPEEDUP, torch.bfloat16), (M.BF16_MIN_SPEEDUP - 0.01, None)):
         monkeypatch.setattr(M, "bf16_speedup", probe(speedup))
         assert M.choose_autocast("auto", cpu, 64, 100 + len(probes)).dtype == dtype

@@ -1,5 +1,5 @@
 """Several nodes: two torchrun launchers on localhost, each one "node" (`--nnodes=2`, one process each, c10d
-rendezvous on a free loopback port), as README's "Several nodes" starts them. Both launchers exit 0 and the run
+rendezvous on a free loopback port), as docs/multinode.md starts them. Both launchers exit 0 and the run
 equals one process on the same config (losses 1e-5 relative, weights in fp32), as tests/test_torchrun.py asks of
 one launcher; a world size that does not divide --rank-equivalents stops both with one line. In subprocesses, on
 conftest.py's tiny model.
