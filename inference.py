@@ -50,10 +50,10 @@ def compiled_on_cpu(x: Tensor) -> bool:
 
 
 def stored(x: Tensor) -> Tensor:
-    """x, computed once into a buffer by compiled code. Inductor otherwise inlines a cheap elementwise result into
-    every loop that reads it (a norm's reciprocal root: compiled C keeps errno semantics, so it is recomputed for
-    every weight vector of the product that reads the normed row); a reduction (here the max of two equal copies)
-    is always stored."""
+    """x, computed once into a buffer by compiled code: inductor otherwise inlines a cheap elementwise result (a
+    norm's reciprocal root: compiled C keeps errno semantics) into every loop that reads it, once per weight tile
+    (PackedWeight.streamed) or cached key (one_query_attention); a reduction (the max of two equal copies) is always
+    stored."""
     return torch.stack([x, x], dim=-1).amax(dim=-1)
 
 
@@ -71,13 +71,15 @@ def streamed_matvec(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> T
 class WeightFormat:
     """x @ weight.T as a projection computes it once a format is attached (model.CastedLinear.decode, called with
     the layer's weight): the plain product, except for the one row of a compiled CPU decoding step, which streams
-    the weight (streamed_matvec) from a stored input. Attached by compile_decoding to fp32 layers."""
+    the weight (streamed_matvec). Attached by compile_decoding to fp32 layers. Its input is not stored first, as a
+    packed format's is: a stored copy made inductor vectorise this product across output rows, at about 0.6x the
+    speed (docs/measurements.md, "The inference split")."""
 
     fmt = "fp32"
 
     def __call__(self, x: Tensor, weight: Tensor) -> Tensor:
         if x.numel() == x.size(-1) and compiled_on_cpu(x):
-            return self.streamed(stored(x), weight).to(x.dtype)
+            return self.streamed(x, weight).to(x.dtype)
         if x.numel() <= PACKED_ROWS * x.size(-1):
             return self.few_rows(x, weight)
         return F.linear(x, weight.type_as(x))
@@ -131,7 +133,9 @@ class PackedWeight(WeightFormat):
     def streamed(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
         """One row (compiled decoding) through the tiled copy, with bf16 activations as in few_rows: for each
         tile of TILE_ROWS output rows, a sum over the input of x times a contiguous (in, TILE_ROWS) slab, which
-        torch.compile makes into a loop with one vector accumulator per tile and no horizontal sums."""
+        torch.compile makes into a loop with one vector accumulator per tile and no horizontal sums. The input is
+        stored first (stored): inlined, a norm's reciprocal root would be recomputed for every tile it meets."""
+        x = stored(x)
         scale = self.scale if self.fmt == "int8" else None
         if self.tiled is None:
             return streamed_matvec(x.to(torch.bfloat16), self.q if scale is not None else self.w, scale)

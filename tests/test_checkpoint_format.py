@@ -1,5 +1,5 @@
 """The published checkpoint format (format 1) is a contract: a checkpoint written by an earlier version of this code
-loads in eval.py and chat.py and resumes with pretraining.py, bitwise equal to an uninterrupted run.
+loads in eval.py, chat.py and export.py and resumes with pretraining.py, bitwise equal to an uninterrupted run.
 
 The "old" checkpoint here is written the way the code before the library/harness split wrote it: one torch.save of
 a plain dict with exactly the format-1 entries, the logged code holding only pretraining.py and model.py, and no
@@ -67,6 +67,10 @@ def test_an_old_checkpoint_evaluates_chats_and_resumes_bitwise(shard_dir: Path, 
 
     chat = run_script(["chat.py", "--checkpoint", str(old_path), "--prompt", "Good morrow", "--max-new-tokens", "5"])
     assert chat.returncode == 0, chat.stderr
+
+    exported = run_script(["export.py", "--checkpoint", str(old_path), "--out", str(tmp_path / "hf")])
+    assert exported.returncode == 0, exported.stderr  # export.py checks the exported logits against ours itself
+    assert json.loads(exported.stdout)["max_logit_diff"] <= 1e-4 and (tmp_path / "hf" / "model.safetensors").is_file()
 
     resumed = run_script(["pretraining.py", "--resume", str(old_path)])
     assert resumed.returncode == 0, resumed.stderr

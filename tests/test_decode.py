@@ -233,9 +233,9 @@ def test_streamed_matvec_and_stored_compute_what_they_replace() -> None:
 
 
 def test_a_compiled_one_row_projection_of_a_normed_row_equals_rms_norm_and_the_product() -> None:
-    # the fp32 format streams the weight from a stored input, so the norm's reciprocal root is computed once per
-    # row (not per weight vector) while the numbers stay those of rms_norm and the plain product; eps keeps a zero
-    # row finite
+    # compiled, the fp32 format streams the weight by rows from the normed row as inductor fuses it (the model's
+    # norm has no decoding form of its own): the numbers are those of rms_norm and the plain product, and eps keeps
+    # a zero row finite
     w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
     fmt = I.WeightFormat()
     step = torch.compile(lambda x: fmt(torch.nn.functional.rms_norm(x, (64,)), w))
