@@ -426,7 +426,7 @@ def compile_decoding(model: GPT, on: bool = True) -> GPT:
     memory faster than the BLAS matrix-vector kernels, and attention that stores the query (one_query_attention).
     Shapes: the batch, and the attended slots (whole blocks, up to the ring's size) as one symbol, so a generation
     compiles about twice."""
-    for module, seam, weight in projections(model):
+    for module, seam, _ in projections(model):
         fmt = getattr(module, seam)
         if fmt is None and on:
             setattr(module, seam, WeightFormat())

@@ -222,6 +222,11 @@ def test_compile_decoding_makes_and_drops_the_tiled_copies() -> None:
     assert all(p.tiled is not None for p in packed)  # the tiny model's rows are whole tiles
     I.compile_decoding(m, on=False)
     assert all(p.tiled is None for p in packed) and m.decode_fn is None
+    fp32 = build_model()
+    I.compile_decoding(fp32)  # fp32 layers get the streaming format while compiled steps are on, and lose it after
+    assert [type(f) for f in I.weight_formats(fp32)] == [I.WeightFormat] * len(list(I.projections(fp32)))
+    I.compile_decoding(fp32, on=False)
+    assert I.weight_formats(fp32) == [] and fp32.decode_fn is None
 
 
 def test_streamed_matvec_and_stored_compute_what_they_replace() -> None:
