@@ -135,6 +135,21 @@ class Hyperparameters:
     optimizer: str = "muon"  # hidden matrices: muon (record) or adamw (GPT-2-style AdamW: the ablation of Muon)
     adamw_lr: float = 1e-3  # AdamW LR of the hidden matrices; best of four on Shakespeare (docs/muon_vs_adamw.md)
     adamw_weight_decay: float = 0.1  # AdamW decoupled weight decay of the hidden matrices (GPT-2)
+    muon_orthogonalizer: str = "newton_schulz"  # newton_schulz (2025 record) or polar_express (record #38)
+    normuon: bool = False  # NorMuon: Muon's update normalised per neuron by a second-moment EMA (record #41)
+    normuon_beta2: float = 0.9  # NorMuon's EMA factor of each neuron's mean squared update (record #41)
+    cautious_weight_decay: bool = False  # decay only where update and weight agree in sign, with the decay tied
+    #   to the square of the scheduled LR (Muon: record #43; Adam: record #50, with --adam-update record)
+    adam_update: str = "torch"  # Adam's arithmetic: torch (2025 record) or record (the 2026 record's bias
+    #   correction and epsilon, LR-squared weight decay, --adam-every)
+    adam_table: str = "2025"  # Adam betas and LR / decay multipliers per group: 2025, or 2026 (the record's table)
+    adam_weight_decay: float = 0.0  # Adam weight decay times each group's multiplier; needs --adam-update record
+    #   (record #50: 0.005)
+    adam_every: int = 1  # step Adam every N optimizer steps on the summed gradients; needs --adam-update record
+    #   (record #39: 2)
+    muon_lr_mults: str = "shape"  # Muon LR per matrix: shape (2025: max(1, rows/cols)^0.5) or 2026 (record PR 168)
+    muon_momentum_cooldown: int = 0  # final steps over which Muon momentum falls back to its start (record: 50)
+    muon_qk_head_groups: int = 0  # orthogonalise Q and K per group of this many heads; 0 = whole (record #80: 2)
     # loss modifiers: all off by default; validation and eval.py report plain cross-entropy
     label_smoothing: float = 0.0  # share of each target's probability spread evenly over the real vocabulary
     #   (rows below vocab_size, plus the chat tokens in a fine-tune; never the padding rows)
@@ -212,6 +227,7 @@ class Hyperparameters:
                               f"{world_size * self.val_seq_len}")
         if not 0 <= self.adamw_weight_decay < math.inf:
             raise ConfigError(f"--adamw-weight-decay={self.adamw_weight_decay} must be >= 0")
+        self._validate_optimizer()
         for name, choices in [("optimizer", ("muon", "adamw")), ("dtype", ("auto", "bf16", "fp32")),
                               ("compile", ("auto", "on", "head", "off")),
                               ("fp8_head", ("auto", "on", "off"))]:
@@ -223,6 +239,30 @@ class Hyperparameters:
         if self.run_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_id):
             raise ConfigError(f"--run-id={self.run_id!r} may hold only letters, digits, '.', '_' and '-'")
         return self
+
+    def _validate_optimizer(self) -> None:
+        """The 2026 record's optimizer switches: known names, values in range, and combinations that exist."""
+        for name, choices in [("muon_orthogonalizer", tuple(ORTHOGONALIZERS)), ("adam_update", ("torch", "record")),
+                              ("adam_table", ("2025", "2026")), ("muon_lr_mults", ("shape", "2026"))]:
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"--{_flag(name)}={getattr(self, name)!r} must be one of {', '.join(choices)}")
+        for name in ("muon_weight_decay", "adam_weight_decay"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"--{_flag(name)}={getattr(self, name)} must be >= 0 and finite")
+        if not 0 <= self.normuon_beta2 < 1:
+            raise ConfigError(f"--normuon-beta2={self.normuon_beta2} must be in [0, 1)")
+        if self.adam_every < 1:
+            raise ConfigError(f"--adam-every={self.adam_every} must be >= 1")
+        for name, off in (("adam_every", 1), ("adam_weight_decay", 0.0)):
+            if getattr(self, name) != off and self.adam_update != "record":
+                raise ConfigError(f"--{_flag(name)}={getattr(self, name)} needs --adam-update record (torch's Adam "
+                                  f"has no such setting here)")
+        if not 0 <= self.muon_momentum_cooldown <= self.num_iterations:
+            raise ConfigError(f"--muon-momentum-cooldown={self.muon_momentum_cooldown} must be in [0, "
+                              f"--num-iterations={self.num_iterations}]")
+        if self.muon_qk_head_groups < 0 or (self.muon_qk_head_groups and self.num_heads % self.muon_qk_head_groups):
+            raise ConfigError(f"--muon-qk-head-groups={self.muon_qk_head_groups} must be 0 or divide --num-heads="
+                              f"{self.num_heads}")
 
     def _validate_loss(self) -> None:
         if not 0 <= self.label_smoothing < 1:
@@ -1248,20 +1288,91 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
     return X.type_as(G)
 
 
+# Polar Express (record #38, PR 134; Amsel, Persson, Musco, Gower 2025, arXiv:2505.16932): per-iteration quintic
+# coefficients, computed for 5 iterations, safety factor 2e-2 and cushion 2, as the record's code lists them
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+POLAR_EXPRESS_SAFETY = 2e-2  # the record divides by the Frobenius norm times 1 + this (record #38)
+
+
+def zeropower_via_polar_express(G: Tensor, steps: int = 5) -> Tensor:
+    """Orthogonalise G (batched over leading dims) with Polar Express in bf16: the same quintic iteration as
+    Newton-Schulz, X <- aX + (bA + cA^2)X with A = XX^T, but with coefficients chosen per iteration (minimax-optimal
+    for the singular-value interval each iteration leaves), so 5 iterations bring every singular value much closer to
+    1 than the fixed coefficients do. The input is scaled to spectral norm below 1 by its Frobenius norm with the
+    record's safety factor. Pure: compile it at the call site."""
+    X = G.bfloat16()
+    transposed = G.size(-2) > G.size(-1)
+    if transposed:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * (1 + POLAR_EXPRESS_SAFETY) + 1e-6)  # record #38's eps
+    for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    if transposed:
+        X = X.mT
+    return X.type_as(G)
+
+
+ORTHOGONALIZERS = {"newton_schulz": zeropower_via_newtonschulz5, "polar_express": zeropower_via_polar_express}
+
+
+def normuon_scale(v: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
+    """NorMuon (record #41, PR 144; Li et al. 2025, arXiv:2510.05491): an orthogonalised update v (batched over
+    leading dims) divided per neuron by the root of an EMA of that neuron's mean squared update, then scaled back to
+    v's Frobenius norm. A neuron is a row of a tall or square matrix and a column of a wide one (the record reduces
+    over the last dim when rows >= cols, else over rows: #48), so the state is (.., rows, 1) or (.., 1, cols);
+    second_moment is updated in place: m <- beta2 m + (1 - beta2) mean(v^2)."""
+    dim = -1 if v.size(-2) >= v.size(-1) else -2
+    n = v.size(dim)
+    v_mean = v.float().square().mean(dim=dim, keepdim=True)
+    v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * n).sqrt()  # ||v||_F
+    second_moment.lerp_(v_mean, 1 - beta2)
+    scale = second_moment.clamp_min(1e-10).rsqrt()
+    scaled_norm = (v_mean * n * scale.square()).sum(dim=(-2, -1), keepdim=True).sqrt()  # ||v * scale||_F
+    return v * (scale * (v_norm / scaled_norm.clamp_min(1e-10))).type_as(v)
+
+
+def cautious_mask(update: Tensor, p: Tensor, strict: bool) -> Tensor:
+    """Where decay applies under cautious weight decay (record #43, PR 154; Adam: #50): where the update, which is
+    subtracted from the weight, has the weight's sign, so decay moves the weight the way the update already does.
+    The record's Muon decays where update * weight >= 0, its Adam only where > 0 (strict)."""
+    return update * p > 0 if strict else update * p >= 0
+
+
 class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton-Schulz, for the hidden matrices.
+    """MomentUm Orthogonalized by Newton-Schulz, for the hidden matrices; the 2026 record's variants as switches.
 
     Gradients are averaged across ranks before step(). Every rank keeps the momentum of every matrix (a cheap
     elementwise update), so any rank's state_dict is the full state and a run resumes on any world size. The
-    expensive orthogonalisation is split: rank r updates matrices r, r+W, ... and all-gathers the results.
-    At world size 1 no collective is called.
+    expensive orthogonalisation is split: rank r updates matrices r, r+W, ... and all-gathers the results, with
+    NorMuon's per-neuron state. At world size 1 no collective is called.
+
+    orthogonalizer: a name in ORTHOGONALIZERS. normuon_beta2 > 0: NorMuon (normuon_scale). cautious: the record's
+    cautious weight decay: where cautious_mask holds, w <- w - wd * lr * lr_eff * w, with lr the scheduled LR and
+    lr_eff = lr * the matrix's multiplier, so the decay falls with the square of the LR schedule; otherwise decay is
+    decoupled, w <- (1 - lr * wd) w, as before. lr_mults: each matrix's LR multiplier (default: the shape rule
+    max(1, rows / cols)^0.5). qk_heads: for merged QKV weights (3, H * D, dim), the number of heads and heads per
+    group, so that Q and K are orthogonalised per group of heads and V whole (record #80). These are attributes,
+    not param_groups entries, so checkpoints written before them load.
     """
 
     def __init__(self, params: list[Tensor], lr: float = 0.05, momentum: float = 0.95, weight_decay: float = 0.0,
-                 rank: int = 0, world_size: int = 1, ns_steps: int = 5, compile_ns: bool = False):
+                 rank: int = 0, world_size: int = 1, ns_steps: int = 5, compile_ns: bool = False,
+                 orthogonalizer: str = "newton_schulz", normuon_beta2: float = 0.0, cautious: bool = False,
+                 lr_mults: dict[Tensor, float] | None = None, qk_heads: dict[Tensor, tuple[int, int]] | None = None):
         self.rank, self.world_size, self.ns_steps = rank, world_size, ns_steps
-        self.orthogonalise = compile_with_fallback(zeropower_via_newtonschulz5, "Newton-Schulz") if compile_ns \
-            else zeropower_via_newtonschulz5
+        fn = ORTHOGONALIZERS[orthogonalizer]
+        self.orthogonalise = compile_with_fallback(fn, orthogonalizer.replace("_", "-")) if compile_ns else fn
+        self.normuon_beta2, self.cautious = normuon_beta2, cautious
+        self.lr_mults = {id(p): m for p, m in (lr_mults or {}).items()}
+        self.qk_heads = {id(p): hg for p, hg in (qk_heads or {}).items()}
         by_shape: dict[tuple[int, ...], list[Tensor]] = {}
         for p in params:  # one group per shape, in first-appearance order (deterministic)
             by_shape.setdefault(tuple(p.shape), []).append(p)
@@ -1277,6 +1388,8 @@ class Muon(torch.optim.Optimizer):
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
+                    if self.normuon_beta2:
+                        state["second_moment"] = torch.zeros(self._moment_numel(p), device=p.device)
                 state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
             for base in range(0, len(params), self.world_size):
                 chunk = params[base:base + self.world_size]
@@ -1287,47 +1400,189 @@ class Muon(torch.optim.Optimizer):
         for work, buffer, chunk in pending:
             work.wait()
             for i, p in enumerate(chunk):
-                p.copy_(buffer[i].view_as(p))
+                p.copy_(buffer[i, :p.numel()].view_as(p))
+                if self.normuon_beta2:
+                    self.state[p]["second_moment"].copy_(buffer[i, p.numel():])
+
+    def blocks(self, p: Tensor, t: Tensor) -> list[Tensor]:
+        """The matrices of t (shaped like parameter p) that are orthogonalised apart, as views of t: t itself (its
+        leading dims a batch), or, for a merged QKV weight with head groups, Q and K as groups of adjacent heads
+        (2 * H / g, g * D, dim) and V whole (1, H * D, dim): record #80."""
+        if id(p) not in self.qk_heads:
+            return [t]
+        num_heads, per_group = self.qk_heads[id(p)]
+        return [t[:2].reshape(2 * num_heads // per_group, t.size(1) * per_group // num_heads, t.size(2)), t[2:]]
+
+    def _moment_shapes(self, p: Tensor) -> list[tuple[int, ...]]:
+        """NorMuon's state per block: one value per neuron (normuon_scale)."""
+        shapes = []
+        for b in self.blocks(p, p.detach()):
+            rows, cols = b.shape[-2:]
+            shapes.append((*b.shape[:-2], rows, 1) if rows >= cols else (*b.shape[:-2], 1, cols))
+        return shapes
+
+    def _moment_numel(self, p: Tensor) -> int:
+        return sum(math.prod(s) for s in self._moment_shapes(p))
 
     def _update(self, p: Tensor, group: dict[str, Any]) -> None:
-        buf = self.state[p]["momentum_buffer"]
-        g = p.grad.lerp(buf, group["momentum"])  # Nesterov
-        v = self.orthogonalise(g, self.ns_steps)
+        state = self.state[p]
+        g = p.grad.lerp(state["momentum_buffer"], group["momentum"])  # Nesterov
+        blocks = self.blocks(p, g)
+        updates = [self.orthogonalise(b, self.ns_steps) for b in blocks]
+        if self.normuon_beta2:
+            moments = state["second_moment"].split([math.prod(s) for s in self._moment_shapes(p)])
+            updates = [normuon_scale(u, m.view(s), self.normuon_beta2)
+                       for u, m, s in zip(updates, moments, self._moment_shapes(p))]
+        v = updates[0] if len(updates) == 1 else torch.cat([u.reshape(-1) for u in updates]).view_as(p)
+        lr = group["lr"]
+        lr_eff = lr * self.lr_mults.get(id(p), max(1, p.size(-2) / p.size(-1)) ** 0.5)
+        if self.cautious:
+            decay = cautious_mask(v, p, strict=False) * p * (group["weight_decay"] * lr * lr_eff)
+            p.sub_(decay + v * lr_eff)  # record #43: both terms from the weight before the step
+            return
         if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(v, alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
+            p.mul_(1 - lr * group["weight_decay"])
+        p.add_(v, alpha=-lr_eff)
 
     def _gather(self, chunk: list[Tensor]) -> tuple[Any, Tensor, list[Tensor]]:
         ref = chunk[0]
-        mine = chunk[self.rank] if self.rank < len(chunk) else torch.zeros_like(ref)
-        buffer = torch.empty(self.world_size * ref.numel(), dtype=ref.dtype, device=ref.device)
+        extra = self._moment_numel(ref) if self.normuon_beta2 else 0
+        if self.rank < len(chunk):
+            mine = chunk[self.rank].detach().reshape(-1)
+            if extra:
+                mine = torch.cat([mine, self.state[chunk[self.rank]]["second_moment"]])
+        else:
+            mine = torch.zeros(ref.numel() + extra, dtype=ref.dtype, device=ref.device)
+        buffer = torch.empty(self.world_size * mine.numel(), dtype=ref.dtype, device=ref.device)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
-        work = gather(buffer, mine.detach().contiguous().view(-1), async_op=True)
+        work = gather(buffer, mine.contiguous(), async_op=True)
         return work, buffer.view(self.world_size, -1), chunk
+
+
+class RecordAdam(torch.optim.Optimizer):
+    """The 2026 record's Adam (its NorMuonAndAdam at f411b3d3), for the embeddings, lm_head and scalars.
+
+    Against torch.optim.Adam: bias correction folded into the step size, lr * sqrt(1 - beta2^t) / (1 - beta1^t), and
+    epsilon added to the uncorrected root, m / (sqrt(v) + eps) (torch adds it to the corrected one); a weight decay
+    tied to the square of the scheduled LR, w <- w - lr^2 * wd * w (record #50: eff_wd = lr * lr * wd * wd_mul with
+    lr the group's scheduled LR), applied where cautious_mask(update, w, strict=True) holds when cautious, else
+    everywhere; and, with every > 1, one update every `every` steps from the sum of their gradients (record #39:
+    every 2, on odd steps), the running sum kept in the optimizer state so a resume is exact.
+    """
+
+    def __init__(self, groups: list[dict[str, Any]], betas: tuple[float, float], eps: float, every: int = 1,
+                 cautious: bool = False):
+        super().__init__(groups, dict(betas=betas, eps=eps, weight_decay=0.0))
+        self.every, self.cautious = every, cautious
+
+    @torch.no_grad()
+    def step(self) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(calls=0, step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                    if self.every > 1:
+                        state["grad_sum"] = torch.zeros_like(p)
+                state["calls"] += 1
+                g = p.grad
+                if self.every > 1:
+                    g = state["grad_sum"].add_(g)
+                    if state["calls"] % self.every:
+                        continue
+                self._update(p, g, state, group, beta1, beta2)
+                if self.every > 1:
+                    g.zero_()
+
+    def _update(self, p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any], beta1: float,
+                beta2: float) -> None:
+        state["step"] += 1
+        t, lr = state["step"], group["lr"]
+        state["exp_avg"].mul_(beta1).add_(g, alpha=1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        step_size = lr * (1 - beta2**t) ** 0.5 / (1 - beta1**t)
+        update = state["exp_avg"].div(state["exp_avg_sq"].sqrt().add_(group["eps"])).mul_(step_size)
+        if group["weight_decay"] and self.cautious:
+            update.addcmul_(p, cautious_mask(update, p, strict=True), value=lr * lr * group["weight_decay"])
+        elif group["weight_decay"]:
+            update.add_(p, alpha=lr * lr * group["weight_decay"])
+        p.sub_(update)
+
+
+# The 2026 record's Adam table (its TrainingManager at f411b3d3), generalised to this model's groups: betas, the
+# record's LR for these parameters (base 0.008 times its lr_mul) over the 2025 record's (head 0.22, embeddings 0.6,
+# scalars 0.04), applied to --head-lr, --embed-lr and --scalar-lr, and the weight-decay multiplier of
+# --adam-weight-decay. The scalars' betas are record #52's (PR 177), the embeddings' record #57's.
+ADAM_TABLE_2026 = {
+    "head": dict(betas=(0.5, 0.95), lr_scale=0.008 / 0.22, wd_mul=150.0),
+    "embed": dict(betas=(0.5, 0.95), lr_scale=0.008 / 0.6, wd_mul=150.0),
+    "value_embeds": dict(betas=(0.75, 0.95), lr_scale=0.008 * 75 / 0.6, wd_mul=5.0),
+    "scalars": dict(betas=(0.9, 0.99), lr_scale=0.008 * 5 / 0.04, wd_mul=0.0),
+}
+
+
+def adam_groups(model: GPT, hp: Hyperparameters) -> list[dict[str, Any]]:
+    """The Adam groups: lm_head, the embeddings and the scalars at the 2025 record's LRs; with --adam-table 2026 the
+    value embeddings apart, each with the 2026 record's betas, LR scale and weight-decay multiplier."""
+    head = [model.lm_head.weight]
+    scalars = [p for p in model.parameters() if p.ndim < 2]
+    if hp.adam_table == "2025":
+        embeds = [p for n, p in model.named_parameters() if "embed" in n]
+        return [dict(params=head, lr=hp.head_lr), dict(params=embeds, lr=hp.embed_lr),
+                dict(params=scalars, lr=hp.scalar_lr)]
+    named = dict(head=(head, hp.head_lr), embed=([model.embed.weight], hp.embed_lr),
+                 value_embeds=([ve.weight for ve in model.value_embeds], hp.embed_lr), scalars=(scalars, hp.scalar_lr))
+    out = []
+    for name, (params, lr) in named.items():
+        row = ADAM_TABLE_2026[name]
+        out.append(dict(params=params, lr=lr * row["lr_scale"], betas=row["betas"],
+                        weight_decay=hp.adam_weight_decay * row["wd_mul"]))
+    return [g for g in out if g["params"]]
+
+
+def muon_lr_mults(model: GPT, hp: Hyperparameters) -> dict[Tensor, float]:
+    """Per-matrix Muon LR multipliers where they differ from the shape rule max(1, rows / cols)^0.5: with
+    --muon-lr-mults 2026, the record's, which stores both MLP matrices tall (hidden x dim; PR 168): the shape rule
+    on the larger over the smaller side for both, 2 at 4x width, and twice that for the output projection."""
+    if hp.muon_lr_mults == "shape":
+        return {}
+    mults = {}
+    for block in model.blocks:
+        ratio = max(block.mlp.c_fc.weight.shape) / min(block.mlp.c_fc.weight.shape)
+        mults[block.mlp.c_fc.weight] = ratio**0.5
+        mults[block.mlp.c_proj.weight] = 2 * ratio**0.5  # record PR 168: c_proj's lr_mul 2
+    return mults
 
 
 def setup_optimizers(model: GPT, hp: Hyperparameters, rank: int = 0, world_size: int = 1,
                      compile_ns: bool = False) -> list[torch.optim.Optimizer]:
-    """Adam for lm_head, embeddings and scalars, Muon for the hidden matrices (record learning rates). With
-    --optimizer adamw the hidden matrices get GPT-2-style AdamW instead of Muon and nothing else changes: the
-    ablation that measures what Muon buys."""
+    """Adam for lm_head, embeddings and scalars, Muon for the hidden matrices (record learning rates), each with the
+    2026 record's variants where the config switches them on. With --optimizer adamw the hidden matrices get
+    GPT-2-style AdamW instead of Muon and nothing else changes: the ablation that measures what Muon buys."""
     hidden = [p for n, p in model.blocks.named_parameters() if p.ndim >= 2]
-    embeds = [p for n, p in model.named_parameters() if "embed" in n]
-    scalars = [p for p in model.parameters() if p.ndim < 2]
-    head = [model.lm_head.weight]
     # record: head 0.22, embeddings 0.6, scalars 0.04 with betas (0.8, 0.95); the tiny eps is
     # @YouJiacheng's fix for the world-size dependence of the update size
-    adam_groups = [dict(params=head, lr=hp.head_lr), dict(params=embeds, lr=hp.embed_lr),
-                   dict(params=scalars, lr=hp.scalar_lr)]
+    groups = adam_groups(model, hp)
     fused = next(model.parameters()).device.type == "cuda"
-    adam = torch.optim.Adam(adam_groups, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps, fused=fused)
+    if hp.adam_update == "record":
+        adam: torch.optim.Optimizer = RecordAdam(groups, (hp.adam_beta1, hp.adam_beta2), hp.adam_eps,
+                                                 every=hp.adam_every, cautious=hp.cautious_weight_decay)
+    else:
+        adam = torch.optim.Adam(groups, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps, fused=fused)
     if hp.optimizer == "adamw":
         # GPT-2 / nanoGPT settings: betas (0.9, 0.95), eps 1e-8, decoupled weight decay on the matrices
         hidden_opt = torch.optim.AdamW(hidden, lr=hp.adamw_lr, betas=(0.9, 0.95), eps=1e-8,
                                        weight_decay=hp.adamw_weight_decay, fused=fused)
     else:
+        qk = {b.attn.qkv_w: (b.attn.num_heads, hp.muon_qk_head_groups) for b in model.blocks
+              if b.attn is not None and hp.muon_qk_head_groups}
         hidden_opt = Muon(hidden, lr=hp.muon_lr, momentum=hp.muon_momentum, weight_decay=hp.muon_weight_decay,
-                          rank=rank, world_size=world_size, compile_ns=compile_ns)
+                          rank=rank, world_size=world_size, compile_ns=compile_ns,
+                          orthogonalizer=hp.muon_orthogonalizer, normuon_beta2=hp.normuon_beta2 if hp.normuon else 0.0,
+                          cautious=hp.cautious_weight_decay, lr_mults=muon_lr_mults(model, hp), qk_heads=qk)
     optimizers: list[torch.optim.Optimizer] = [adam, hidden_opt]
     for opt in optimizers:
         for group in opt.param_groups:
@@ -1341,6 +1596,7 @@ def optimizer_state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
     size = 0
     for opt in optimizers:
         per_param = 2 if isinstance(opt, torch.optim.Adam) else 1
+        per_param = 2 + (opt.every > 1) if isinstance(opt, RecordAdam) else per_param  # with the gradient sum
         size += per_param * sum(p.numel() * p.element_size() for g in opt.param_groups for p in g["params"])
     return size
 
@@ -1931,7 +2187,13 @@ def get_lr(step: int, hp: Hyperparameters) -> float:
 
 
 def get_muon_momentum(step: int, hp: Hyperparameters) -> float:
-    """Muon momentum warms up linearly from 0.85 to 0.95 over the first 300 steps (record)."""
+    """Muon momentum warms up linearly from 0.85 to 0.95 over the first 300 steps (record), and with
+    --muon-momentum-cooldown N falls linearly back to the start value over the last N steps (the 2026 record's
+    get_muon_momentum, since edb34103: 50 steps). As there, the warm-up wins where the two overlap."""
+    cooldown_start = hp.num_iterations - hp.muon_momentum_cooldown
+    if step >= hp.muon_momentum_warmup and hp.muon_momentum_cooldown and step > cooldown_start:
+        frac = (step - cooldown_start) / hp.muon_momentum_cooldown
+        return hp.muon_momentum - frac * (hp.muon_momentum - hp.muon_momentum_start)
     frac = min(step / hp.muon_momentum_warmup, 1.0)
     return (1 - frac) * hp.muon_momentum_start + frac * hp.muon_momentum
 

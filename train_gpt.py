@@ -102,6 +102,21 @@ class Hyperparameters:
     optimizer: str = "muon"  # hidden matrices: muon (record) or adamw (GPT-2-style AdamW: the ablation of Muon)
     adamw_lr: float = 1e-3  # AdamW LR of the hidden matrices; best of four on Shakespeare (docs/muon_vs_adamw.md)
     adamw_weight_decay: float = 0.1  # AdamW decoupled weight decay of the hidden matrices (GPT-2)
+    muon_orthogonalizer: str = "newton_schulz"  # newton_schulz (2025 record) or polar_express (record #38)
+    normuon: bool = False  # NorMuon: Muon's update normalised per neuron by a second-moment EMA (record #41)
+    normuon_beta2: float = 0.9  # NorMuon's EMA factor of each neuron's mean squared update (record #41)
+    cautious_weight_decay: bool = False  # decay only where update and weight agree in sign, with the decay tied
+    #   to the square of the scheduled LR (Muon: record #43; Adam: record #50, with --adam-update record)
+    adam_update: str = "torch"  # Adam's arithmetic: torch (2025 record) or record (the 2026 record's bias
+    #   correction and epsilon, LR-squared weight decay, --adam-every)
+    adam_table: str = "2025"  # Adam betas and LR / decay multipliers per group: 2025, or 2026 (the record's table)
+    adam_weight_decay: float = 0.0  # Adam weight decay times each group's multiplier; needs --adam-update record
+    #   (record #50: 0.005)
+    adam_every: int = 1  # step Adam every N optimizer steps on the summed gradients; needs --adam-update record
+    #   (record #39: 2)
+    muon_lr_mults: str = "shape"  # Muon LR per matrix: shape (2025: max(1, rows/cols)^0.5) or 2026 (record PR 168)
+    muon_momentum_cooldown: int = 0  # final steps over which Muon momentum falls back to its start (record: 50)
+    muon_qk_head_groups: int = 0  # orthogonalise Q and K per group of this many heads; 0 = whole (record #80: 2)
     # loss modifiers: all off by default; validation and eval.py report plain cross-entropy
     label_smoothing: float = 0.0  # share of each target's probability spread evenly over the real vocabulary
     #   (rows below vocab_size, plus the chat tokens in a fine-tune; never the padding rows)
@@ -199,7 +214,9 @@ class Hyperparameters:
 
 # Fields of the shared config that only the library scripts implement (refuse_library_only)
 LIBRARY_ONLY = ("label_smoothing", "z_loss", "entropy_weight", "loss_terms", "plugins", "loss_normalization",
-                "trackers", "tracker_dir", "wandb_project")
+                "trackers", "tracker_dir", "wandb_project", "muon_orthogonalizer", "normuon", "normuon_beta2",
+                "cautious_weight_decay", "adam_update", "adam_table", "adam_weight_decay", "adam_every",
+                "muon_lr_mults", "muon_momentum_cooldown", "muon_qk_head_groups")
 
 # Only the fields that differ from the defaults (the record); reasons in model.py, measurements in docs/measurements.md.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -1294,12 +1311,13 @@ def train(hp: Hyperparameters, rt: Runtime) -> float:
 
 
 def refuse_library_only(hp: Hyperparameters) -> None:
-    """This script trains the record's plain loss and writes log.txt only; the loss modifiers, plugins and trackers
-    of the shared library are pretraining.py's, which takes the same flags."""
+    """This script is the May-2025 record: its plain loss and optimizer, log.txt only. The loss modifiers, plugins,
+    trackers and the 2026 record's optimizer switches of the shared library are pretraining.py's, which takes the
+    same flags."""
     for f in dataclasses.fields(Hyperparameters):
         if f.name in LIBRARY_ONLY and getattr(hp, f.name) != f.default:
-            raise ConfigError(f"--{_flag(f.name)} is not in train_gpt.py (it trains the record's plain loss and "
-                              f"logs to log.txt); `python pretraining.py` takes the same flags and has it")
+            raise ConfigError(f"--{_flag(f.name)} is not in train_gpt.py (the May-2025 record: its plain loss and "
+                              f"optimizer, log.txt only); `python pretraining.py` takes the same flags and has it")
 
 
 def main(argv: list[str] | None = None) -> None:

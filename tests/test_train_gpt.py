@@ -193,10 +193,16 @@ def test_attention_masks_equal(window: int) -> None:
         assert torch.equal(getattr(ours, name), getattr(lib, name)), name
 
 
-def test_optimizer_steps_equal() -> None:
-    """Adam + Muon with schedules: three steps on the same gradients leave the same weights and state."""
-    m, t = gpt_pair(seed=2)
-    hp, thp = both_hparams()
+# the speedrun preset's optimizer settings (the dataclass defaults) and layout (an attention-free layer) at tiny size
+SPEEDRUN_TINY = dict(num_layers=4, no_attn_layer=1, head_lr=0.22, embed_lr=0.6, scalar_lr=0.04, muon_momentum_warmup=300)
+
+
+@pytest.mark.parametrize("shape", [{}, SPEEDRUN_TINY], ids=["shakespeare-tiny", "speedrun-tiny"])
+def test_optimizer_steps_equal(shape: dict) -> None:
+    """Adam + Muon with schedules, every 2026 switch off: three steps on the same gradients leave the same weights
+    and state as the May-2025 record's own optimizer code."""
+    m, t = gpt_pair(seed=2, **shape)
+    hp, thp = both_hparams(**shape)
     opts_m, opts_t = M.setup_optimizers(m, hp), T.setup_optimizers(t, thp)
     assert [[len(g["params"]) for g in o.param_groups] for o in opts_t] == \
         [[len(g["params"]) for g in o.param_groups] for o in opts_m]
@@ -380,3 +386,16 @@ def test_cuda_runs_agree(shard_dir: Path, tmp_path: Path) -> None:
     (train1, val1), (train2, val2) = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "library")
     for a, b in zip(train1 + val1, train2 + val2):
         assert abs(a - b) <= 1e-2 * abs(a), (train1, train2, val1, val2)
+
+
+@pytest.mark.parametrize("name", T.LIBRARY_ONLY)
+def test_library_only_fields_are_refused(name: str) -> None:
+    """Each field of the shared config that the record does not have (loss modifiers, trackers, the 2026 record's
+    optimizer switches) is refused by name when it differs from its default."""
+    field = {f.name: f for f in dataclasses.fields(T.Hyperparameters)}[name]
+    value = {"bool": True, "int": 2, "float": 0.5}.get(str(field.type), "other")
+    T.refuse_library_only(T.Hyperparameters())  # the defaults pass
+    with pytest.raises(T.ConfigError, match=rf"^--{name.replace('_', '-')} is not in train_gpt.py \(the May-2025 "
+                                            r"record: its plain loss and optimizer, log.txt only\); `python "
+                                            r"pretraining.py` takes the same flags and has it$"):
+        T.refuse_library_only(T.Hyperparameters(**{name: value}))
