@@ -12,6 +12,9 @@ train: tokens/s of full training steps (forward+backward, Newton-Schulz, the res
     memory. Each shape runs in its own process, so peak memory is that shape's.
 modifiers: tokens/s of the shakespeare preset's training step with each loss modifier (label smoothing, z-loss,
     entropy, all three), each in its own process, against the plain step timed first and last in the same run.
+optimizer: the optimizer's share of a training step of the 124M speedrun shape (Newton-Schulz or Polar Express,
+    then the rest of Muon and Adam) with each of the 2026 record's optimizer switches and all of them, each in its own
+    process, as ratios against plain Muon timed first and last in the same run.
 trackers: milliseconds per logged step (step line + metrics record) with console and metrics.jsonl only, and with
     TensorBoard, W&B (offline) and both on top, as a ratio against console-only.
 decode: greedy tokens/s of model.generate (KV cache, and the full-recompute reference) and of Hugging Face
@@ -300,6 +303,37 @@ def bench_modifiers(device: torch.device, steps: int, warmup: int, compile: str 
     return rows
 
 
+OPTIMIZER_SETTINGS = [  # the 2026 record's switches (docs/optimizer.md), one at a time and all together
+    ("Muon (2025)", {}), ("Polar Express", dict(muon_orthogonalizer="polar_express")), ("NorMuon", dict(normuon=True)),
+    ("cautious decay", dict(cautious_weight_decay=True, muon_weight_decay=1.2)),
+    ("Q/K head groups", dict(muon_qk_head_groups=2)),
+    ("record Adam, every 2", dict(adam_update="record", adam_every=2, adam_table="2026", adam_weight_decay=0.005)),
+    ("all", dict(muon_orthogonalizer="polar_express", normuon=True, cautious_weight_decay=True, muon_weight_decay=1.2,
+                 muon_qk_head_groups=2, adam_update="record", adam_every=2, adam_table="2026", adam_weight_decay=0.005,
+                 muon_lr_mults="2026")),
+]
+
+
+def bench_optimizer(device: torch.device, steps: int, warmup: int, compile: str = "auto",
+                    shape: str = "speedrun-124M") -> list[dict[str, Any]]:
+    """Milliseconds of the optimizer step (orthogonalisation plus the rest) and of the whole step with each setting
+    of OPTIMIZER_SETTINGS, against plain Muon timed first and again last (their mean is the baseline)."""
+    settings = OPTIMIZER_SETTINGS + [OPTIMIZER_SETTINGS[0]]
+    rows = [dict(setting=name, **train_shape_process(shape, device, steps, warmup, compile, over))
+            for name, over in settings]
+    for row in rows:
+        row["optimizer_ms"] = round(row["newton_schulz_ms"] + row["optimizer_rest_ms"], 1)
+    plain_opt = statistics.mean([rows[0]["optimizer_ms"], rows[-1]["optimizer_ms"]])
+    plain_step = statistics.mean([rows[0]["step_ms"], rows[-1]["step_ms"]])
+    for row in rows:
+        row["optimizer_vs_muon"] = round(row["optimizer_ms"] / plain_opt, 3)
+        row["step_vs_muon"] = round(row["step_ms"] / plain_step, 3)
+        print(f"optimizer {shape} {row['setting']:<22} optimizer {row['optimizer_ms']:>7.1f} ms "
+              f"({row['optimizer_vs_muon']:.2f}x Muon; orthogonalisation {row['newton_schulz_ms']:.1f})  step "
+              f"{row['step_ms']:.0f} ms ({row['step_vs_muon']:.3f}x)", file=sys.stderr, flush=True)
+    return rows
+
+
 def bench_trackers(calls: int = 200) -> list[dict[str, Any]]:
     """Seconds per logged step (a step line on the console plus its metrics record) with console + metrics.jsonl
     only, then with TensorBoard and with W&B offline as well; the ratio is against console-only."""
@@ -556,7 +590,7 @@ def bench_quality(checkpoint: str, log_dir: str, prompts: int = 24, new_tokens: 
     return out
 
 
-BENCHMARKS = ("matmul", "train", "modifiers", "trackers", "decode", "data")  # the default run; quality on demand
+BENCHMARKS = ("matmul", "train", "modifiers", "optimizer", "trackers", "decode", "data")  # the default run; quality on demand
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -573,6 +607,9 @@ def print_table(results: dict[str, Any]) -> None:
                   f"{r['mfu']:>6.0%} {r['dtype']:>9} {r['peak_memory_mib']:>9,}")
     for r in results.get("modifiers", []):
         print(f"training with {r['setting']:<20} {r['tokens_per_s']:>7,} tok/s  {r['vs_plain']:.3f}x plain")
+    for r in results.get("optimizer", []):
+        print(f"optimizer: {r['setting']:<22} {r['optimizer_ms']:>8.1f} ms  {r['optimizer_vs_muon']:.2f}x Muon  step "
+              f"{r['step_vs_muon']:.3f}x")
     for r in results.get("trackers", []):
         print(f"logging to {r['trackers']:<24} {r['ms_per_step']:>8.3f} ms/step  {r['vs_console']:.1f}x console-only")
     if "decode" in results:
@@ -634,6 +671,8 @@ def main(argv: list[str] | None = None) -> None:
         results["train"] = bench_train(device, args.steps, args.warmup, results["matmul"], args.compile)
     if "modifiers" in chosen:
         results["modifiers"] = bench_modifiers(device, args.steps, args.warmup, args.compile)
+    if "optimizer" in chosen:
+        results["optimizer"] = bench_optimizer(device, args.steps, args.warmup, args.compile)
     if "trackers" in chosen:
         results["trackers"] = bench_trackers()
     if "decode" in chosen:

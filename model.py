@@ -150,6 +150,8 @@ class Hyperparameters:
     muon_lr_mults: str = "shape"  # Muon LR per matrix: shape (2025: max(1, rows/cols)^0.5) or 2026 (record PR 168)
     muon_momentum_cooldown: int = 0  # final steps over which Muon momentum falls back to its start (record: 50)
     muon_qk_head_groups: int = 0  # orthogonalise Q and K per group of this many heads; 0 = whole (record #80: 2)
+    muon_row_equilibration: bool = False  # MuonEq: rows to the mean row norm before orthogonalising (nanochat)
+    muon_norm_snap: bool = False  # Muon+: the orthogonalised update to Frobenius norm sqrt(min(rows, cols)) (nanochat)
     # loss modifiers: all off by default; validation and eval.py report plain cross-entropy
     label_smoothing: float = 0.0  # share of each target's probability spread evenly over the real vocabulary
     #   (rows below vocab_size, plus the chat tokens in a fine-tune; never the padding rows)
@@ -1339,6 +1341,21 @@ def normuon_scale(v: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
     return v * (scale * (v_norm / scaled_norm.clamp_min(1e-10))).type_as(v)
 
 
+def equilibrate_rows(X: Tensor) -> Tensor:
+    """MuonEq (nanochat 4e014d3, 2026-07; arXiv:2603.28254): each row of a matrix (batched over leading dims) scaled
+    to the matrix's mean row norm, so the spectrum that enters orthogonalisation is better conditioned."""
+    target = X.float().norm(dim=(-2, -1), keepdim=True) / X.size(-2) ** 0.5
+    return X * (target / X.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(X.dtype)
+
+
+def snap_norm(v: Tensor) -> Tensor:
+    """Muon+ (nanochat 4e014d3, 2026-07; arXiv:2602.21545): an orthogonalised update scaled to the Frobenius norm of
+    an exactly semi-orthogonal matrix of its shape, sqrt(min(rows, cols)), correcting an iteration's under- or
+    overshoot."""
+    target = min(v.size(-2), v.size(-1)) ** 0.5
+    return v * (target / v.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)).to(v.dtype)
+
+
 def cautious_mask(update: Tensor, p: Tensor, strict: bool) -> Tensor:
     """Where decay applies under cautious weight decay (record #43, PR 154; Adam: #50): where the update, which is
     subtracted from the weight, has the weight's sign, so decay moves the weight the way the update already does.
@@ -1359,15 +1376,18 @@ class Muon(torch.optim.Optimizer):
     lr_eff = lr * the matrix's multiplier, so the decay falls with the square of the LR schedule; otherwise decay is
     decoupled, w <- (1 - lr * wd) w, as before. lr_mults: each matrix's LR multiplier (default: the shape rule
     max(1, rows / cols)^0.5). qk_heads: for merged QKV weights (3, H * D, dim), the number of heads and heads per
-    group, so that Q and K are orthogonalised per group of heads and V whole (record #80). These are attributes,
+    group, so that Q and K are orthogonalised per group of heads and V whole (record #80). row_equilibration and
+    norm_snap: nanochat's equilibrate_rows before and snap_norm after orthogonalising. These are attributes,
     not param_groups entries, so checkpoints written before them load.
     """
 
     def __init__(self, params: list[Tensor], lr: float = 0.05, momentum: float = 0.95, weight_decay: float = 0.0,
                  rank: int = 0, world_size: int = 1, ns_steps: int = 5, compile_ns: bool = False,
                  orthogonalizer: str = "newton_schulz", normuon_beta2: float = 0.0, cautious: bool = False,
-                 lr_mults: dict[Tensor, float] | None = None, qk_heads: dict[Tensor, tuple[int, int]] | None = None):
+                 lr_mults: dict[Tensor, float] | None = None, qk_heads: dict[Tensor, tuple[int, int]] | None = None,
+                 row_equilibration: bool = False, norm_snap: bool = False):
         self.rank, self.world_size, self.ns_steps = rank, world_size, ns_steps
+        self.row_equilibration, self.norm_snap = row_equilibration, norm_snap
         fn = ORTHOGONALIZERS[orthogonalizer]
         self.orthogonalise = compile_with_fallback(fn, orthogonalizer.replace("_", "-")) if compile_ns else fn
         self.normuon_beta2, self.cautious = normuon_beta2, cautious
@@ -1427,8 +1447,9 @@ class Muon(torch.optim.Optimizer):
     def _update(self, p: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
         g = p.grad.lerp(state["momentum_buffer"], group["momentum"])  # Nesterov
-        blocks = self.blocks(p, g)
+        blocks = [equilibrate_rows(b) if self.row_equilibration else b for b in self.blocks(p, g)]
         updates = [self.orthogonalise(b, self.ns_steps) for b in blocks]
+        updates = [snap_norm(u) for u in updates] if self.norm_snap else updates
         if self.normuon_beta2:
             moments = state["second_moment"].split([math.prod(s) for s in self._moment_shapes(p)])
             updates = [normuon_scale(u, m.view(s), self.normuon_beta2)
@@ -1582,7 +1603,8 @@ def setup_optimizers(model: GPT, hp: Hyperparameters, rank: int = 0, world_size:
         hidden_opt = Muon(hidden, lr=hp.muon_lr, momentum=hp.muon_momentum, weight_decay=hp.muon_weight_decay,
                           rank=rank, world_size=world_size, compile_ns=compile_ns,
                           orthogonalizer=hp.muon_orthogonalizer, normuon_beta2=hp.normuon_beta2 if hp.normuon else 0.0,
-                          cautious=hp.cautious_weight_decay, lr_mults=muon_lr_mults(model, hp), qk_heads=qk)
+                          cautious=hp.cautious_weight_decay, lr_mults=muon_lr_mults(model, hp), qk_heads=qk,
+                          row_equilibration=hp.muon_row_equilibration, norm_snap=hp.muon_norm_snap)
     optimizers: list[torch.optim.Optimizer] = [adam, hidden_opt]
     for opt in optimizers:
         for group in opt.param_groups:

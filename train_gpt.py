@@ -117,6 +117,8 @@ class Hyperparameters:
     muon_lr_mults: str = "shape"  # Muon LR per matrix: shape (2025: max(1, rows/cols)^0.5) or 2026 (record PR 168)
     muon_momentum_cooldown: int = 0  # final steps over which Muon momentum falls back to its start (record: 50)
     muon_qk_head_groups: int = 0  # orthogonalise Q and K per group of this many heads; 0 = whole (record #80: 2)
+    muon_row_equilibration: bool = False  # MuonEq: rows to the mean row norm before orthogonalising (nanochat)
+    muon_norm_snap: bool = False  # Muon+: the orthogonalised update to Frobenius norm sqrt(min(rows, cols)) (nanochat)
     # loss modifiers: all off by default; validation and eval.py report plain cross-entropy
     label_smoothing: float = 0.0  # share of each target's probability spread evenly over the real vocabulary
     #   (rows below vocab_size, plus the chat tokens in a fine-tune; never the padding rows)
@@ -216,7 +218,8 @@ class Hyperparameters:
 LIBRARY_ONLY = ("label_smoothing", "z_loss", "entropy_weight", "loss_terms", "plugins", "loss_normalization",
                 "trackers", "tracker_dir", "wandb_project", "muon_orthogonalizer", "normuon", "normuon_beta2",
                 "cautious_weight_decay", "adam_update", "adam_table", "adam_weight_decay", "adam_every",
-                "muon_lr_mults", "muon_momentum_cooldown", "muon_qk_head_groups")
+                "muon_lr_mults", "muon_momentum_cooldown", "muon_qk_head_groups", "muon_row_equilibration",
+                "muon_norm_snap")
 
 # Only the fields that differ from the defaults (the record); reasons in model.py, measurements in docs/measurements.md.
 PRESETS: dict[str, dict[str, Any]] = {

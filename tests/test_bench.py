@@ -59,6 +59,26 @@ def test_train_benchmark_times_the_three_parts_of_a_step(monkeypatch: pytest.Mon
     assert with_terms["tokens_per_step"] == hp.tokens_per_step and with_terms["tokens_per_s"] > 0
 
 
+def test_optimizer_benchmark_rows_are_ratios_to_plain_muon(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each setting's optimizer time (orthogonalisation + rest) and step time over plain Muon's, plain Muon's being
+    the mean of its first and last run; every switch setting is a valid config on the tiny model."""
+    seen = []
+
+    def fake(shape: str, device: torch.device, steps: int, warmup: int, compile: str, overrides: dict) -> dict:
+        tiny_hparams(**overrides).validate()
+        seen.append(overrides)
+        ms = 10.0 + len(seen)  # plain Muon: 11 first and 18 last, mean 14.5
+        return dict(newton_schulz_ms=ms / 2, optimizer_rest_ms=ms / 2, step_ms=10 * ms)
+
+    monkeypatch.setattr(bench, "train_shape_process", fake)
+    rows = bench.bench_optimizer(torch.device("cpu"), steps=1, warmup=0)
+    assert [r["setting"] for r in rows] == [name for name, _ in bench.OPTIMIZER_SETTINGS] + ["Muon (2025)"]
+    assert seen[0] == seen[-1] == {} and seen[-2] == bench.OPTIMIZER_SETTINGS[-1][1]
+    for n, row in enumerate(rows, 1):
+        assert row["optimizer_ms"] == 10.0 + n
+        assert row["optimizer_vs_muon"] == round((10.0 + n) / 14.5, 3) and row["step_vs_muon"] == round((10.0 + n) / 14.5, 3)
+
+
 def test_tracker_benchmark_times_each_sink_against_console(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """bench_trackers logs through real RunLogs: one row per sink set, the first (console only) the 1.0x baseline,
     and W&B offline under WANDB_MODE=offline (no network)."""

@@ -100,6 +100,31 @@ def test_normuon_normalises_per_neuron_and_keeps_the_norm(rows: int, cols: int) 
 
 
 # -----------------------------------------------------------------------------
+# nanochat's refinements: row equilibration before, norm snapping after
+
+
+def test_equilibrate_rows_gives_every_row_the_mean_row_norm() -> None:
+    X = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(0)) * torch.arange(1, 7.0)[None, :, None]
+    out = M.equilibrate_rows(X)
+    for i in range(2):
+        target = X[i].norm() / math.sqrt(6)  # ||X||_F / sqrt(rows): the root-mean-square row norm
+        torch.testing.assert_close(out[i].norm(dim=-1), torch.full((6,), float(target)), rtol=1e-5, atol=1e-6)
+        cos = torch.nn.functional.cosine_similarity(out[i], X[i], dim=-1)  # each row keeps its direction
+        torch.testing.assert_close(cos, torch.ones(6), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows, cols", [(8, 3), (3, 8)])
+def test_snap_norm_gives_the_norm_of_a_semi_orthogonal_matrix(rows: int, cols: int) -> None:
+    v = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows)) * 7
+    out = M.snap_norm(v)
+    assert float(out.norm()) == pytest.approx(math.sqrt(min(rows, cols)), rel=1e-5)
+    torch.testing.assert_close(out / out.norm(), v / v.norm(), rtol=1e-5, atol=1e-6)
+    Q = torch.linalg.qr(torch.randn(rows, cols).mT if rows < cols else torch.randn(rows, cols))[0]
+    Q = Q.mT if rows < cols else Q
+    torch.testing.assert_close(M.snap_norm(Q), Q, rtol=1e-5, atol=1e-5)  # exactly semi-orthogonal: unchanged
+
+
+# -----------------------------------------------------------------------------
 # Cautious weight decay
 
 
@@ -248,7 +273,7 @@ def test_qk_head_groups_orthogonalise_q_and_k_per_group_of_heads() -> None:
 SWITCHES = ("--muon-orthogonalizer", "polar_express", "--normuon", "true", "--cautious-weight-decay", "true",
             "--muon-weight-decay", "1.2", "--adam-update", "record", "--adam-table", "2026", "--adam-weight-decay",
             "0.005", "--adam-every", "2", "--muon-lr-mults", "2026", "--muon-momentum-cooldown", "2",
-            "--muon-qk-head-groups", "1")
+            "--muon-qk-head-groups", "1", "--muon-row-equilibration", "true", "--muon-norm-snap", "true")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1"]
 
 
