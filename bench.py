@@ -12,9 +12,10 @@ train: tokens/s of full training steps (forward+backward, Newton-Schulz, the res
     memory. Each shape runs in its own process, so peak memory is that shape's.
 modifiers: tokens/s of the shakespeare preset's training step with each loss modifier (label smoothing, z-loss,
     entropy, all three), each in its own process, against the plain step timed first and last in the same run.
-optimizer: the optimizer's share of a training step of the 124M speedrun shape (Newton-Schulz or Polar Express,
-    then the rest of Muon and Adam) with each of the 2026 record's optimizer switches and all of them, each in its own
-    process, as ratios against plain Muon timed first and last in the same run.
+optimizer: the optimizer's share of a training step of the 124M speedrun shape (or --shape shakespeare) (Newton-
+    Schulz or Polar Express, then the rest of Muon and Adam) with each of the 2026 record's optimizer switches, the
+    shakespeare2026 preset's and all of them, each in its own process, as ratios against plain Muon timed first and
+    last in the same run.
 trackers: milliseconds per logged step (step line + metrics record) with console and metrics.jsonl only, and with
     TensorBoard, W&B (offline) and both on top, as a ratio against console-only.
 decode: greedy tokens/s of model.generate (KV cache, and the full-recompute reference) and of Hugging Face
@@ -307,7 +308,9 @@ OPTIMIZER_SETTINGS = [  # the 2026 record's switches (docs/optimizer.md), one at
     ("Muon (2025)", {}), ("Polar Express", dict(muon_orthogonalizer="polar_express")), ("NorMuon", dict(normuon=True)),
     ("cautious decay", dict(cautious_weight_decay=True, muon_weight_decay=1.2)),
     ("Q/K head groups", dict(muon_qk_head_groups=2)),
+    ("row equilibration", dict(muon_row_equilibration=True)), ("norm snap", dict(muon_norm_snap=True)),
     ("record Adam, every 2", dict(adam_update="record", adam_every=2, adam_table="2026", adam_weight_decay=0.005)),
+    ("shakespeare2026's", {k: v for k, v in M.PRESETS["shakespeare2026"].items() if k not in M.PRESETS["shakespeare"]}),
     ("all", dict(muon_orthogonalizer="polar_express", normuon=True, cautious_weight_decay=True, muon_weight_decay=1.2,
                  muon_qk_head_groups=2, adam_update="record", adam_every=2, adam_table="2026", adam_weight_decay=0.005,
                  muon_lr_mults="2026")),
@@ -650,6 +653,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first (compilation, allocation)")
     p.add_argument("--compile", default="auto", choices=("auto", "on", "head", "off"),
                    help="training benchmark: pretraining.py's --compile (on = whole model, head = the loss only)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="speedrun-124M", help="optimizer: the model shape")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     p.add_argument("--train-shape", help=argparse.SUPPRESS)  # internal: one training shape in a fresh process
     p.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)  # internal: config fields, as JSON
@@ -672,7 +676,7 @@ def main(argv: list[str] | None = None) -> None:
     if "modifiers" in chosen:
         results["modifiers"] = bench_modifiers(device, args.steps, args.warmup, args.compile)
     if "optimizer" in chosen:
-        results["optimizer"] = bench_optimizer(device, args.steps, args.warmup, args.compile)
+        results["optimizer"] = bench_optimizer(device, args.steps, args.warmup, args.compile, args.shape)
     if "trackers" in chosen:
         results["trackers"] = bench_trackers()
     if "decode" in chosen:

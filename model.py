@@ -317,15 +317,27 @@ PRESETS: dict[str, dict[str, Any]] = {
         head_lr=0.11, embed_lr=0.3, scalar_lr=0.02,
     ),
 }
+# The 2026 record's recipe at CPU scale, built up one issue at a time (docs/optimizer.md, "Ablation"): the
+# `shakespeare` preset plus the 2026 switches that beat it by more than the seed spread at equal training time.
+# What `python pretraining.py` runs without CUDA and FineWeb.
+PRESETS["shakespeare2026"] = dict(
+    PRESETS["shakespeare"],
+    # the 2026 record's Muon: Polar Express (#38), NorMuon (#41), cautious decay at the record's 1.2 (#43), Q and K
+    # orthogonalised per pair of heads (#80); and nanochat's MuonEq row equilibration (4e014d3)
+    muon_orthogonalizer="polar_express", normuon=True, cautious_weight_decay=True, muon_weight_decay=1.2,
+    muon_qk_head_groups=2, muon_row_equilibration=True,
+)
+# The corpus each preset trains on: what pretraining.py may build or suggest, and which prompts eval.py samples.
+PRESET_CORPUS = {"speedrun": "fineweb", "shakespeare": "shakespeare", "shakespeare2026": "shakespeare"}
 
 
 def preset_data(hp: Hyperparameters) -> str | None:
-    """The preset whose own corpus this config trains on: hp.preset while its train and val files are still that
-    preset's, else None (the user's data). Decides whether pretraining.py may build the Shakespeare shards, which
-    download it suggests, and which sample prompts eval.py uses."""
+    """The corpus (PRESET_CORPUS) of hp.preset while this config's train and val files are still that preset's,
+    else None (the user's data). Decides whether pretraining.py may build the Shakespeare shards, which download
+    it suggests, and which sample prompts eval.py uses."""
     own = {**{f: getattr(Hyperparameters, f) for f in ("train_files", "val_files")}, **PRESETS.get(hp.preset, {})}
     same = (hp.train_files, hp.val_files) == (own["train_files"], own["val_files"])
-    return hp.preset if hp.preset in PRESETS and same else None
+    return PRESET_CORPUS[hp.preset] if hp.preset in PRESETS and same else None
 
 
 def _flag(name: str) -> str:

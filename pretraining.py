@@ -23,7 +23,7 @@ import model as M
 import runs as R
 from model import Hyperparameters, Runtime
 
-DEFAULT_REASON = {"speedrun": "CUDA and FineWeb shards found", "shakespeare": "no CUDA or no FineWeb shards"}
+DEFAULT_REASON = {"speedrun": "CUDA and FineWeb shards found", R.CPU_DEFAULT_PRESET: "no CUDA or no FineWeb shards"}
 
 
 def read_code() -> dict[str, str]:
@@ -60,7 +60,7 @@ def ensure_data(hp: Hyperparameters, rt: Runtime) -> None:
         try:
             M.list_shards(str(M.resolve_path(pattern)))
         except M.DataError as e:
-            hint = "; download them with `python data/fineweb.py`" if source == "speedrun" else ""
+            hint = "; download them with `python data/fineweb.py`" if source == "fineweb" else ""
             raise M.DataError(f"{e}{hint}") from None
     M.check_data(hp, rt.world_size, str(M.resolve_path(hp.train_files)), str(M.resolve_path(hp.val_files)))
 

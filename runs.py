@@ -84,7 +84,7 @@ def build_arg_parser(prog: str, description: str = "") -> argparse.ArgumentParse
                            epilog=f"Every flag is also an environment variable ({ENV_PREFIX}NUM_ITERATIONS=20) "
                                   "or a .env line. Precedence: CLI > environment > .env > preset > default.")
     parser.add_argument("--preset", choices=sorted(M.PRESETS), help="named starting point (default: speedrun with "
-                        "CUDA and FineWeb shards, else shakespeare)")
+                        f"CUDA and FineWeb shards, else {CPU_DEFAULT_PRESET})")
     comments = field_comments()
     for f in dataclasses.fields(Hyperparameters):
         if f.name == "preset":
@@ -124,11 +124,14 @@ def explicit_overrides(argv: list[str] | None = None, prog: str = "pretraining.p
     return {k: M._coerce(k, v) for k, v in values.items()}
 
 
+CPU_DEFAULT_PRESET = "shakespeare2026"  # the default without CUDA or FineWeb (docs/optimizer.md, "Ablation")
+
+
 def default_preset() -> str:
-    """speedrun when CUDA and FineWeb shards are both present, else shakespeare."""
+    """speedrun when CUDA and FineWeb shards are both present, else CPU_DEFAULT_PRESET."""
     has_fineweb = bool(glob.glob(str(M.resolve_path(M.PRESETS["speedrun"].get(
         "train_files", Hyperparameters.train_files)))))
-    return "speedrun" if torch.cuda.is_available() and has_fineweb else "shakespeare"
+    return "speedrun" if torch.cuda.is_available() and has_fineweb else CPU_DEFAULT_PRESET
 
 
 def config_from_overrides(values: dict[str, Any]) -> Hyperparameters:

@@ -287,7 +287,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Hyperparameters:
-    """CLI > process environment > preset > default; the preset defaults as in pretraining.py."""
+    """CLI > process environment > preset > default; the preset defaults to speedrun with CUDA and FineWeb, else
+    shakespeare (pretraining.py's CPU default is the 2026 preset, whose switches this file does not have)."""
     env = dict(os.environ if env is None else env)
     known = {f.name for f in dataclasses.fields(Hyperparameters)}
     values: dict[str, Any] = {}

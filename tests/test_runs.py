@@ -215,6 +215,21 @@ def test_precedence_preset_over_default_under_env() -> None:
     assert cfg("--preset", "shakespeare").muon_lr == M.Hyperparameters.muon_lr
 
 
+def test_cpu_default_is_the_2026_preset(monkeypatch: pytest.MonkeyPatch) -> None:
+    # without CUDA the default is the 2026 CPU preset: the 2025 one plus switches, and the same corpus
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert R.default_preset() == R.CPU_DEFAULT_PRESET == "shakespeare2026"
+    hp = cfg()
+    assert hp.preset == "shakespeare2026"
+    old, new = M.PRESETS["shakespeare"], M.PRESETS["shakespeare2026"]
+    assert {k: v for k, v in new.items() if k in old} == old  # everything else as the 2025 preset
+    switches = {k: v for k, v in new.items() if k not in old}
+    assert switches and all(getattr(M.Hyperparameters, k) != v for k, v in switches.items())
+    assert M.preset_data(hp) == M.preset_data(cfg("--preset", "shakespeare")) == "shakespeare"
+    assert M.preset_data(cfg("--preset", "speedrun")) == "fineweb"
+    assert M.preset_data(cfg("--train-files", "mine_*.bin")) is None
+
+
 def test_preset_from_environment() -> None:
     assert cfg(env={"NANOGPT_PRESET": "speedrun"}).preset == "speedrun"
     assert cfg("--preset", "shakespeare", env={"NANOGPT_PRESET": "speedrun"}).preset == "shakespeare"
