@@ -234,7 +234,7 @@ def bench_train_shape(shape: str, device: torch.device, steps: int, warmup: int,
         ns_seconds[0] = 0.0
         rt.synchronize()
         t0 = time.perf_counter()
-        pretraining.train_micro_batches(forward, batch, hp, rt, window)
+        pretraining.train_micro_batches(forward, [batch], hp, rt, window)
         rt.synchronize()
         t1 = time.perf_counter()
         M.optimizer_step(raw, optimizers, step, hp, rt.world_size)

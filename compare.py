@@ -26,7 +26,7 @@ ablation: RUN_DIR... are pretraining run directories (the config from run.json, 
     or a run with no validation yet: one line naming it, exit 2. --json: the rows as JSON on stdout (the tables on
     stderr). --plot PNG (needs matplotlib): val loss against tokens and against training time; --zoom: the second
     panel shows the second half of training by tokens instead.
-peer: our default training (`python pretraining.py`: the shakespeare preset, Muon + Adam, compiled on CPU) against
+peer: our 2025 training (`python pretraining.py --preset shakespeare`: Muon + Adam, compiled on CPU) against
     what users would pick instead: transformers' GPT2LMHeadModel (same width, depth, heads, padded vocabulary; tied
     embeddings, dropout off) with torch.optim.AdamW (betas 0.9/0.95, weight decay 0.1 on matrices and embeddings,
     linear warm-up over 5% of the budget then cosine decay to 0.1x, gradient clip 1.0) at each of --peer-lrs, for
@@ -146,7 +146,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     val = read_val_rows(run_dir)
     return dict(run=run_dir.name, path=str(run_dir), label=run_label(hp), optimizer=hp.optimizer, seed=hp.seed,
                 tokens_per_step=hp.tokens_per_step, hp=hp, steps=[r["step"] for r in val],
-                tokens=[r["step"] * hp.tokens_per_step for r in val], seconds=[r["train_time_ms"] / 1000 for r in val],
+                tokens=[M.tokens_through(r["step"], hp) for r in val], seconds=[r["train_time_ms"] / 1000 for r in val],
                 val_loss=[r["val_loss"] for r in val])
 
 
@@ -240,7 +240,8 @@ def run_figures(run: dict[str, Any], steps: list[int], tokens: list[int], time_s
     """One run's row: where it ended, and its val loss at equal steps, tokens and time, and seconds to target."""
     at_steps, at_tokens = dict(zip(run["steps"], run["val_loss"])), dict(zip(run["tokens"], run["val_loss"]))
     reach = seconds_to_reach(run, target)
-    return dict(run=run["run"], path=run["path"], label=run["label"], seed=run["seed"], steps=run["steps"][-1],
+    return dict(run=run["run"], path=run["path"], label=run["label"], preset=run["hp"].preset, seed=run["seed"],
+                steps=run["steps"][-1],
                 tokens=run["tokens"][-1], seconds=round(run["seconds"][-1], 1),
                 final_val_loss=run["val_loss"][-1], val_loss_at_step=at_steps[steps[-1]] if steps else None,
                 val_loss_at_tokens=at_tokens[tokens[-1]] if tokens else None,
@@ -351,13 +352,16 @@ def import_pyplot() -> Any:
 
 
 def legend_labels(result: dict[str, Any]) -> list[str]:
-    """Each run's label, then what its setting changes where another setting has the same label, then its seed
-    where its setting has several."""
+    """Each run's label, then, where another setting has the same label, its preset if theirs differ, else what its
+    setting changes; then its seed where its setting has several."""
     rows, settings = result["runs"], result["settings"]
     labels = []
     for row in rows:
         setting, label = settings[row["setting"] - 1], row["label"]
-        if any(r["label"] == label and r["setting"] != row["setting"] for r in rows):
+        twins = [r for r in rows if r["label"] == label and r["setting"] != row["setting"]]
+        if twins and all(r.get("preset") != row.get("preset") for r in twins):
+            label += f" ({row['preset']})"
+        elif twins:
             label += f" ({setting['differs'] or 'reference'})"
         labels.append(label + (f", seed {row['seed']}" if len(setting["runs"]) > 1 else ""))
     return labels
@@ -387,8 +391,14 @@ def plot_ablation(runs: list[dict[str, Any]], result: dict[str, Any], png: Path,
         ax.axhline(runs[0]["val_loss"][-1], color="gray", linewidth=0.8, linestyle=":")  # the reference's final
         ax.grid(alpha=0.3)
     axes[0 if zoom else 1].legend()  # zoomed, the curves fill the second panel
-    compared = "Muon vs the AdamW ablation" if any(r["optimizer"] != "muon" for r in runs) else "loss modifiers"
-    fig.suptitle(f"Shakespeare preset on a 2-core CPU: {compared}")
+    presets = sorted({r["hp"].preset for r in runs if r["hp"].preset})
+    if any(r["optimizer"] != "muon" for r in runs):
+        compared = "Muon vs the AdamW ablation"
+    elif len(presets) > 1:
+        compared = " vs ".join(presets)
+    else:
+        compared = "loss modifiers" if any(r["label"] != runs[0]["label"] for r in runs) else "ablation"
+    fig.suptitle(f"Shakespeare presets on a 2-core CPU: {compared}")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
@@ -571,8 +581,9 @@ def run_echoed(cmd: list[str], what: str) -> dict[str, float | None]:
 
 
 def peer_ours(log_dir: Path, device: torch.device, overrides: dict[str, Any], val_every: int) -> dict[str, Any]:
-    """Our default training, `python pretraining.py --preset shakespeare` in its own process (Muon + Adam, compiled
-    as pretraining compiles), validated every val_every steps; its curve (metrics.jsonl) and config (run.json)."""
+    """Our 2025 training (the measured peer figures are of it), `python pretraining.py --preset shakespeare`, in its
+    own process (Muon + Adam, compiled as pretraining compiles), validated every val_every steps; its curve
+    (metrics.jsonl) and config (run.json)."""
     flags = dict(preset="shakespeare", device=str(device), log_dir=str(log_dir), run_id="ours",
                  val_loss_every=val_every, save_checkpoint=False, **overrides)  # checkpoints: off the clock anyway
     argv = [arg for name, value in flags.items() for arg in (f"--{name.replace('_', '-')}", str(value))]

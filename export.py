@@ -99,7 +99,7 @@ def hf_config(modeling: Any, hp: M.Hyperparameters, kind: str, dtype: torch.dtyp
         num_hidden_layers=hp.num_layers, num_attention_heads=hp.num_heads, head_dim=hp.head_dim,
         no_attn_layer=hp.no_attn_layer, window_blocks=M.final_window_blocks(hp), block_size=M.BLOCK_SIZE,
         max_position_embeddings=min(hp.row_len or hp.val_seq_len, 8192), eot_token_id=M.EOT_ID,
-        bos_token_id=M.EOT_ID, eos_token_id=stop, pad_token_id=PAD_TOKEN[1])
+        bos_token_id=M.EOT_ID, eos_token_id=stop, pad_token_id=PAD_TOKEN[1], logit_cap=hp.logit_cap)
     config.auto_map = AUTO_MAP
     config.architectures = ["ModdedGPTForCausalLM"]
     config.dtype = dtype

@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -152,6 +153,14 @@ class Hyperparameters:
     muon_qk_head_groups: int = 0  # orthogonalise Q and K per group of this many heads; 0 = whole (record #80: 2)
     muon_row_equilibration: bool = False  # MuonEq: rows to the mean row norm before orthogonalising (nanochat)
     muon_norm_snap: bool = False  # Muon+: the orthogonalised update to Frobenius norm sqrt(min(rows, cols)) (nanochat)
+    # schedule, head and loss (the 2026 record's; issue 26)
+    lr_floor: float = 0.1  # LR multiplier the cooldown ends at (2025 record: 0.1; record #89: 0.15)
+    stage_schedule: str = ""  # "" = none, or 2026: record #89's stages of batch, windows, LR and multi-token
+    #   weights (model.STAGES_2026), scaled to num_iterations
+    mtp: bool = False  # multi-token prediction on the same head (record #53): each position is also scored on the
+    #   2 tokens after its next one, weighted by the stage schedule (needs --stage-schedule; validation stays plain)
+    logit_cap: str = "2025"  # soft cap of the logits: 2025, 30*sigmoid(z/(7.5*sqrt(dim))), or 2026 (record #54),
+    #   23*sigmoid((z+5)/7.5); every path to the logits uses it: training, validation, eval.py, generation, export
     # loss modifiers: all off by default; validation and eval.py report plain cross-entropy
     label_smoothing: float = 0.0  # share of each target's probability spread evenly over the real vocabulary
     #   (rows below vocab_size, plus the chat tokens in a fine-tune; never the padding rows)
@@ -231,11 +240,13 @@ class Hyperparameters:
             raise ConfigError(f"--adamw-weight-decay={self.adamw_weight_decay} must be >= 0")
         self._validate_optimizer()
         for name, choices in [("optimizer", ("muon", "adamw")), ("dtype", ("auto", "bf16", "fp32")),
+                              ("logit_cap", LOGIT_CAPS),
                               ("compile", ("auto", "on", "head", "off")),
                               ("fp8_head", ("auto", "on", "off"))]:
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{_flag(name)}={getattr(self, name)!r} must be one of {', '.join(choices)}")
         self._validate_loss()
+        self._validate_schedule()
         if not self.wandb_project.strip():
             raise ConfigError("--wandb-project must not be empty")
         if self.run_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_id):
@@ -265,6 +276,23 @@ class Hyperparameters:
         if self.muon_qk_head_groups < 0 or (self.muon_qk_head_groups and self.num_heads % self.muon_qk_head_groups):
             raise ConfigError(f"--muon-qk-head-groups={self.muon_qk_head_groups} must be 0 or divide --num-heads="
                               f"{self.num_heads}")
+
+    def _validate_schedule(self) -> None:
+        if not 0 <= self.lr_floor <= 1:
+            raise ConfigError(f"--lr-floor={self.lr_floor} must be in [0, 1] (a multiplier of the peak LR)")
+        if self.stage_schedule and self.stage_schedule not in STAGE_SCHEDULES:
+            raise ConfigError(f"--stage-schedule={self.stage_schedule!r} must be empty (none) or one of "
+                              f"{', '.join(STAGE_SCHEDULES)}")
+        if self.mtp and not self.stage_schedule:
+            raise ConfigError("--mtp needs --stage-schedule (the multi-token weights are the stages')")
+        if self.mtp and loss_modifiers(self):
+            raise ConfigError("--mtp with loss modifiers is not implemented (the extra targets would need "
+                              "their own token weights)")
+        if self.stage_schedule:
+            scheduled = len(STAGE_SCHEDULES[self.stage_schedule]) - 1
+            if any(end <= start for start, end in stage_boundaries(self)[:scheduled]):
+                raise ConfigError(f"--stage-schedule={self.stage_schedule} has {scheduled} stages of at least one "
+                                  f"step each: --num-iterations={self.num_iterations} is too short")
 
     def _validate_loss(self) -> None:
         if not 0 <= self.label_smoothing < 1:
@@ -973,17 +1001,61 @@ def flex_block_mask(docs_BT: Tensor, window_blocks: Tensor | int) -> Any:
                                     mask_mod=document_causal)
 
 
-def softcap(logits: Tensor, model_dim: int) -> Tensor:
-    """30 * sigmoid(logits / (7.5 * sqrt(model_dim))): logits in (0, 30) (record; a shifted tanh soft cap)."""
+LOGIT_CAPS = ("2025", "2026")  # --logit-cap: the soft cap of the lm_head's logits, by record
+
+
+def softcap(logits: Tensor, model_dim: int, form: str = "2025") -> Tensor:
+    """The lm_head's logits z, bounded. 2025 (the May-2025 record): 30 * sigmoid(z / (7.5 * sqrt(model_dim))), in
+    (0, 30), a tanh soft cap of 15 shifted by +15. 2026 (record #54, PR 181; unchanged to f411b3d3):
+    23 * sigmoid((z + 5) / 7.5), in (0, 23): a lower ceiling, asymmetric about z = 0 (the +5 shift), and no
+    division by sqrt(model_dim), so the same logits need a head sqrt(model_dim) times smaller (the 2026 record's
+    head LR, 0.008, is the 2025 record's 0.22 over sqrt(768), 27.7)."""
+    if form == "2026":
+        return 23 * torch.sigmoid((logits + 5) / 7.5)
     return 30 * torch.sigmoid(logits / (7.5 * model_dim**0.5))
 
 
-def softcap_cross_entropy(x_normed: Tensor, head_weight: Tensor, targets: Tensor) -> Tensor:
+def softcap_cross_entropy(x_normed: Tensor, head_weight: Tensor, targets: Tensor, form: str = "2025",
+                          mtp_weights: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Mean cross-entropy of the soft-capped lm_head logits. Pure, so it can be compiled on its own: on CPU
-    the 50k-wide elementwise work (sigmoid, log-softmax and their backward) dominates a small model's step."""
+    the 50k-wide elementwise work (sigmoid, log-softmax and their backward) dominates a small model's step.
+    With mtp_weights: multi_token_cross_entropy's (loss, next-token cross-entropy) instead."""
     logits = F.linear(x_normed, head_weight.type_as(x_normed)).float()
-    logits = softcap(logits, x_normed.size(-1))
+    logits = softcap(logits, x_normed.size(-1), form)
+    if mtp_weights is not None:
+        return multi_token_cross_entropy(logits, targets, mtp_weights)
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1).long())
+
+
+MTP_TARGETS = 3  # record #53 (PR 178): a position predicts the next token and the two after it (STAGES_2026)
+
+
+def multi_token_cross_entropy(logits: Tensor, targets: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Multi-token prediction on the same head (record #53, PR 178; the record's FusedSoftcappedCrossEntropy, #60 and
+    later, computes the same): position t
+    of a row is scored on targets[t + k] (the token k + 1 ahead) with weight weights[k], for every k with t + k
+    inside the row, from the one log-sum-exp of its logits:
+
+        loss = sum over positions t and targets k of weights[k] * (logsumexp(logits[t]) - logits[t, targets[t + k]])
+               / (number of positions)
+
+    so with weights (1, 0, 0) it is the mean next-token cross-entropy. As in the record, the targets are the token
+    stream: a target past an <|endoftext|> belongs to the next document and counts like any other (the record's
+    kernel does not mask it), and a target < 0 (ignored) adds nothing. logits (B, T, V), targets (B, T); returns
+    (loss, the plain next-token cross-entropy, detached, for the log)."""
+    targets = (targets.view(-1, targets.size(-1)) if targets.ndim > 1 else targets.view(1, -1)).long()
+    logits = logits.view(*targets.shape, logits.size(-1))
+    B, T = targets.shape
+    lse = torch.logsumexp(logits, dim=-1)  # (B, T): once, whatever the number of targets
+    total, next_token = logits.new_zeros(()), None
+    for k in range(weights.size(0)):
+        ahead = targets[:, k:]  # (B, T - k): position t's target k
+        nll = lse[:, :T - k] - logits[:, :T - k].gather(-1, ahead.clamp(min=0)[..., None])[..., 0]
+        nll = torch.where(ahead >= 0, nll, 0.0)
+        total = total + weights[k] * nll.sum()
+        if k == 0:
+            next_token = nll.sum().detach() / (ahead >= 0).sum().clamp(min=1)
+    return total / (B * T), next_token
 
 
 class GPT(nn.Module):
@@ -1011,11 +1083,16 @@ class GPT(nn.Module):
         self.modified_loss_fn = softcap_modified_loss  # the same, with loss modifiers or token weights
         self.loss_modifiers: tuple[LossModifier, ...] = ()  # training only; evaluation stays plain cross-entropy
         self.loss_classes = vocab_size  # rows a target can be: label smoothing spreads its mass over these
+        self.logit_cap = "2025"  # softcap's form (--logit-cap): every path to the logits and the loss reads it
+        self.mtp_weights: Tensor | None = None  # (MTP_TARGETS,) multi-token weights in training (--mtp); the
+        #   training loop fills it each step from the stage schedule; None = next-token loss only
 
     @classmethod
     def from_hparams(cls, hp: Hyperparameters) -> "GPT":
-        return cls(hp.vocab_size, hp.num_layers, hp.num_heads, hp.head_dim, hp.model_dim, hp.max_seq_len,
-                   hp.no_attn_layer)
+        model = cls(hp.vocab_size, hp.num_layers, hp.num_heads, hp.head_dim, hp.model_dim, hp.max_seq_len,
+                    hp.no_attn_layer)
+        model.logit_cap = hp.logit_cap
+        return model
 
     def enable_fp8_head(self, on: bool) -> None:
         if on:
@@ -1052,7 +1129,7 @@ class GPT(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         """Soft-capped fp32 logits over the padded vocabulary."""
-        return softcap(self.lm_head(x).float(), self.model_dim)
+        return softcap(self.lm_head(x).float(), self.model_dim, self.logit_cap)
 
     def forward(self, input_seq: Tensor, target_seq: Tensor | None = None,
                 sliding_window_num_blocks: Tensor | int = 1 << 30, token_weights: Tensor | None = None,
@@ -1070,13 +1147,19 @@ class GPT(nn.Module):
                                              token_weights)
             else:
                 out = self.modified_loss_fn(x, self.lm_head.weight, target_seq, token_weights,
-                                            self.loss_modifiers, self.loss_classes)
+                                            self.loss_modifiers, self.loss_classes, self.logit_cap)
             return out if parts else out[0]
+        if self.training and self.mtp_weights is not None:
+            if self.lm_head.use_fp8:
+                loss, ce = multi_token_cross_entropy(self.logits(x), target_seq, self.mtp_weights)
+            else:
+                loss, ce = self.loss_fn(x, self.lm_head.weight, target_seq, self.logit_cap, self.mtp_weights)
+            return (loss, {"ce": ce}) if parts else loss
         if self.lm_head.use_fp8 and self.training:
             logits = self.logits(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), target_seq.reshape(-1).long())
         else:
-            loss = self.loss_fn(x, self.lm_head.weight, target_seq)
+            loss = self.loss_fn(x, self.lm_head.weight, target_seq, self.logit_cap)
         return (loss, {}) if parts else loss
 
 
@@ -1259,9 +1342,10 @@ def modified_cross_entropy(logits: Tensor, targets: Tensor, modifiers: tuple[Los
 
 
 def softcap_modified_loss(x_normed: Tensor, head_weight: Tensor, targets: Tensor, token_weights: Tensor | None,
-                          modifiers: tuple[LossModifier, ...], classes: int) -> tuple[Tensor, dict[str, Tensor]]:
+                          modifiers: tuple[LossModifier, ...], classes: int,
+                          form: str = "2025") -> tuple[Tensor, dict[str, Tensor]]:
     """softcap_cross_entropy with loss modifiers and token weights; pure, so the head compiles with them."""
-    logits = softcap(F.linear(x_normed, head_weight.type_as(x_normed)).float(), x_normed.size(-1))
+    logits = softcap(F.linear(x_normed, head_weight.type_as(x_normed)).float(), x_normed.size(-1), form)
     return modified_cross_entropy(logits, targets, modifiers, classes, token_weights)
 
 
@@ -2213,11 +2297,114 @@ def resolve_checkpoint(spec: str, log_dir: str | Path = "logs") -> Path:
 # Schedules: learning rate, Muon momentum, attention window (pure functions of the step)
 
 
+# -----------------------------------------------------------------------------
+# The 2026 record's stage schedule (issue 26): batch, windows, LR and multi-token weights as functions of the step
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a stage schedule, relative to the preset it runs on."""
+    duration: float  # share of the scheduled steps; 0 for the extension stage (it runs the extension steps)
+    batch_mult: int  # the step's batch as a multiple of the preset's tokens per step (more micro-batches)
+    lr_mult: float  # LR multiplier before the cooldown (the record raises it with the batch)
+    windows: tuple[int, int]  # (short, long) attention windows in blocks
+    mtp_start: tuple[float, ...]  # multi-token prediction weights at the stage's start: next token, the one
+    mtp_end: tuple[float, ...]  #   after, ...; linear from start to end over the stage
+    prefix_start: float = 0.0  # weight of the prefix-token target (record #88, PR 337) at the stage's start and end
+    prefix_end: float = 0.0
+
+
+# Record #89 (f411b3d3, TRAINING_STAGES): three equal stages, then an extension at the final batch and a longer window.
+# Its batches are 8, 16 and 24 x 2048 x 8 tokens: multiples 1, 2, 3 of the first stage's. Its short windows are half
+# its long ones (rounded down), which is how short_window derives them here.
+STAGES_2026 = (
+    Stage(1 / 3, 1, 1.0, (1, 3), (1.0, 0.5, 0.25), (1.0, 0.5, 0.0), 0.25, 0.25),  # 3 targets, the third fading (#53)
+    Stage(1 / 3, 2, 1.52, (3, 7), (1.0, 0.5), (1.0, 0.0), 0.25, 0.0),  # 1.52 = (16/8)^0.6 (batches: #46, PR 163)
+    Stage(1 / 3, 3, 1.73, (5, 11), (1.0,), (1.0,)),  # 1.73 = (24/8)^0.5
+    Stage(0.0, 3, 1.0, (6, 13), (1.0,), (1.0,)),  # extension: the record's lr_mult 1.0 is never read (LR at floor)
+)
+STAGE_SCHEDULES = {"2026": STAGES_2026}
+EXTENSION_SHARE = 15 / 1285  # record #89: 1270 scheduled steps, then 15 extension steps
+FINAL_LONG_WINDOW_2026 = 20  # record #89 (ws_post_yarn_ext): the long window of the last validation, in blocks
+
+
+def mtp_weights_at(step: int, hp: Hyperparameters) -> list[float]:
+    """The step's multi-token weights, padded with zeros to MTP_TARGETS (a fixed shape: no recompiles)."""
+    weights = list(stage_at(step, hp).mtp_weights)
+    return weights + [0.0] * (MTP_TARGETS - len(weights))
+
+
+@dataclass(frozen=True)
+class StagePoint:
+    """Where a step is in the stage schedule: what train_step and the model use for it."""
+    stage: int  # index into the schedule's stages; the last one is the extension
+    batch_mult: int
+    lr_mult: float  # after the cooldown toward hp.lr_floor
+    windows: tuple[int, int]  # (short, long) in blocks
+    mtp_weights: tuple[float, ...]
+    prefix_weight: float
+
+
+def schedule_lengths(hp: Hyperparameters) -> tuple[int, int]:
+    """(scheduled, extension) steps of a staged run: num_iterations split as the record splits its 1285 steps."""
+    extension = round(hp.num_iterations * EXTENSION_SHARE)
+    return hp.num_iterations - extension, extension
+
+
+def stage_boundaries(hp: Hyperparameters) -> list[tuple[int, int]]:
+    """[start, end) steps of each stage: the record's rounding of the cumulative shares of the scheduled steps,
+    then the extension up to num_iterations."""
+    stages = STAGE_SCHEDULES[hp.stage_schedule]
+    scheduled, _ = schedule_lengths(hp)
+    ends = [0, *[round(share * scheduled) for share in itertools.accumulate(s.duration for s in stages[:-1])],
+            hp.num_iterations]
+    return list(zip(ends[:-1], ends[1:]))
+
+
+def stage_at(step: int, hp: Hyperparameters) -> StagePoint:
+    """The stage schedule at a step (pure: the same step always gives the same point, so a resume mid-stage is
+    exact). The LR follows the record's TrainingSchedule.get_lr: the stage's multiplier until the cooldown starts
+    at (1 - cooldown_frac) of the scheduled steps, then linear to lr_floor at the last scheduled step, and the
+    floor through the extension (record #89: cooldown_frac 0.60, floor 0.15)."""
+    stages = STAGE_SCHEDULES[hp.stage_schedule]
+    bounds = stage_boundaries(hp)
+    index, frac = len(stages) - 1, 1.0
+    for i, (start, end) in enumerate(bounds):
+        if step < end:
+            index, frac = i, (step - start) / (end - start)
+            break
+    stage = stages[index]
+    scheduled, _ = schedule_lengths(hp)
+    lr = stage.lr_mult
+    cooldown_start = int(scheduled * (1 - hp.cooldown_frac))
+    if step >= cooldown_start:
+        t = min(1.0, (step - cooldown_start) / max(scheduled - cooldown_start, 1))
+        lr = lr * (1 - t) + hp.lr_floor * t
+    mtp = tuple(a + (b - a) * frac for a, b in zip(stage.mtp_start, stage.mtp_end))
+    prefix = stage.prefix_start + (stage.prefix_end - stage.prefix_start) * frac
+    return StagePoint(index, stage.batch_mult, lr, stage.windows, mtp, prefix)
+
+
+def batch_mult(step: int, hp: Hyperparameters) -> int:
+    """The step's batch as a multiple of hp.tokens_per_step: 1, or the stage's."""
+    return stage_at(step, hp).batch_mult if hp.stage_schedule else 1
+
+
+def tokens_through(step: int, hp: Hyperparameters) -> int:
+    """Tokens trained on by the end of `step` steps (steps 0 .. step-1), whatever their batches."""
+    if not hp.stage_schedule:
+        return step * hp.tokens_per_step
+    return sum(batch_mult(s, hp) for s in range(min(step, hp.num_iterations))) * hp.tokens_per_step
+
+
 def get_lr(step: int, hp: Hyperparameters) -> float:
-    """LR multiplier: 1.0, then linear cooldown to 0.1 over the last cooldown_frac of training (record)."""
+    """LR multiplier: 1.0, then linear cooldown to lr_floor (record: 0.1) over the last cooldown_frac of training;
+    with a stage schedule, stage_at's."""
+    if hp.stage_schedule:
+        return stage_at(step, hp).lr_mult
     x = min(max(step / hp.num_iterations, 0.0), 1.0)
     w = min((1 - x) / hp.cooldown_frac, 1.0)
-    return w * 1.0 + (1 - w) * 0.1
+    return w * 1.0 + (1 - w) * hp.lr_floor
 
 
 def get_muon_momentum(step: int, hp: Hyperparameters) -> float:
@@ -2233,7 +2420,10 @@ def get_muon_momentum(step: int, hp: Hyperparameters) -> float:
 
 
 def get_window_size_blocks(step: int, hp: Hyperparameters) -> int:
-    """Sliding window in 128-token blocks, growing linearly from 1 block to window_max (record: 128 -> 1792)."""
+    """Sliding window in 128-token blocks, growing linearly from 1 block to window_max (record: 128 -> 1792); with a
+    stage schedule, the stage's long window (its short one is always half of it, as short_window makes it)."""
+    if hp.stage_schedule:
+        return stage_at(min(step, hp.num_iterations - 1), hp).windows[1]
     x = min(max(step / hp.num_iterations, 0.0), 1.0)
     return next_multiple_of_n(hp.window_max * x, n=BLOCK_SIZE) // BLOCK_SIZE
 

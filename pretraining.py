@@ -65,36 +65,54 @@ def ensure_data(hp: Hyperparameters, rt: Runtime) -> None:
     M.check_data(hp, rt.world_size, str(M.resolve_path(hp.train_files)), str(M.resolve_path(hp.val_files)))
 
 
-def train_micro_batches(forward, batch: tuple, hp: Hyperparameters, rt: Runtime, window: torch.Tensor
+def train_micro_batches(forward, batches: list[tuple], hp: Hyperparameters, rt: Runtime, window: torch.Tensor
                         ) -> dict[str, torch.Tensor]:
     """Forward/backward over this rank's micro-batches; returns this rank's mean loss ("loss") and, with loss
     modifiers, the mean cross-entropy ("ce") and each modifier's term and metrics, all still tensors.
 
     The record backpropagates the *summed* loss of each rank's 48k tokens and averages over 8 ranks; scaling
     each micro-batch's mean loss by train_seq_len / accumulation reproduces exactly that gradient for any
-    world size, so Adam's tiny eps sees the record's gradient scale.
+    world size, so Adam's tiny eps sees the record's gradient scale. A stage schedule's larger batch is several
+    global batches (`batches`), each accumulated the same way: the gradient sums over all their tokens, as the
+    2026 record's summed loss over its larger batch does.
     """
-    inputs, targets = batch[0], batch[1]
     accum = hp.rank_equivalents // rt.world_size
     row = hp.row_len or hp.train_seq_len
     total: dict[str, torch.Tensor] = {}
-    for j in range(accum):
-        x = inputs[j * hp.train_seq_len:(j + 1) * hp.train_seq_len].view(-1, row)
-        y = targets[j * hp.train_seq_len:(j + 1) * hp.train_seq_len].view(-1, row)
-        with rt.autocast():
-            loss, parts = forward(x, y, window, None, True)
-        (loss * (hp.train_seq_len / accum)).backward()
-        for key, value in dict(loss=loss.detach(), **parts).items():
-            total[key] = total.get(key, 0.0) + value
-    return {key: value / accum for key, value in total.items()}
+    for inputs, targets, *_ in batches:
+        for j in range(accum):
+            x = inputs[j * hp.train_seq_len:(j + 1) * hp.train_seq_len].view(-1, row)
+            y = targets[j * hp.train_seq_len:(j + 1) * hp.train_seq_len].view(-1, row)
+            with rt.autocast():
+                loss, parts = forward(x, y, window, None, True)
+            (loss * (hp.train_seq_len / accum)).backward()
+            for key, value in dict(loss=loss.detach(), **parts).items():
+                total[key] = total.get(key, 0.0) + value
+    return {key: value / (accum * len(batches)) for key, value in total.items()}
 
 
-def train_step(forward, raw_model, optimizers, batch: tuple, step: int, hp: Hyperparameters, rt: Runtime,
+def train_step(forward, raw_model, optimizers, batches: list[tuple], step: int, hp: Hyperparameters, rt: Runtime,
                window: torch.Tensor) -> dict[str, torch.Tensor]:
     """One optimizer step: micro-batches, then model.optimizer_step (gradients averaged, schedules, Adam + Muon)."""
-    train_loss = train_micro_batches(forward, batch, hp, rt, window)
+    train_loss = train_micro_batches(forward, batches, hp, rt, window)
     M.optimizer_step(raw_model, optimizers, step, hp, rt.world_size)
     return train_loss
+
+
+def schedule_step(raw_model, window: torch.Tensor, step: int, hp: Hyperparameters) -> None:
+    """What the model reads of the schedules at this step: the attention window and the multi-token weights."""
+    window.fill_(M.get_window_size_blocks(step, hp))
+    if hp.mtp:
+        raw_model.mtp_weights.copy_(torch.tensor(M.mtp_weights_at(min(step, hp.num_iterations - 1), hp)))
+
+
+def stage_text(step: int, hp: Hyperparameters) -> str:
+    """The step line's account of a stage schedule: the stage, its batch in tokens, the long window in blocks."""
+    if not hp.stage_schedule:
+        return ""
+    point = M.stage_at(step, hp)
+    return (f" stage:{point.stage + 1} batch:{point.batch_mult * hp.tokens_per_step} window:{point.windows[1]} "
+            f"lr_mult:{point.lr_mult:.3f}")
 
 
 def make_train_loader(hp: Hyperparameters, rt: Runtime, start: dict | None = None):
@@ -113,8 +131,9 @@ def warm_up(forward, raw_model, optimizers, hp: Hyperparameters, rt: Runtime, wi
                    optimizers=[copy.deepcopy(opt.state_dict()) for opt in optimizers])
     loader = make_train_loader(hp, rt)
     for step in range(steps):
-        window.fill_(M.get_window_size_blocks(step, hp))
-        train_step(forward, raw_model, optimizers, next(loader), step, hp, rt, window)
+        schedule_step(raw_model, window, step, hp)
+        train_step(forward, raw_model, optimizers, [next(loader) for _ in range(M.batch_mult(step, hp))], step, hp,
+                   rt, window)
     raw_model.load_state_dict(initial["model"])
     for opt, state in zip(optimizers, initial["optimizers"]):
         opt.load_state_dict(state)
@@ -134,7 +153,8 @@ def open_log(rt: Runtime, hp: Hyperparameters, code: dict[str, str], raw_model, 
               f"device:{rt.device} dtype:{rt.autocast_dtype or torch.float32} compile:{compiled} "
               f"world_size:{rt.world_size} run:{run_dir}")
     log.print(f"params:{counts['total']:,} (non-embedding {counts['non_embedding']:,}) "
-              f"tokens/step:{step_tokens:,} budget:{step_tokens * hp.num_iterations:,} tokens "
+              f"tokens/step:{step_tokens:,}{' (times the stage batch multiple)' if hp.stage_schedule else ''} "
+              f"budget:{M.tokens_through(hp.num_iterations, hp):,} tokens "
               f"accumulation:{hp.rank_equivalents // rt.world_size}" +
               (f" resumed_from:{hp.resume} step:{start_step}" if start_step is not None else ""))
     log.print(f"dtype_choice: {rt.dtype_reason}")
@@ -147,6 +167,8 @@ def train(run: R.ScriptRun, hp: Hyperparameters, rt: Runtime, resume: R.Resume |
     ensure_data(hp, rt)
     M.seed_everything(hp.seed)
     raw_model, forward = M.build_model(hp, rt)
+    if hp.mtp:  # a tensor the training loop fills each step: the compiled model never recompiles for it
+        raw_model.mtp_weights = torch.zeros(M.MTP_TARGETS, device=rt.device)
     optimizers = M.setup_optimizers(raw_model, hp, rt.rank, rt.world_size, compile_ns=rt.compile)
     ckpt = resume.state if resume else None
     start_step, data_pos, val_loss = 0, None, None
@@ -176,7 +198,7 @@ def train(run: R.ScriptRun, hp: Hyperparameters, rt: Runtime, resume: R.Resume |
     try:
         for step in range(start_step, hp.num_iterations + 1):
             last_step = step == hp.num_iterations
-            window.fill_(M.get_window_size_blocks(step, hp))
+            schedule_step(raw_model, window, step, hp)
             if not last_step and stop.requested(rt):  # SIGTERM / Ctrl-C: keep the finished steps, exit 0
                 now_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
                 log.print(stop.report(step, None if step == start_step else save(step, now_ms), "pretraining.py"))
@@ -201,18 +223,19 @@ def train(run: R.ScriptRun, hp: Hyperparameters, rt: Runtime, resume: R.Resume |
                 save(step, training_time_ms + 1000 * (time.perf_counter() - t0))
             if last_step:
                 break
-            batch = next(train_loader)
-            data_pos = batch[2]
-            parts = M.reduce_metrics(train_step(forward, raw_model, optimizers, batch, step, hp, rt, window),
+            batches = [next(train_loader) for _ in range(M.batch_mult(step, hp))]
+            data_pos = batches[-1][2]
+            parts = M.reduce_metrics(train_step(forward, raw_model, optimizers, batches, step, hp, rt, window),
                                      rt.world_size)  # one sync for the loss and every modifier's term
             train_loss = parts.pop("loss")
             if not math.isfinite(train_loss):
                 raise saver.diverged(f"step {step + 1}: the training loss is {train_loss}")
             elapsed = training_time_ms + 1000 * (time.perf_counter() - t0)
             done = step + 1 - timed_from
+            tokens = M.tokens_through(step + 1, hp) - M.tokens_through(timed_from, hp)
             log.print(f"step:{step + 1}/{hp.num_iterations} train_loss:{train_loss:.4f}{R.loss_parts_text(parts)} "
                       f"train_time:{elapsed:.0f}ms step_avg:{elapsed / done:.2f}ms "
-                      f"tok/s:{hp.tokens_per_step * done / (elapsed / 1000):.0f}")
+                      f"tok/s:{tokens / (elapsed / 1000):.0f}{stage_text(step, hp)}")
             log.metrics(step=step + 1, train_loss=train_loss, **{f"train_{k}": v for k, v in parts.items()},
                         train_time_ms=elapsed, lr_mult=M.get_lr(step, hp))
     finally:

@@ -119,6 +119,14 @@ class Hyperparameters:
     muon_qk_head_groups: int = 0  # orthogonalise Q and K per group of this many heads; 0 = whole (record #80: 2)
     muon_row_equilibration: bool = False  # MuonEq: rows to the mean row norm before orthogonalising (nanochat)
     muon_norm_snap: bool = False  # Muon+: the orthogonalised update to Frobenius norm sqrt(min(rows, cols)) (nanochat)
+    # schedule, head and loss (the 2026 record's; issue 26)
+    lr_floor: float = 0.1  # LR multiplier the cooldown ends at (2025 record: 0.1; record #89: 0.15)
+    stage_schedule: str = ""  # "" = none, or 2026: record #89's stages of batch, windows, LR and multi-token
+    #   weights (model.STAGES_2026), scaled to num_iterations
+    mtp: bool = False  # multi-token prediction on the same head (record #53): each position is also scored on the
+    #   2 tokens after its next one, weighted by the stage schedule (needs --stage-schedule; validation stays plain)
+    logit_cap: str = "2025"  # soft cap of the logits: 2025, 30*sigmoid(z/(7.5*sqrt(dim))), or 2026 (record #54),
+    #   23*sigmoid((z+5)/7.5); every path to the logits uses it: training, validation, eval.py, generation, export
     # loss modifiers: all off by default; validation and eval.py report plain cross-entropy
     label_smoothing: float = 0.0  # share of each target's probability spread evenly over the real vocabulary
     #   (rows below vocab_size, plus the chat tokens in a fine-tune; never the padding rows)
@@ -219,7 +227,7 @@ LIBRARY_ONLY = ("label_smoothing", "z_loss", "entropy_weight", "loss_terms", "pl
                 "trackers", "tracker_dir", "wandb_project", "muon_orthogonalizer", "normuon", "normuon_beta2",
                 "cautious_weight_decay", "adam_update", "adam_table", "adam_weight_decay", "adam_every",
                 "muon_lr_mults", "muon_momentum_cooldown", "muon_qk_head_groups", "muon_row_equilibration",
-                "muon_norm_snap")
+                "muon_norm_snap", "lr_floor", "stage_schedule", "mtp", "logit_cap")
 
 # Only the fields that differ from the defaults (the record); reasons in model.py, measurements in docs/measurements.md.
 PRESETS: dict[str, dict[str, Any]] = {

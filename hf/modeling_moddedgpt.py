@@ -15,7 +15,8 @@ of every export against the checkpoint's model before it finishes. The architect
   <|endoftext|> and keeps a sliding window counted in 128-token blocks (long on layers 0, 4, ... of each half,
   half as long elsewhere), exactly as the training library's block mask;
 - U-net skips: the output of layer i of the first half is added, weighted, before layer L-1-i;
-- logits = 30 * sigmoid(lm_head(rms_norm(x)) / (7.5 * sqrt(hidden_size))), in fp32.
+- logits, in fp32, from z = lm_head(rms_norm(x)): 30 * sigmoid(z / (7.5 * sqrt(hidden_size))) (logit_cap "2025"),
+  or 23 * sigmoid((z + 5) / 7.5) (logit_cap "2026").
 
 Inputs must not be left-padded: the mask and the rotary positions come from the token positions, so a pad before
 the text would change the model. Right padding is harmless (causal: no real token sees a later pad). A model in
@@ -55,6 +56,7 @@ class ModdedGPTConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 50256
     pad_token_id: int | None = 50261  # <|pad|>, a free padding row: never a prompt's <|endoftext|>
     tie_word_embeddings: bool = False
+    logit_cap: str = "2025"  # the logits' soft cap: "2025" or "2026" (see the module docstring)
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -178,6 +180,8 @@ class ModdedGPTForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: ModdedGPTConfig):
         super().__init__(config)
+        if config.logit_cap not in ("2025", "2026"):
+            raise ValueError(f"logit_cap {config.logit_cap!r} is not one this file implements (2025, 2026)")
         L, V, dim = config.num_hidden_layers, config.vocab_size, config.hidden_size
         layout = value_embed_layout(L)
         self.embed = nn.Embedding(V, dim)
@@ -259,7 +263,11 @@ class ModdedGPTForCausalLM(PreTrainedModel, GenerationMixin):
         x = rms_norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = 30 * torch.sigmoid(self.lm_head(x).float() / (7.5 * cfg.hidden_size**0.5))
+        z = self.lm_head(x).float()
+        if cfg.logit_cap == "2026":
+            logits = 23 * torch.sigmoid((z + 5) / 7.5)
+        else:
+            logits = 30 * torch.sigmoid(z / (7.5 * cfg.hidden_size**0.5))
         loss = None
         if labels is not None:
             shifted = labels[:, 1:].to(logits.device)

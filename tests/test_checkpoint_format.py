@@ -24,6 +24,9 @@ CHAT_EXTRA = ("kind", "chat_template", "finetune")  # finetune.py's checkpoints 
 ISSUE_25_FIELDS = ("muon_orthogonalizer", "normuon", "normuon_beta2", "cautious_weight_decay", "adam_update",
                    "adam_table", "adam_weight_decay", "adam_every", "muon_lr_mults", "muon_momentum_cooldown",
                    "muon_qk_head_groups", "muon_row_equilibration", "muon_norm_snap")
+# ... and before the 2026 schedule, head and loss (issue 26)
+ISSUE_26_FIELDS = ("lr_floor", "stage_schedule", "mtp", "logit_cap")
+NEWER_FIELDS = ISSUE_25_FIELDS + ISSUE_26_FIELDS
 
 
 def write_format_1(source: dict, path: Path) -> None:
@@ -32,7 +35,7 @@ def write_format_1(source: dict, path: Path) -> None:
                code={"pretraining.py": "# the code that ran", "model.py": "# the code that ran"},
                model={k: v.clone() for k, v in source["model"].items()},
                optimizers=source["optimizers"], tokenizer="gpt2",
-               hyperparameters={k: v for k, v in source["hyperparameters"].items() if k not in ISSUE_25_FIELDS},
+               hyperparameters={k: v for k, v in source["hyperparameters"].items() if k not in NEWER_FIELDS},
                data_position=dict(source["data_position"]), rng=dict(torch=source["rng"]["torch"], cuda=[]),
                val_loss=float(source["val_loss"]), val_step=int(source["val_step"]),
                train_time_ms=float(source["train_time_ms"]))
@@ -56,7 +59,7 @@ def test_an_old_checkpoint_evaluates_chats_and_resumes_bitwise(shard_dir: Path, 
     straight = torch.load(tmp_path / "a" / "full" / "state_step000006.pt", weights_only=True)
     old_path = tmp_path / "b" / "old" / "state_step000003.pt"
     source = torch.load(tmp_path / "a" / "full" / "state_step000003.pt", weights_only=True)
-    assert set(ISSUE_25_FIELDS) <= set(source["hyperparameters"])  # the list names fields that exist
+    assert set(NEWER_FIELDS) <= set(source["hyperparameters"])  # the lists name fields that exist
     write_format_1(source, old_path)
 
     scored = run_script(["eval.py", "--checkpoint", str(old_path), "--num-samples", "0", "--json"])

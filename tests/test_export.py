@@ -123,7 +123,8 @@ def exports(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     ns = never_stopping_model(hp, tok)  # random weights (attention and MLPs matter) that never emit a stop token
     ckpts = dict(ns_base=write_checkpoint(work / "logs", "ns", 6, ns, hp),
                  ns_chat=write_checkpoint(work / "logs", "ns_sft", 5, ns, hp, kind="chat"),
-                 record=record_checkpoint(work / "state_step001770.pt")[0])
+                 record=record_checkpoint(work / "state_step001770.pt")[0],
+                 ns_2026=write_checkpoint(work / "logs", "ns2026", 6, ns, tiny_hparams(logit_cap="2026")))
     jobs: dict[str, Job] = {}
 
     def start(name: str, ckpt: Path, *extra: str, out: Path | None = None, nice: int = 10) -> None:
@@ -137,6 +138,7 @@ def exports(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     start("ns_base", ckpts["ns_base"], "--no-verify")
     start("bf16", ckpts["ns_base"], "--dtype", "bf16", out=root / "bf16")
     start("ns_chat", ckpts["ns_chat"], "--no-verify")
+    start("ns_2026", ckpts["ns_2026"], "--no-verify")  # the 2026 record's logit cap (--logit-cap 2026)
     parent = request.getfixturevalue("parent")  # pretraining.py runs while the exports above do
     start("parent", parent, nice=5)
     straight = request.getfixturevalue("straight")
@@ -236,12 +238,14 @@ def assert_same_logits(exports: dict, name: str, tokens: Tensor) -> None:
 # 1, 7. Logits
 
 
-@pytest.mark.parametrize("name", ["parent", "chat", "ns_base"])
+@pytest.mark.parametrize("name", ["parent", "chat", "ns_base", "ns_2026"])
 def test_logits_equal_ours(exports: dict, name: str) -> None:
     _, hp, ckpt = ours(exports, name)
     assert (ckpt.get("kind") == "chat") == (name == "chat")
+    assert hp.logit_cap == ("2026" if name == "ns_2026" else "2025")
+    assert json.loads((exports["_root"] / name / "config.json").read_text())["logit_cap"] == hp.logit_cap
     # every batch where the weights make attention matter; the block edges and the window for the trained ones
-    for tokens in batches(window_tokens(hp))[slice(None) if name == "ns_base" else slice(0, 3, 2)]:
+    for tokens in batches(window_tokens(hp))[slice(None) if name.startswith("ns_") else slice(0, 3, 2)]:
         assert_same_logits(exports, name, tokens)
 
 

@@ -34,6 +34,7 @@ SCRIPTS = ("runs", "inference", "pretraining", "finetune", "eval", "chat", "expo
 # The section headings of Hyperparameters (the same in model.py and train_gpt.py); any other comment-only line
 # directly below a field must be a hanging-indent continuation of that field's comment.
 SECTIONS = ("bookkeeping", "data", "model", "optimisation (record values; provenance in setup_optimizers)",
+            "schedule, head and loss (the 2026 record's; issue 26)",
             "loss modifiers: all off by default; validation and eval.py report plain cross-entropy",
             "evaluation, logging and checkpoints", "runtime",
             "experiment trackers: log.txt and metrics.jsonl are always written")

@@ -1,0 +1,184 @@
+"""The 2026 record's head and loss (issue 26), against references written here from the formulas: the logit cap
+(--logit-cap 2026) in every path to the logits and the loss, checkpoints that carry it, and bad values."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from conftest import cfg, random_tokens, randomize_zero_inits, tiny_hparams
+
+import inference as I  # noqa: E402
+import model as M  # noqa: E402
+
+
+def capped_2025(z: float, dim: int) -> float:
+    return 30 / (1 + math.exp(-z / (7.5 * math.sqrt(dim))))
+
+
+def capped_2026(z: float) -> float:
+    return 23 / (1 + math.exp(-(z + 5) / 7.5))  # record #54: 23 * sigmoid((z + 5) / 7.5)
+
+
+def test_logit_caps_follow_their_formulas() -> None:
+    z = torch.tensor([-400.0, -37.5, -5.0, -1.0, 0.0, 0.5, 7.5, 60.0, 1e4], dtype=torch.float64)
+    dim = 256
+    want_2025 = torch.tensor([capped_2025(v, dim) for v in z.tolist()], dtype=torch.float64)
+    want_2026 = torch.tensor([capped_2026(v) for v in z.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(M.softcap(z, dim), want_2025, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(M.softcap(z, dim, "2025"), want_2025, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(M.softcap(z, dim, "2026"), want_2026, rtol=1e-12, atol=1e-12)
+    # the 2026 form: half its ceiling at z = -5, ceiling 23, no dependence on the width
+    assert float(M.softcap(torch.tensor(-5.0), dim, "2026")) == 11.5
+    assert float(M.softcap(torch.tensor(1e4), 4, "2026")) == 23.0
+    assert torch.equal(M.softcap(z, 64, "2026"), M.softcap(z, 4096, "2026"))
+
+
+def reference_loss(model: M.GPT, tokens: Tensor, targets: Tensor, form: str) -> Tensor:
+    """Mean next-token cross-entropy written out: the normed hidden states times lm_head, the cap's formula, and
+    -log softmax at the target as logsumexp minus the target's logit."""
+    x = model.hidden_states(tokens, *model.attention_masks(tokens, 2))
+    z = (x @ model.lm_head.weight.T).double()
+    if form == "2026":
+        capped = 23 / (1 + torch.exp(-(z + 5) / 7.5))
+    else:
+        capped = 30 / (1 + torch.exp(-z / (7.5 * math.sqrt(model.model_dim))))
+    nll = torch.logsumexp(capped, dim=-1) - capped.gather(-1, targets[..., None])[..., 0]
+    return nll.mean()
+
+
+@pytest.mark.parametrize("form", ["2025", "2026"])
+def test_training_and_evaluation_loss_use_the_cap(form: str) -> None:
+    hp = tiny_hparams(logit_cap=form)
+    torch.manual_seed(0)
+    model = randomize_zero_inits(M.GPT.from_hparams(hp), head_std=0.2)
+    assert model.logit_cap == form
+    tokens = random_tokens(2, 128, seed=1, eot_positions={0: [0, 40], 1: [0]})
+    targets = random_tokens(2, 128, seed=2)
+    want = reference_loss(model, tokens, targets, form)
+    for training in (True, False):  # the plain loss head, in training and validation
+        model.train(training)
+        torch.testing.assert_close(model(tokens, targets, 2).double(), want, rtol=1e-5, atol=1e-5)
+    model.train()
+    ones = torch.full(targets.shape, 1 / targets.numel())  # token weights: the modified-loss head, same mean
+    torch.testing.assert_close(model(tokens, targets, 2, token_weights=ones).double(), want, rtol=1e-5, atol=1e-5)
+    model.eval()
+    logits = model(tokens, None, 2)  # the logits eval.py, generation and the export read
+    x = model.hidden_states(tokens, *model.attention_masks(tokens, 2))
+    torch.testing.assert_close(logits, M.softcap((x @ model.lm_head.weight.T).float(), model.model_dim, form))
+
+
+def test_the_two_caps_differ() -> None:
+    """The switch is not a no-op: same weights, different losses."""
+    torch.manual_seed(0)
+    a = randomize_zero_inits(M.GPT.from_hparams(tiny_hparams()), head_std=0.2)
+    b = M.GPT.from_hparams(tiny_hparams(logit_cap="2026"))
+    b.load_state_dict(a.state_dict())
+    tokens, targets = random_tokens(1, 128, seed=1), random_tokens(1, 128, seed=2)
+    with torch.no_grad():
+        assert abs(float(a(tokens, targets, 2)) - float(b(tokens, targets, 2))) > 1e-3
+
+
+def test_checkpoint_carries_the_cap(tmp_path) -> None:
+    hp = tiny_hparams(logit_cap="2026")
+    torch.manual_seed(0)
+    model = randomize_zero_inits(M.GPT.from_hparams(hp), head_std=0.2).eval()
+    path = M.save_checkpoint(M.checkpoint_path(tmp_path, "cap", 3), step=3, model=model, optimizers=[], hp=hp,
+                             code={})
+    loaded, loaded_hp, _ = M.load_model(path)
+    assert loaded_hp.logit_cap == "2026" and loaded.logit_cap == "2026"
+    tokens = random_tokens(1, 128, seed=3, eot_positions={0: [0, 70]})
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(tokens, None, 2), model(tokens, None, 2))
+        # the KV cache reads the same cap: prefill, then one decoding step, equal the full forward's logits
+        cache = I.KVCache(loaded, 1, 100)
+        prefilled = I.prefill(loaded, tokens[:, :100], cache, 2)[:, -1]
+        torch.testing.assert_close(prefilled, I.reference_logits(loaded, tokens[:, :100], 2), rtol=0, atol=1e-4)
+        stepped = I.decode_step(loaded, tokens[:, 100], I.RingCache(cache, 2))
+        torch.testing.assert_close(stepped, I.reference_logits(loaded, tokens[:, :101], 2), rtol=0, atol=1e-4)
+    greedy = [list(I.generate(loaded, tokens[0, :60].tolist(), window_blocks=2, max_new_tokens=12, stop_ids=(),
+                              use_cache=use)) for use in (True, False)]
+    assert greedy[0] == greedy[1] and len(greedy[0]) == 12
+
+
+def test_bad_logit_cap_is_one_line() -> None:
+    with pytest.raises(M.ConfigError, match=r"^--logit-cap='2027' must be one of 2025, 2026$"):
+        cfg("--logit-cap", "2027").validate()
+
+
+# -----------------------------------------------------------------------------
+# Multi-token prediction on the same head (--mtp, record #53)
+
+
+def reference_mtp(logits: Tensor, targets: Tensor, weights: list[float]) -> Tensor:
+    """The record's multi-token loss written out in float64: for each position t and target k with t + k in the
+    row and targets[t + k] >= 0, weights[k] * -log_softmax(logits[t])[targets[t + k]]; summed, over B * T."""
+    B, T, V = logits.shape
+    z = logits.double()
+    total = torch.zeros((), dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            log_probs = z[b, t] - torch.log(torch.exp(z[b, t]).sum())
+            for k, w in enumerate(weights):
+                if t + k < T and targets[b, t + k] >= 0:
+                    total = total - w * log_probs[targets[b, t + k]]
+    return total / (B * T)
+
+
+def test_multi_token_loss_and_gradient_against_the_formula() -> None:
+    gen = torch.Generator().manual_seed(0)
+    B, T, V = 2, 7, 13  # classes 11 and 12 play the padding rows: in the softmax, never a target
+    logits = (torch.randn(B, T, V, generator=gen) * 3).requires_grad_()
+    targets = torch.randint(0, 11, (B, T), generator=gen)
+    targets[1, 2] = M.IGNORE_INDEX  # an ignored target: nothing for the positions that would score it
+    weights = [1.0, 0.5, 0.25]
+    loss, next_token = M.multi_token_cross_entropy(logits, targets, torch.tensor(weights))
+    ref_logits = logits.detach().double().requires_grad_()
+    want = reference_mtp(ref_logits, targets, weights)
+    assert abs(loss.item() - want.item()) < 1e-6
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(logits.grad.double(), ref_logits.grad, rtol=0, atol=1e-6)
+    plain = reference_mtp(logits.detach(), targets, [1.0]) * (B * T) / int((targets >= 0).sum())
+    assert abs(float(next_token) - float(plain)) < 1e-6  # the logged part: mean next-token cross-entropy
+
+
+def test_multi_token_loss_with_one_target_is_cross_entropy() -> None:
+    gen = torch.Generator().manual_seed(1)
+    logits, targets = torch.randn(3, 5, 17, generator=gen), torch.randint(0, 17, (3, 5), generator=gen)
+    loss, _ = M.multi_token_cross_entropy(logits, targets, torch.tensor([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 17), targets.view(-1)), rtol=1e-6, atol=1e-6)
+
+
+def test_model_trains_on_multi_token_loss_and_validates_on_next_token() -> None:
+    hp = tiny_hparams(logit_cap="2026")
+    torch.manual_seed(0)
+    model = randomize_zero_inits(M.GPT.from_hparams(hp), head_std=0.2)
+    model.mtp_weights = torch.tensor([1.0, 0.5, 0.125])
+    tokens = random_tokens(2, 128, seed=1, eot_positions={0: [0, 40], 1: [0]})
+    targets = random_tokens(2, 128, seed=2)
+    with torch.no_grad():
+        x = model.hidden_states(tokens, *model.attention_masks(tokens, 2))
+        capped = M.softcap((x @ model.lm_head.weight.T).float(), model.model_dim, "2026")
+        model.train()
+        loss, parts = model(tokens, targets, 2, parts=True)
+        want = reference_mtp(capped, targets, [1.0, 0.5, 0.125])
+        assert abs(float(loss) - float(want)) < 1e-4 * float(want)
+        assert abs(float(parts["ce"]) - float(reference_mtp(capped, targets, [1.0]))) < 1e-4 * float(want)
+        model.eval()  # validation, eval.py: plain next-token cross-entropy whatever the weights
+        torch.testing.assert_close(model(tokens, targets, 2).double(), reference_loss(model, tokens, targets, "2026"),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--mtp", "true"], "--mtp needs --stage-schedule (the multi-token weights are the stages')"),
+    (["--mtp", "true", "--stage-schedule", "2026", "--z-loss", "1e-4"],
+     "--mtp with loss modifiers is not implemented (the extra targets would need their own token weights)"),
+])
+def test_bad_mtp_settings(argv: list[str], message: str) -> None:
+    with pytest.raises(M.ConfigError) as e:
+        cfg("--preset", "shakespeare", *argv).validate()
+    assert str(e.value) == message
