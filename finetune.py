@@ -38,7 +38,7 @@ FINETUNE_DEFAULTS: dict[str, Any] = dict(num_iterations=60, val_loss_every=20, c
 # none of them
 FINETUNE_DEFAULTS.update({name: M.Hyperparameters.__dataclass_fields__[name].default for name in (
     "label_smoothing", "z_loss", "entropy_weight", "loss_terms", "plugins", "trackers", "tracker_dir", "lr_floor",
-    "stage_schedule", "mtp")})
+    "stage_schedule", "mtp", "prefix_token")})
 # A diverged fine-tuning run: what to change (its LR flags are not pretraining's)
 DIVERGENCE_HINT = "Lower --lr-scale (or --adamw-lr) or use --dtype fp32, then start again or --resume"
 LR_SCALE = 1.0  # Muon and Adam LRs as a fraction of the parent's: 1.0 was best on the demo (docs/finetuning.md)
@@ -83,7 +83,7 @@ def resolve(argv: list[str] | None) -> tuple[Hyperparameters, argparse.Namespace
     base = (M.saved_config(parent, parent_path) if "hyperparameters" in parent
             else M.infer_hparams(parent["model"]))
     scaled = {name: getattr(base, name) * args.lr_scale for name in ("muon_lr", "head_lr", "embed_lr", "scalar_lr")}
-    for name in ("stage_schedule", "mtp"):
+    for name in ("stage_schedule", "mtp", "prefix_token"):
         if explicit.get(name):
             raise M.ConfigError(f"--{name.replace('_', '-')} is pretraining's (its batches are token streams; "
                                 f"a fine-tune's are conversations)")

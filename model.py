@@ -159,6 +159,8 @@ class Hyperparameters:
     #   weights (model.STAGES_2026), scaled to num_iterations
     mtp: bool = False  # multi-token prediction on the same head (record #53): each position is also scored on the
     #   2 tokens after its next one, weighted by the stage schedule (needs --stage-schedule; validation stays plain)
+    prefix_token: bool = False  # auxiliary target (record #88): each position is also scored on the longest proper
+    #   byte-prefix token of its next token, weighted by the stage schedule (needs --stage-schedule)
     logit_cap: str = "2025"  # soft cap of the logits: 2025, 30*sigmoid(z/(7.5*sqrt(dim))), or 2026 (record #54),
     #   23*sigmoid((z+5)/7.5); every path to the logits uses it: training, validation, eval.py, generation, export
     # loss modifiers: all off by default; validation and eval.py report plain cross-entropy
@@ -283,11 +285,12 @@ class Hyperparameters:
         if self.stage_schedule and self.stage_schedule not in STAGE_SCHEDULES:
             raise ConfigError(f"--stage-schedule={self.stage_schedule!r} must be empty (none) or one of "
                               f"{', '.join(STAGE_SCHEDULES)}")
-        if self.mtp and not self.stage_schedule:
-            raise ConfigError("--mtp needs --stage-schedule (the multi-token weights are the stages')")
-        if self.mtp and loss_modifiers(self):
-            raise ConfigError("--mtp with loss modifiers is not implemented (the extra targets would need "
-                              "their own token weights)")
+        for name in ("mtp", "prefix_token"):
+            if getattr(self, name) and not self.stage_schedule:
+                raise ConfigError(f"--{_flag(name)} needs --stage-schedule (its weights are the stages')")
+            if getattr(self, name) and loss_modifiers(self):
+                raise ConfigError(f"--{_flag(name)} with loss modifiers is not implemented (the extra targets "
+                                  f"would need their own token weights)")
         if self.stage_schedule:
             scheduled = len(STAGE_SCHEDULES[self.stage_schedule]) - 1
             if any(end <= start for start, end in stage_boundaries(self)[:scheduled]):
@@ -1016,21 +1019,23 @@ def softcap(logits: Tensor, model_dim: int, form: str = "2025") -> Tensor:
 
 
 def softcap_cross_entropy(x_normed: Tensor, head_weight: Tensor, targets: Tensor, form: str = "2025",
-                          mtp_weights: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                          mtp_weights: Tensor | None = None, prefix_targets: Tensor | None = None,
+                          prefix_weight: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Mean cross-entropy of the soft-capped lm_head logits. Pure, so it can be compiled on its own: on CPU
     the 50k-wide elementwise work (sigmoid, log-softmax and their backward) dominates a small model's step.
     With mtp_weights: multi_token_cross_entropy's (loss, next-token cross-entropy) instead."""
     logits = F.linear(x_normed, head_weight.type_as(x_normed)).float()
     logits = softcap(logits, x_normed.size(-1), form)
     if mtp_weights is not None:
-        return multi_token_cross_entropy(logits, targets, mtp_weights)
+        return multi_token_cross_entropy(logits, targets, mtp_weights, prefix_targets, prefix_weight)
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1).long())
 
 
 MTP_TARGETS = 3  # record #53 (PR 178): a position predicts the next token and the two after it (STAGES_2026)
 
 
-def multi_token_cross_entropy(logits: Tensor, targets: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+def multi_token_cross_entropy(logits: Tensor, targets: Tensor, weights: Tensor, prefix_targets: Tensor | None = None,
+                              prefix_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Multi-token prediction on the same head (record #53, PR 178; the record's FusedSoftcappedCrossEntropy, #60 and
     later, computes the same): position t
     of a row is scored on targets[t + k] (the token k + 1 ahead) with weight weights[k], for every k with t + k
@@ -1041,8 +1046,10 @@ def multi_token_cross_entropy(logits: Tensor, targets: Tensor, weights: Tensor) 
 
     so with weights (1, 0, 0) it is the mean next-token cross-entropy. As in the record, the targets are the token
     stream: a target past an <|endoftext|> belongs to the next document and counts like any other (the record's
-    kernel does not mask it), and a target < 0 (ignored) adds nothing. logits (B, T, V), targets (B, T); returns
-    (loss, the plain next-token cross-entropy, detached, for the log)."""
+    kernel does not mask it), and a target < 0 (ignored) adds nothing. With prefix_targets (B, T) (record #88,
+    PR 337: prefix_token_table of each next token), each position is also scored on its prefix target with weight
+    prefix_weight (a 1-element tensor), the same way. logits (B, T, V), targets (B, T); returns (loss, the plain
+    next-token cross-entropy, detached, for the log)."""
     targets = (targets.view(-1, targets.size(-1)) if targets.ndim > 1 else targets.view(1, -1)).long()
     logits = logits.view(*targets.shape, logits.size(-1))
     B, T = targets.shape
@@ -1055,7 +1062,27 @@ def multi_token_cross_entropy(logits: Tensor, targets: Tensor, weights: Tensor) 
         total = total + weights[k] * nll.sum()
         if k == 0:
             next_token = nll.sum().detach() / (ahead >= 0).sum().clamp(min=1)
+    if prefix_targets is not None:
+        prefix = prefix_targets.reshape(B, T).long()
+        nll = lse - logits.gather(-1, prefix.clamp(min=0)[..., None])[..., 0]
+        total = total + prefix_weight.reshape(()) * torch.where(prefix >= 0, nll, 0.0).sum()
     return total / (B * T), next_token
+
+
+def prefix_token_table(tokenizer: "Tokenizer", size: int, tokens: int = EOT_ID) -> Tensor:
+    """(size,) int64: for every id, the id of the longest proper prefix of its bytes that is itself a GPT-2 token, or
+    -1 where there is none (the 256 single bytes, <|endoftext|>, chat tokens, padding rows). The prefix-token target
+    of record #88 (PR 337), from the BPE ranks get_tokenizer verifies: never from text. tokens: how many ids are
+    BPE tokens (GPT-2: the 50256 below <|endoftext|>)."""
+    ids = {tokenizer.token_bytes(i): i for i in range(min(size, tokens))}
+    table = [-1] * size
+    for piece, i in ids.items():
+        for cut in range(len(piece) - 1, 0, -1):  # longest first
+            if piece[:cut] in ids:
+                table[i] = ids[piece[:cut]]
+                break
+    return torch.tensor(table, dtype=torch.int64)
+
 
 
 class GPT(nn.Module):
@@ -1086,6 +1113,8 @@ class GPT(nn.Module):
         self.logit_cap = "2025"  # softcap's form (--logit-cap): every path to the logits and the loss reads it
         self.mtp_weights: Tensor | None = None  # (MTP_TARGETS,) multi-token weights in training (--mtp); the
         #   training loop fills it each step from the stage schedule; None = next-token loss only
+        self.prefix_table: Tensor | None = None  # prefix_token_table, with --prefix-token (training only)
+        self.prefix_weight: Tensor | None = None  # (1,) its weight, filled each step from the stage schedule
 
     @classmethod
     def from_hparams(cls, hp: Hyperparameters) -> "GPT":
@@ -1150,10 +1179,15 @@ class GPT(nn.Module):
                                             self.loss_modifiers, self.loss_classes, self.logit_cap)
             return out if parts else out[0]
         if self.training and self.mtp_weights is not None:
+            prefix = None
+            if self.prefix_table is not None:  # the prefix of each next token; -1 (none) where a target is ignored
+                prefix = torch.where(target_seq >= 0, self.prefix_table[target_seq.clamp(min=0)], -1)
             if self.lm_head.use_fp8:
-                loss, ce = multi_token_cross_entropy(self.logits(x), target_seq, self.mtp_weights)
+                loss, ce = multi_token_cross_entropy(self.logits(x), target_seq, self.mtp_weights, prefix,
+                                                     self.prefix_weight)
             else:
-                loss, ce = self.loss_fn(x, self.lm_head.weight, target_seq, self.logit_cap, self.mtp_weights)
+                loss, ce = self.loss_fn(x, self.lm_head.weight, target_seq, self.logit_cap, self.mtp_weights,
+                                        prefix, self.prefix_weight)
             return (loss, {"ce": ce}) if parts else loss
         if self.lm_head.use_fp8 and self.training:
             logits = self.logits(x)

@@ -100,10 +100,14 @@ def train_step(forward, raw_model, optimizers, batches: list[tuple], step: int, 
 
 
 def schedule_step(raw_model, window: torch.Tensor, step: int, hp: Hyperparameters) -> None:
-    """What the model reads of the schedules at this step: the attention window and the multi-token weights."""
+    """What the model reads of the schedules at this step: the attention window and the extra targets' weights."""
     window.fill_(M.get_window_size_blocks(step, hp))
-    if hp.mtp:
-        raw_model.mtp_weights.copy_(torch.tensor(M.mtp_weights_at(min(step, hp.num_iterations - 1), hp)))
+    at = min(step, hp.num_iterations - 1)
+    if hp.mtp or hp.prefix_token:  # without --mtp, the next token alone (weights 1, 0, 0)
+        weights = M.mtp_weights_at(at, hp) if hp.mtp else [1.0] + [0.0] * (M.MTP_TARGETS - 1)
+        raw_model.mtp_weights.copy_(torch.tensor(weights))
+    if hp.prefix_token:
+        raw_model.prefix_weight.fill_(M.stage_at(at, hp).prefix_weight)
 
 
 def stage_text(step: int, hp: Hyperparameters) -> str:
@@ -167,8 +171,11 @@ def train(run: R.ScriptRun, hp: Hyperparameters, rt: Runtime, resume: R.Resume |
     ensure_data(hp, rt)
     M.seed_everything(hp.seed)
     raw_model, forward = M.build_model(hp, rt)
-    if hp.mtp:  # a tensor the training loop fills each step: the compiled model never recompiles for it
+    if hp.mtp or hp.prefix_token:  # tensors the loop fills each step: the compiled model never recompiles for them
         raw_model.mtp_weights = torch.zeros(M.MTP_TARGETS, device=rt.device)
+    if hp.prefix_token:
+        raw_model.prefix_table = M.prefix_token_table(M.get_tokenizer(), raw_model.lm_head.weight.size(0)).to(rt.device)
+        raw_model.prefix_weight = torch.zeros(1, device=rt.device)
     optimizers = M.setup_optimizers(raw_model, hp, rt.rank, rt.world_size, compile_ns=rt.compile)
     ckpt = resume.state if resume else None
     start_step, data_pos, val_loss = 0, None, None

@@ -11,6 +11,8 @@ runs them with tests/test_train_gpt.py::test_cuda_runs_agree and the GPU benchma
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import sys
 import warnings
@@ -161,6 +163,45 @@ def test_compiled_2026_optimizer_step_on_gpu_follows_cpu() -> None:
     for step in range(6):
         with rt.autocast():
             loss = forward(x, y, window)
+        loss.backward()
+        M.optimizer_step(raw, optimizers, step, hp)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_compiled_head_with_extra_targets_on_gpu_matches_cpu() -> None:
+    """The 2026 head (issue 26): the compiled loss on the GPU with the 2026 logit cap, multi-token weights and the
+    prefix-token target equals the eager CPU loss (fp32) and its gradient; a compiled training run with the stage
+    schedule's windows (FlexAttention block masks) lowers the loss."""
+    hp = tiny_hparams(logit_cap="2026", stage_schedule="2026", mtp=True, prefix_token=True, num_iterations=6)
+    x, y = doc_tokens(2, 128, "cpu"), doc_tokens(2, 128, "cpu").roll(1, dims=1)
+    results = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = randomize_zero_inits(M.GPT.from_hparams(hp), head_std=0.05).to(device)
+        model.mtp_weights = torch.tensor([1.0, 0.5, 0.25], device=device)
+        model.prefix_table = torch.arange(model.lm_head.weight.size(0), device=device).roll(3)  # any valid ids
+        model.prefix_weight = torch.tensor([0.25], device=device)
+        if device == "cuda":
+            model.use_flex = True
+            model.loss_fn = torch.compile(M.softcap_cross_entropy)
+        loss = model(x.to(device), y.to(device), 2)
+        loss.backward()
+        results[device] = loss.item(), model.lm_head.weight.grad.cpu()
+    assert abs(results["cpu"][0] - results["cuda"][0]) <= 1e-4 * abs(results["cpu"][0])
+    torch.testing.assert_close(results["cuda"][1], results["cpu"][1], rtol=1e-3, atol=1e-5)
+
+    rt = M.init_runtime(dataclasses.replace(hp, device="cuda", compile="on", dtype="bf16"))
+    raw, forward = M.build_model(dataclasses.replace(hp, device="cuda", compile="on", dtype="bf16"), rt)
+    raw.mtp_weights = torch.zeros(M.MTP_TARGETS, device="cuda")
+    optimizers = M.setup_optimizers(raw, hp, compile_ns=True)
+    window = torch.zeros((), dtype=torch.int32, device="cuda")
+    losses = []
+    for step in range(6):
+        window.fill_(M.get_window_size_blocks(step, hp))
+        raw.mtp_weights.copy_(torch.tensor(M.mtp_weights_at(step, hp)))
+        with rt.autocast():
+            loss = forward(x.cuda(), y.cuda(), window)
         loss.backward()
         M.optimizer_step(raw, optimizers, step, hp)
         losses.append(loss.item())

@@ -174,11 +174,71 @@ def test_model_trains_on_multi_token_loss_and_validates_on_next_token() -> None:
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--mtp", "true"], "--mtp needs --stage-schedule (the multi-token weights are the stages')"),
+    (["--mtp", "true"], "--mtp needs --stage-schedule (its weights are the stages')"),
     (["--mtp", "true", "--stage-schedule", "2026", "--z-loss", "1e-4"],
      "--mtp with loss modifiers is not implemented (the extra targets would need their own token weights)"),
+    (["--prefix-token", "true"], "--prefix-token needs --stage-schedule (its weights are the stages')"),
 ])
 def test_bad_mtp_settings(argv: list[str], message: str) -> None:
     with pytest.raises(M.ConfigError) as e:
         cfg("--preset", "shakespeare", *argv).validate()
     assert str(e.value) == message
+
+
+# -----------------------------------------------------------------------------
+# The prefix-token target (--prefix-token, record #88)
+
+
+class ToyTokenizer:
+    """token_bytes over a hand-built vocabulary."""
+
+    def __init__(self, pieces: list[bytes]):
+        self.pieces = pieces
+
+    def token_bytes(self, i: int) -> bytes:
+        return self.pieces[i]
+
+
+def test_prefix_table_on_a_toy_vocabulary() -> None:
+    pieces = [b"a", b"b", b"ab", b"abc", b"abcd", b"bcd", b"abd", b"x"]
+    table = M.prefix_token_table(ToyTokenizer(pieces), 10, tokens=8)  # 2 rows past the tokens (padding)
+    # a, b, x: single bytes, no proper prefix; ab -> a; abc -> ab; abcd -> abc (not ab, not a);
+    # bcd -> b (bc is no token); abd -> ab
+    assert table.tolist() == [-1, -1, 0, 2, 3, 1, 2, -1, -1, -1]
+
+
+def test_prefix_table_on_the_gpt2_ranks(tok) -> None:
+    table = M.prefix_token_table(tok, 50304)
+    known = {262: 294, 278: 259, 31373: 12758, 2677: 16645}  # " the" -> " th", "ing" -> "in", "hello" -> "hell",
+    assert {i: int(table[i]) for i in known} == known  # " King" -> " Kin"
+    assert int(table[0]) == -1 and int(table[M.EOT_ID]) == -1 and bool((table[M.EOT_ID:] == -1).all())
+    single = [i for i in range(M.EOT_ID) if len(tok.token_bytes(i)) == 1]
+    assert len(single) == 256 and bool((table[single] == -1).all())
+    # every other token: tiktoken's own lookup finds no longer proper prefix than the table's
+    gen = torch.Generator().manual_seed(0)
+    for i in torch.randint(0, M.EOT_ID, (300,), generator=gen).tolist():
+        piece = tok.token_bytes(i)
+        longest = -1
+        for cut in range(1, len(piece)):
+            try:
+                longest = tok.enc.encode_single_token(piece[:cut])
+            except KeyError:
+                pass
+        assert int(table[i]) == longest, (i, piece)
+
+
+def test_prefix_target_joins_the_one_loss() -> None:
+    gen = torch.Generator().manual_seed(2)
+    B, T, V = 2, 6, 9
+    logits = torch.randn(B, T, V, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, V, (B, T), generator=gen)
+    prefix = torch.randint(-1, V, (B, T), generator=gen)  # -1: no prefix, nothing added
+    loss, _ = M.multi_token_cross_entropy(logits, targets, torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64),
+                                          prefix, torch.tensor([0.25], dtype=torch.float64))
+    want = reference_mtp(logits, targets, [1.0, 0.5, 0.0]) * B * T
+    log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    for b in range(B):
+        for t in range(T):
+            if prefix[b, t] >= 0:
+                want = want - 0.25 * log_probs[b, t, prefix[b, t]]
+    assert abs(float(loss) - float(want / (B * T))) < 1e-12

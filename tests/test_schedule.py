@@ -1,7 +1,7 @@
 """The 2026 record's stage schedule (--stage-schedule 2026, issue 26): the pure function against the record's numbers
-written out here (record #89, f411b3d3: TRAINING_STAGES and TrainingSchedule, 1270 + 15 steps), scaled to the default run's length,
-off = the 2025 schedules, bad values; and runs that use it: step lines, resume across a stage boundary, two
-processes."""
+written out here (record #89, f411b3d3: TRAINING_STAGES and TrainingSchedule, 1270 + 15 steps), scaled to the default
+run's length, off = the 2025 schedules, bad values; and runs that use it: step lines, resume across a stage
+boundary, two processes."""
 from __future__ import annotations
 
 import json
@@ -104,10 +104,11 @@ def test_bad_schedule_values(argv: list[str], message: str) -> None:
 
 # -----------------------------------------------------------------------------
 # Runs: 8 steps are stages [0, 3), [3, 5), [5, 8) of 1, 2 and 3 batches (round(8 * 15 / 1285) = 0 extension steps),
-# with multi-token prediction
+# with multi-token prediction and the prefix-token target
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
-STAGED = ("--stage-schedule", "2026", "--mtp", "true", "--num-iterations", "8", "--val-loss-every", "4")
+STAGED = ("--stage-schedule", "2026", "--mtp", "true", "--prefix-token", "true", "--num-iterations", "8",
+          "--val-loss-every", "4")
 
 
 def step_lines(out: str) -> list[str]:
@@ -115,7 +116,9 @@ def step_lines(out: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_staged_run_logs_its_stages_and_resumes_across_a_boundary(shard_dir: Path, tmp_path: Path) -> None:
+def test_staged_run_logs_its_stages_and_resumes_across_a_boundary(shard_dir: Path, tmp_path: Path,
+                                                                  shakespeare_data: Path) -> None:
+    """shakespeare_data: the verified GPT-2 ranks the prefix table is built from."""
     full = run([sys.executable, "pretraining.py", *tiny_args(shard_dir, tmp_path, "full", *STAGED)])
     assert full.returncode == 0, full.stderr
     lines = step_lines(full.stdout)
@@ -144,7 +147,7 @@ def test_staged_run_logs_its_stages_and_resumes_across_a_boundary(shard_dir: Pat
 
 
 @pytest.mark.slow
-def test_staged_run_two_processes_follow_one(shard_dir: Path, tmp_path: Path) -> None:
+def test_staged_run_two_processes_follow_one(shard_dir: Path, tmp_path: Path, shakespeare_data: Path) -> None:
     one = run([sys.executable, "pretraining.py", *tiny_args(shard_dir, tmp_path, "one", *STAGED)])
     assert one.returncode == 0, one.stderr
     two = run([*TORCHRUN, f"--master_port={free_port()}", "pretraining.py",
