@@ -20,7 +20,7 @@ import torch
 
 import finetune as FT
 import model as M
-from conftest import ft_args, metric_rows, run, tiny_hparams
+from conftest import ft_args, metric_rows, run, tiny_hparams, write_checkpoint
 
 EOT = M.EOT_ID
 SYS, USR, AST, END = (M.CHAT_SPECIAL_TOKENS[t] for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"))
@@ -427,3 +427,21 @@ def test_chat_tasks_build(chat_tasks, tmp_path: Path) -> None:
     assert Counter(r["task"] for r in train).keys() == set(questions)
     chat_tasks.main(["--train", "20", "--heldout", "5", "--out-dir", str(tmp_path)])
     assert [len(M.load_conversations(tmp_path / f)[0]) for f in ("train.json", "heldout.json")] == [20, 5]
+
+
+def test_fine_tune_keeps_the_parents_cap_and_drops_its_schedule(tmp_path: Path) -> None:
+    """A parent trained with the 2026 cap, stage schedule, multi-token and prefix targets (issue 26): the fine-tune
+    keeps the cap (it is the model) and starts without the rest; asking for a different cap, or for the schedule or
+    the extra targets, is one line."""
+    hp = tiny_hparams(logit_cap="2026", stage_schedule="2026", mtp=True, prefix_token=True, lr_floor=0.15)
+    path = write_checkpoint(tmp_path / "logs", "p2026", 6, M.GPT.from_hparams(hp), hp)
+    got, *_ = FT.resolve(["--checkpoint", str(path), "--log-dir", str(tmp_path / "ft")])
+    assert (got.logit_cap, got.stage_schedule, got.mtp, got.prefix_token, got.lr_floor) == ("2026", "", False, False,
+                                                                                            0.1)
+    with pytest.raises(M.ConfigError, match=rf"^--logit-cap=2025: the parent {path} was trained with --logit-cap "
+                                            r"2026, and a fine-tune keeps its model$"):
+        FT.resolve(["--checkpoint", str(path), "--logit-cap", "2025"])
+    for flag in ("--stage-schedule", "--mtp", "--prefix-token"):
+        with pytest.raises(M.ConfigError, match=rf"^{flag} is pretraining's \(its batches are token streams; a "
+                                                r"fine-tune's are conversations\)$"):
+            FT.resolve(["--checkpoint", str(path), flag, "2026" if flag == "--stage-schedule" else "true"])
