@@ -348,8 +348,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         head_lr=0.11, embed_lr=0.3, scalar_lr=0.02,
     ),
 }
-# The 2026 record's recipe at CPU scale, built up one issue at a time (docs/optimizer.md, "Ablation"): the
-# `shakespeare` preset plus the 2026 switches that beat it by more than the seed spread at equal training time.
+# The 2026 record's recipe at CPU scale, built up one issue at a time (docs/optimizer.md, "Measurements"): the
+# `shakespeare` preset plus the 2026 switches whose combination beat it by more than the seed spread at equal
+# training time (NorMuon and row equilibration also did alone; the other three only together).
 # What `python pretraining.py` runs without CUDA and FineWeb.
 PRESETS["shakespeare2026"] = dict(
     PRESETS["shakespeare"],
@@ -1082,7 +1083,6 @@ def prefix_token_table(tokenizer: "Tokenizer", size: int, tokens: int = EOT_ID) 
                 table[i] = ids[piece[:cut]]
                 break
     return torch.tensor(table, dtype=torch.int64)
-
 
 
 class GPT(nn.Module):
@@ -2359,7 +2359,6 @@ STAGES_2026 = (
 )
 STAGE_SCHEDULES = {"2026": STAGES_2026}
 EXTENSION_SHARE = 15 / 1285  # record #89: 1270 scheduled steps, then 15 extension steps
-FINAL_LONG_WINDOW_2026 = 20  # record #89 (ws_post_yarn_ext): the long window of the last validation, in blocks
 
 
 def mtp_weights_at(step: int, hp: Hyperparameters) -> list[float]:
@@ -2425,10 +2424,14 @@ def batch_mult(step: int, hp: Hyperparameters) -> int:
 
 
 def tokens_through(step: int, hp: Hyperparameters) -> int:
-    """Tokens trained on by the end of `step` steps (steps 0 .. step-1), whatever their batches."""
+    """Tokens trained on by the end of `step` steps (steps 0 .. step-1), whatever their batches: each stage's steps
+    before `step` times its batch (the step lines call this every step, so it walks the stages, not the steps)."""
     if not hp.stage_schedule:
         return step * hp.tokens_per_step
-    return sum(batch_mult(s, hp) for s in range(min(step, hp.num_iterations))) * hp.tokens_per_step
+    stages = STAGE_SCHEDULES[hp.stage_schedule]
+    batches = sum(max(0, min(step, end) - start) * stage.batch_mult
+                  for stage, (start, end) in zip(stages, stage_boundaries(hp)))
+    return batches * hp.tokens_per_step
 
 
 def get_lr(step: int, hp: Hyperparameters) -> float:

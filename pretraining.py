@@ -99,6 +99,16 @@ def train_step(forward, raw_model, optimizers, batches: list[tuple], step: int, 
     return train_loss
 
 
+def attach_extra_targets(raw_model, hp: Hyperparameters, device: torch.device) -> None:
+    """The tensors schedule_step fills each step for --mtp and --prefix-token (fixed shapes, so the compiled model
+    never recompiles for them), and the prefix table."""
+    if hp.mtp or hp.prefix_token:
+        raw_model.mtp_weights = torch.zeros(M.MTP_TARGETS, device=device)
+    if hp.prefix_token:
+        raw_model.prefix_table = M.prefix_token_table(M.get_tokenizer(), raw_model.lm_head.weight.size(0)).to(device)
+        raw_model.prefix_weight = torch.zeros(1, device=device)
+
+
 def schedule_step(raw_model, window: torch.Tensor, step: int, hp: Hyperparameters) -> None:
     """What the model reads of the schedules at this step: the attention window and the extra targets' weights."""
     window.fill_(M.get_window_size_blocks(step, hp))
@@ -171,11 +181,7 @@ def train(run: R.ScriptRun, hp: Hyperparameters, rt: Runtime, resume: R.Resume |
     ensure_data(hp, rt)
     M.seed_everything(hp.seed)
     raw_model, forward = M.build_model(hp, rt)
-    if hp.mtp or hp.prefix_token:  # tensors the loop fills each step: the compiled model never recompiles for them
-        raw_model.mtp_weights = torch.zeros(M.MTP_TARGETS, device=rt.device)
-    if hp.prefix_token:
-        raw_model.prefix_table = M.prefix_token_table(M.get_tokenizer(), raw_model.lm_head.weight.size(0)).to(rt.device)
-        raw_model.prefix_weight = torch.zeros(1, device=rt.device)
+    attach_extra_targets(raw_model, hp, rt.device)
     optimizers = M.setup_optimizers(raw_model, hp, rt.rank, rt.world_size, compile_ns=rt.compile)
     ckpt = resume.state if resume else None
     start_step, data_pos, val_loss = 0, None, None

@@ -133,6 +133,23 @@ def tiny_args(shard_dir: Path, log_dir: Path, run_id: str, *extra: str) -> list[
             "--muon-momentum-warmup", "3", "--dtype", "fp32", "--compile", "off", "--device", "cpu", *extra]
 
 
+def stopped_and_resumed(shard_dir: Path, tmp_path: Path, extra: tuple[str, ...], stop: int, end: int
+                        ) -> tuple[dict, dict, subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    """pretraining.py with tiny_args + extra run straight ("full"), and again ("half") with its step-`end`
+    checkpoint deleted and resumed from its step-`stop` one: (full's and half's step-`end` checkpoints, full's
+    result, the resumed run's result), every run checked to exit 0."""
+    results = []
+    for cmd in (tiny_args(shard_dir, tmp_path, "full", *extra), tiny_args(shard_dir, tmp_path, "half", *extra),
+                ["--resume", str(tmp_path / "half" / f"state_step{stop:06d}.pt")]):
+        results.append(run([sys.executable, "pretraining.py", *cmd]))
+        assert results[-1].returncode == 0, results[-1].stderr
+        if len(results) == 2:
+            (tmp_path / "half" / f"state_step{end:06d}.pt").unlink()
+    full, half = (torch.load(tmp_path / run_id / f"state_step{end:06d}.pt", weights_only=True)
+                  for run_id in ("full", "half"))
+    return full, half, results[0], results[2]
+
+
 def ft_args(log_dir: Path, run_id: str, *extra: str) -> list[str]:
     """finetune.py for 4 steps with a validation every 2 (checkpoints at steps 2 and 4), fp32, uncompiled."""
     return ["finetune.py", "--log-dir", str(log_dir), "--run-id", run_id, "--num-iterations", "4",

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import model as M
-from conftest import assert_same_run, free_port, metric_rows, run, tiny_args, tiny_hparams
+from conftest import assert_same_run, free_port, metric_rows, run, stopped_and_resumed, tiny_args, tiny_hparams
 
 # The record's Polar Express coefficients at f411b3d3 (record #38), restated: 5 iterations, safety 2e-2, cushion 2
 RECORD_COEFFS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -293,15 +293,7 @@ def test_every_switch_on_two_processes_follow_one(shard_dir: Path, tmp_path: Pat
 def test_every_switch_on_resume_is_bitwise(shard_dir: Path, tmp_path: Path) -> None:
     """Stopped after step 3 (Adam's gradient sum of an odd step pending) and resumed: the same losses, weights and
     optimizer state, NorMuon's second moments and Adam's step counts included, as without the stop."""
-    full = run([sys.executable, "pretraining.py", *tiny_args(shard_dir, tmp_path, "full", *SWITCHES)])
-    assert full.returncode == 0, full.stderr
-    half = run([sys.executable, "pretraining.py", *tiny_args(shard_dir, tmp_path, "half", *SWITCHES)])
-    assert half.returncode == 0, half.stderr
-    (tmp_path / "half" / "state_step000006.pt").unlink()
-    again = run([sys.executable, "pretraining.py", "--resume", str(tmp_path / "half" / "state_step000003.pt")])
-    assert again.returncode == 0, again.stderr
-    a = torch.load(tmp_path / "full" / "state_step000006.pt", weights_only=True)
-    b = torch.load(tmp_path / "half" / "state_step000006.pt", weights_only=True)
+    a, b, _, _ = stopped_and_resumed(shard_dir, tmp_path, SWITCHES, stop=3, end=6)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     for opt_a, opt_b in zip(a["optimizers"], b["optimizers"]):
         for idx, state in opt_a["state"].items():

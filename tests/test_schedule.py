@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cfg, free_port, run, tiny_args
+from conftest import cfg, free_port, run, stopped_and_resumed, tiny_args
 
 import model as M  # noqa: E402
 
@@ -119,22 +119,14 @@ def step_lines(out: str) -> list[str]:
 def test_staged_run_logs_its_stages_and_resumes_across_a_boundary(shard_dir: Path, tmp_path: Path,
                                                                   shakespeare_data: Path) -> None:
     """shakespeare_data: the verified GPT-2 ranks the prefix table is built from."""
-    full = run([sys.executable, "pretraining.py", *tiny_args(shard_dir, tmp_path, "full", *STAGED)])
-    assert full.returncode == 0, full.stderr
+    # resumed at step 4 (mid-stage 2; stage 3 starts at 5): the same losses, weights and data position
+    a, b, full, again = stopped_and_resumed(shard_dir, tmp_path, STAGED, stop=4, end=8)
     lines = step_lines(full.stdout)
     assert len(lines) == 8
     for line, (stage, batch, window) in zip(lines, [(1, 512, 3)] * 3 + [(2, 1024, 7)] * 2 + [(3, 1536, 11)] * 3):
         assert f" stage:{stage} batch:{batch} window:{window} lr_mult:" in line, line
         assert " (ce:" in line, line  # with --mtp the loss is the weighted sum; the next-token part is logged
     assert "budget:8,192 tokens" in full.stdout  # 3 * 1 + 2 * 2 + 3 * 3 = 16 batches of 512 tokens
-    # resumed at step 4 (mid-stage 2; stage 3 starts at 5): the same losses, weights and data position
-    half = run([sys.executable, "pretraining.py", *tiny_args(shard_dir, tmp_path, "half", *STAGED)])
-    assert half.returncode == 0, half.stderr
-    (tmp_path / "half" / "state_step000008.pt").unlink()
-    again = run([sys.executable, "pretraining.py", "--resume", str(tmp_path / "half" / "state_step000004.pt")])
-    assert again.returncode == 0, again.stderr
-    a = torch.load(tmp_path / "full" / "state_step000008.pt", weights_only=True)
-    b = torch.load(tmp_path / "half" / "state_step000008.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["data_position"] == b["data_position"] and a["val_loss"] == b["val_loss"]
     assert step_lines(again.stdout)[0].split(" train_time")[0] == lines[4].split(" train_time")[0]
