@@ -163,6 +163,9 @@ class Hyperparameters:
     #   byte-prefix token of its next token, weighted by the stage schedule (needs --stage-schedule)
     logit_cap: str = "2025"  # soft cap of the logits: 2025, 30*sigmoid(z/(7.5*sqrt(dim))), or 2026 (record #54),
     #   23*sigmoid((z+5)/7.5); every path to the logits uses it: training, validation, eval.py, generation, export
+    head_chunk: int = 0  # compute the head's loss and gradient over this many positions at a time (training and
+    #   validation): the same loss to rounding at a fraction of the memory; 0 = the whole micro-batch at once
+    #   (the record's). Not with loss modifiers or the FP8 head; fine-tuning's weighted loss stays whole
     # loss modifiers: all off by default; validation and eval.py report plain cross-entropy
     label_smoothing: float = 0.0  # share of each target's probability spread evenly over the real vocabulary
     #   (rows below vocab_size, plus the chat tokens in a fine-tune; never the padding rows)
@@ -307,6 +310,11 @@ class Hyperparameters:
         if self.loss_normalization not in ("token", "sequence"):
             raise ConfigError(f"--loss-normalization={self.loss_normalization!r} must be one of token, sequence")
         parse_loss_terms(self.loss_terms)
+        if self.head_chunk < 0:
+            raise ConfigError(f"--head-chunk={self.head_chunk} must be >= 0 (positions per chunk; 0 = whole)")
+        if self.head_chunk and loss_modifiers(self):
+            raise ConfigError("--head-chunk with loss modifiers is not implemented (their terms need the whole "
+                              "logits)")
 
     @property
     def tokens_per_step(self) -> int:
@@ -1070,6 +1078,111 @@ def multi_token_cross_entropy(logits: Tensor, targets: Tensor, weights: Tensor, 
     return total / (B * T), next_token
 
 
+SOFTCAP_FORMS = {"2025": None, "2026": (23.0, 7.5, 5.0)}  # softcap as c * sigmoid((z + b) / a): (c, a, b); 2025's
+#   a is 7.5 * sqrt(model_dim), so it is filled in by softcap_constants
+
+
+def softcap_constants(model_dim: int, form: str) -> tuple[float, float, float]:
+    """softcap(z) = c * sigmoid((z + b) / a): (c, a, b) of each form (softcap's docstring has their sources)."""
+    return SOFTCAP_FORMS[form] or (30.0, 7.5 * model_dim**0.5, 0.0)
+
+
+def head_targets(targets: Tensor, mtp_weights: Tensor | None = None, prefix_targets: Tensor | None = None,
+                 prefix_weight: Tensor | None = None) -> tuple[Tensor, Tensor, bool]:
+    """The loss's targets as one (positions, J) matrix of ids (< 0: none) and their (J,) weights, for
+    chunked_head_loss. Plain next-token loss: J = 1, weight 1, the mean over the targets that count. With
+    mtp_weights (multi_token_cross_entropy's): column k is the token k + 1 ahead in the same row (none past the
+    row's end), then the prefix targets' column; the mean over all positions. Returns (targets, weights, mean over
+    positions)."""
+    rows = (targets.view(-1, targets.size(-1)) if targets.ndim > 1 else targets.view(1, -1)).long()
+    if mtp_weights is None:
+        return rows.reshape(-1, 1), torch.ones(1, device=targets.device), False
+    B, T = rows.shape
+    columns = []
+    for k in range(mtp_weights.size(0)):
+        ahead = rows.new_full((B, T), -1)
+        ahead[:, :T - k] = rows[:, k:]
+        columns.append(ahead)
+    weights = [mtp_weights.float()]
+    if prefix_targets is not None:
+        columns.append(prefix_targets.reshape(B, T).long())
+        weights.append(prefix_weight.reshape(1).float())
+    return torch.stack(columns, dim=-1).reshape(B * T, -1), torch.cat(weights), True
+
+
+def head_chunk_loss(x: Tensor, weight: Tensor, targets: Tensor, target_weights: Tensor, scale: Tensor, form: str,
+                    grads: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """One chunk of chunked_head_loss: positions x (n, d), the head weight (V, d) in x's dtype, targets (n, J).
+    Returns (scale * sum of the weighted nll, sum of the next-token nll (column 0), and with grads the gradients of
+    the first with respect to x and weight, the latter in fp32). The gradient is written out, so no autograd graph
+    of the (n, V) logits is kept: with s = softcap(z) = c * sigmoid((z + b) / a) and m_i = the summed weight of
+    row i's targets that count, d(loss)/ds_i = scale * (m_i * softmax(s_i) - sum_j w_j * onehot(t_ij)) and
+    ds/dz = s * (1 - s / c) / a."""
+    c, a, b = softcap_constants(x.size(-1), form)
+    z = F.linear(x, weight).float()
+    s = c * torch.sigmoid((z + b) / a)
+    lse = torch.logsumexp(s, dim=-1)
+    counts = targets >= 0
+    safe = targets.clamp(min=0)
+    nll = torch.where(counts, lse[:, None] - s.gather(1, safe), 0.0)  # (n, J)
+    loss = scale * (nll * target_weights).sum()
+    if not grads:
+        return loss, nll[:, 0].sum(), None, None
+    taken = counts * target_weights  # (n, J): each target's weight where it counts
+    g = torch.softmax(s, dim=-1) * taken.sum(dim=1, keepdim=True)
+    g = g.scatter_add(1, safe, -taken)
+    g = (g * scale) * (s * (1 - s / c) / a)
+    g = g.to(x.dtype)
+    return loss, nll[:, 0].sum(), g @ weight, (g.t() @ x).float()
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """The soft-capped head's loss and its gradient over `chunk` positions at a time, computed in the forward pass
+    (the idea of fused linear cross-entropy kernels such as Liger-Kernel's), so the peak memory is a few (chunk, V)
+    buffers instead of the whole (positions, V) graph. The backward only scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, targets: Tensor, target_weights: Tensor, scale: Tensor,
+                form: str, chunk: int, chunk_fn: Callable, grads: bool) -> tuple[Tensor, Tensor]:
+        loss, next_nll = x.new_zeros((), dtype=torch.float32), x.new_zeros((), dtype=torch.float32)
+        dx, dw = (torch.empty_like(x), torch.zeros_like(weight, dtype=torch.float32)) if grads else (None, None)
+        w = weight.type_as(x)
+        for start in range(0, x.size(0), chunk):
+            part = slice(start, start + chunk)
+            l, n, gx, gw = chunk_fn(x[part], w, targets[part], target_weights, scale, form, grads)
+            loss, next_nll = loss + l, next_nll + n
+            if grads:
+                dx[part] = gx
+                dw += gw
+        if grads:
+            ctx.save_for_backward(dx, dw.to(weight.dtype))
+        return loss, next_nll
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
+        dx, dw = ctx.saved_tensors
+        return grad_loss * dx, grad_loss * dw, None, None, None, None, None, None, None
+
+
+@torch.compiler.disable  # the compiled model breaks its graph here; the chunk function is compiled on its own
+def chunked_head_loss(x_normed: Tensor, head_weight: Tensor, targets: Tensor, form: str, chunk: int,
+                      chunk_fn: Callable = head_chunk_loss, mtp_weights: Tensor | None = None,
+                      prefix_targets: Tensor | None = None,
+                      prefix_weight: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """softcap_cross_entropy (and its multi-token form) computed over `chunk` positions at a time (--head-chunk):
+    the same loss to rounding (sums of chunk sums instead of one sum), with a peak memory that no longer grows with
+    the positions of a micro-batch. Returns what softcap_cross_entropy returns."""
+    x = x_normed.reshape(-1, x_normed.size(-1))
+    columns, weights, per_position = head_targets(targets, mtp_weights, prefix_targets, prefix_weight)
+    counted = (columns[:, 0] >= 0).sum()
+    scale = 1 / (torch.tensor(float(x.size(0)), device=x.device) if per_position else counted.clamp(min=1).float())
+    grads = torch.is_grad_enabled() and (x.requires_grad or head_weight.requires_grad)
+    loss, next_nll = ChunkedHeadLoss.apply(x, head_weight, columns, weights, scale, form, chunk, chunk_fn, grads)
+    if mtp_weights is None:
+        return loss
+    return loss, next_nll.detach() / counted.clamp(min=1)
+
+
 def prefix_token_table(tokenizer: "Tokenizer", size: int, tokens: int = EOT_ID) -> Tensor:
     """(size,) int64: for every id, the id of the longest proper prefix of its bytes that is itself a GPT-2 token, or
     -1 where there is none (the 256 single bytes, <|endoftext|>, chat tokens, padding rows). The prefix-token target
@@ -1115,12 +1228,15 @@ class GPT(nn.Module):
         #   training loop fills it each step from the stage schedule; None = next-token loss only
         self.prefix_table: Tensor | None = None  # prefix_token_table, with --prefix-token (training only)
         self.prefix_weight: Tensor | None = None  # (1,) its weight, filled each step from the stage schedule
+        self.head_chunk = 0  # --head-chunk: positions per chunk of chunked_head_loss; 0 = the whole head at once
+        self.head_chunk_fn: Callable = head_chunk_loss  # build_model may swap in a compiled copy
 
     @classmethod
     def from_hparams(cls, hp: Hyperparameters) -> "GPT":
         model = cls(hp.vocab_size, hp.num_layers, hp.num_heads, hp.head_dim, hp.model_dim, hp.max_seq_len,
                     hp.no_attn_layer)
         model.logit_cap = hp.logit_cap
+        model.head_chunk = hp.head_chunk
         return model
 
     def enable_fp8_head(self, on: bool) -> None:
@@ -1185,6 +1301,9 @@ class GPT(nn.Module):
             if self.lm_head.use_fp8:
                 loss, ce = multi_token_cross_entropy(self.logits(x), target_seq, self.mtp_weights, prefix,
                                                      self.prefix_weight)
+            elif self.head_chunk:
+                loss, ce = chunked_head_loss(x, self.lm_head.weight, target_seq, self.logit_cap, self.head_chunk,
+                                             self.head_chunk_fn, self.mtp_weights, prefix, self.prefix_weight)
             else:
                 loss, ce = self.loss_fn(x, self.lm_head.weight, target_seq, self.logit_cap, self.mtp_weights,
                                         prefix, self.prefix_weight)
@@ -1192,6 +1311,9 @@ class GPT(nn.Module):
         if self.lm_head.use_fp8 and self.training:
             logits = self.logits(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), target_seq.reshape(-1).long())
+        elif self.head_chunk:
+            loss = chunked_head_loss(x, self.lm_head.weight, target_seq, self.logit_cap, self.head_chunk,
+                                     self.head_chunk_fn)
         else:
             loss = self.loss_fn(x, self.lm_head.weight, target_seq, self.logit_cap)
         return (loss, {}) if parts else loss
@@ -1224,9 +1346,11 @@ def build_model(hp: Hyperparameters, rt: Runtime, chat: bool = False) -> tuple[G
             if isinstance(m, nn.Embedding):
                 m.bfloat16()  # embeddings in bf16 on GPU (record); fp32 elsewhere for accuracy
         model.use_flex = True
-    fp8 = hp.fp8_head == "on" or (hp.fp8_head == "auto" and fp8_supported(rt.device))
+    fp8 = hp.fp8_head == "on" or (hp.fp8_head == "auto" and fp8_supported(rt.device) and not hp.head_chunk)
     if hp.fp8_head == "on" and not fp8_supported(rt.device):
         raise ConfigError(f"--fp8-head=on needs a GPU with compute capability >= 8.9, not {rt.device}")
+    if hp.fp8_head == "on" and hp.head_chunk:
+        raise ConfigError("--head-chunk computes the head in the autocast dtype: it needs --fp8-head off or auto")
     model.enable_fp8_head(fp8)
     if rt.distributed:
         for p in model.parameters():
@@ -1234,6 +1358,8 @@ def build_model(hp: Hyperparameters, rt: Runtime, chat: bool = False) -> tuple[G
     if rt.compile_head and not rt.compile:
         model.loss_fn = compile_with_fallback(softcap_cross_entropy, "the loss head")
         model.modified_loss_fn = compile_with_fallback(softcap_modified_loss, "the loss head")
+    if hp.head_chunk and (rt.compile or rt.compile_head):
+        model.head_chunk_fn = compile_with_fallback(head_chunk_loss, "the loss head's chunks")
     forward = CompiledModule(model, "the model") if rt.compile else model
     return model, forward
 
