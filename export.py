@@ -279,7 +279,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    result = dict(checkpoint=str(src), out=str(out), dtype=args.dtype, window_tokens=config.window_blocks * config.block_size,
+    result = dict(checkpoint=str(src), out=str(out), dtype=args.dtype,
+                  window_tokens=config.window_blocks * config.block_size,
                   files=sorted(p.name for p in out.iterdir()), seconds=round(time.perf_counter() - start, 1), **checked)
     if checked:
         print(f"checked: exported logits equal ours to {checked['max_logit_diff']:.1e} over {checked['tokens']} "
