@@ -299,7 +299,7 @@ def eval_samples(im: I.InferenceModel, args: argparse.Namespace, prompts: list[s
 def print_table(im: I.InferenceModel, results: dict[str, Any], out: Any) -> None:
     print(f"device: {im.device}, scoring dtype: {im.score_dtype or torch.float32}, "
           f"weights: {im.weights}, "
-          f"attention window: {im.window_blocks * M.BLOCK_SIZE} tokens", file=out)
+          f"attention window: {im.window_blocks * im.model.window_block} tokens", file=out)
     rows = []
     for name in ("val", "text"):
         if name in results:
@@ -367,7 +367,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = dict(checkpoint=str(im.path), step=im.step, kind=im.kind, preset=im.hp.preset,
                                    device=str(im.device), dtype=str(im.score_dtype or torch.float32),
                                    weights=im.weights, compiled_decoding=im.compiled,
-                                   window_tokens=im.window_blocks * M.BLOCK_SIZE)
+                                   window_tokens=im.window_blocks * im.model.window_block)
     print(f"checkpoint: {im.describe()}", file=out, flush=True)
     start = time.perf_counter()
     default = not (args.text or args.hellaswag or args.prompt or args.chat_eval)

@@ -87,6 +87,9 @@ def exportable(ckpt: dict[str, Any], hp: M.Hyperparameters, model: M.GPT, path: 
     if ckpt.get("kind") == "chat" and ckpt.get("chat_template", M.CHAT_TEMPLATE_VERSION) != M.CHAT_TEMPLATE_VERSION:
         raise M.CheckpointError(f"{path}: fine-tuned on chat template v{ckpt.get('chat_template')}; this export "
                                 f"writes v{M.CHAT_TEMPLATE_VERSION}")
+    if hp.yarn:
+        raise M.CheckpointError(f"{path}: trained with --yarn; the export's modelling file has the base rotary and "
+                                f"attention scale only, so it is not exported")
     for name, tensor in model.state_dict().items():
         if not torch.isfinite(tensor).all():
             raise M.CheckpointError(f"{path}: {name} holds NaN or infinite values (a diverged run); not exported")
@@ -97,7 +100,7 @@ def hf_config(modeling: Any, hp: M.Hyperparameters, kind: str, dtype: torch.dtyp
     config = modeling.ModdedGPTConfig(
         vocab_size=M.next_multiple_of_n(hp.vocab_size, n=128), hidden_size=hp.model_dim,
         num_hidden_layers=hp.num_layers, num_attention_heads=hp.num_heads, head_dim=hp.head_dim,
-        no_attn_layer=hp.no_attn_layer, window_blocks=M.final_window_blocks(hp), block_size=M.BLOCK_SIZE,
+        no_attn_layer=hp.no_attn_layer, window_blocks=M.final_window_blocks(hp), block_size=hp.window_block,
         max_position_embeddings=min(hp.row_len or hp.val_seq_len, 8192), eot_token_id=M.EOT_ID,
         bos_token_id=M.EOT_ID, eos_token_id=stop, pad_token_id=PAD_TOKEN[1], logit_cap=hp.logit_cap)
     config.auto_map = AUTO_MAP
@@ -202,7 +205,7 @@ def verify(out: Path, model: M.GPT, hp: M.Hyperparameters, dtype: str) -> dict[s
         ours.load_state_dict({k: v.bfloat16().float() for k, v in model.state_dict().items()})
     ours.eval()
     hf_model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
-    tokens = check_batch(hp, M.final_window_blocks(hp) * M.BLOCK_SIZE)
+    tokens = check_batch(hp, M.final_window_blocks(hp) * hp.window_block)
     T = tokens.size(1)
     pad = (-T) % M.BLOCK_SIZE
     ours.ensure_positions(T + pad)
@@ -276,7 +279,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    result = dict(checkpoint=str(src), out=str(out), dtype=args.dtype, window_tokens=config.window_blocks * M.BLOCK_SIZE,
+    result = dict(checkpoint=str(src), out=str(out), dtype=args.dtype,
+                  window_tokens=config.window_blocks * config.block_size,
                   files=sorted(p.name for p in out.iterdir()), seconds=round(time.perf_counter() - start, 1), **checked)
     if checked:
         print(f"checked: exported logits equal ours to {checked['max_logit_diff']:.1e} over {checked['tokens']} "

@@ -83,7 +83,10 @@ def resolve(argv: list[str] | None) -> tuple[Hyperparameters, argparse.Namespace
     base = (M.saved_config(parent, parent_path) if "hyperparameters" in parent
             else M.infer_hparams(parent["model"]))
     scaled = {name: getattr(base, name) * args.lr_scale for name in ("muon_lr", "head_lr", "embed_lr", "scalar_lr")}
-    for name in ("stage_schedule", "mtp", "prefix_token"):
+    if base.yarn:  # its rotary and attention scale are the stage schedule's, which a fine-tune drops
+        raise M.CheckpointError(f"{parent_path}: trained with --yarn; fine-tuning such a model is not implemented "
+                                f"(its rotary tables come from the stage schedule a fine-tune drops)")
+    for name in ("stage_schedule", "mtp", "prefix_token", "yarn"):
         if explicit.get(name):
             raise M.ConfigError(f"--{name.replace('_', '-')} is pretraining's (its batches are token streams; "
                                 f"a fine-tune's are conversations)")

@@ -192,7 +192,7 @@ def weight_formats(model: GPT) -> list[WeightFormat]:
 # Caches: the keys and values of earlier tokens, the masks of new ones, prefill
 
 
-def cached_mask_rows(docs_BT: Tensor, q_start: int, window_blocks: int) -> tuple[int, Tensor]:
+def cached_mask_rows(docs_BT: Tensor, q_start: int, window_blocks: int, block: int = BLOCK_SIZE) -> tuple[int, Tensor]:
     """Rows q_start.. of model.dense_attention_mask for a sequence that ends after docs_BT, over the keys that any
     of them may see: returns (first key position, boolean (B, 1, T - q_start, T - first)).
 
@@ -200,18 +200,19 @@ def cached_mask_rows(docs_BT: Tensor, q_start: int, window_blocks: int) -> tuple
     non-<|endoftext|> ids sees it. The record's block mask is causal: a query block keeps the window_blocks most
     recent blocks that share the document of its *first* token (block_keep_mask works out to that), so tokens
     appended later, <|endoftext|> included, never change rows already computed and cached keys stay valid.
+    block: tokens per window block (the model's window_block).
     """
     B, T = docs_BT.shape
-    pad = (-T) % BLOCK_SIZE
+    pad = (-T) % block
     docs = torch.cat([docs_BT, docs_BT[:, -1:].expand(B, pad)], dim=1)
-    keep_full, keep_partial = M.block_keep_mask(docs, window_blocks)
+    keep_full, keep_partial = M.block_keep_mask(docs, window_blocks, block)
     q = torch.arange(q_start, T, device=docs_BT.device)
-    rows_BQN = (keep_full | keep_partial)[:, q // BLOCK_SIZE]  # (B, Tq, NB): key blocks each query keeps
+    rows_BQN = (keep_full | keep_partial)[:, q // block]  # (B, Tq, NB): key blocks each query keeps
     first_block = int(rows_BQN.flatten(0, 1).any(0).nonzero()[0])  # the diagonal block is always kept
-    k = torch.arange(first_block * BLOCK_SIZE, T, device=docs_BT.device)
-    mask = rows_BQN[:, :, k // BLOCK_SIZE] & (k[None, :] <= q[:, None])[None]
+    k = torch.arange(first_block * block, T, device=docs_BT.device)
+    mask = rows_BQN[:, :, k // block] & (k[None, :] <= q[:, None])[None]
     mask &= docs_BT[:, q, None] == docs_BT[:, None, k]
-    return first_block * BLOCK_SIZE, mask[:, None]
+    return first_block * block, mask[:, None]
 
 
 class KVCache:
@@ -226,6 +227,7 @@ class KVCache:
         capacity = M.next_multiple_of_n(capacity, n=BLOCK_SIZE)
         model.ensure_positions(capacity)
         self.capacity, self.pos, self.key_start = capacity, 0, 0
+        self.block, self.short_max = model.window_block, model.short_window_max  # the model's window geometry
         self.tokens = torch.zeros(batch_size, capacity, dtype=torch.long, device=model.embed.weight.device)
         self.k: list[Tensor | None] = [None] * len(model.blocks)
         self.v: list[Tensor | None] = [None] * len(model.blocks)
@@ -239,8 +241,9 @@ class KVCache:
         if end > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} tokens; {end} requested")
         docs = (self.tokens[:, :end] == EOT_ID).cumsum(dim=1)
-        start_long, long_mask = cached_mask_rows(docs, self.pos, window_blocks)
-        start_short, short_mask = cached_mask_rows(docs, self.pos, M.short_window(window_blocks))
+        start_long, long_mask = cached_mask_rows(docs, self.pos, window_blocks, self.block)
+        short = M.short_window(window_blocks, self.short_max)
+        start_short, short_mask = cached_mask_rows(docs, self.pos, short, self.block)
         start = min(start_long, start_short)  # one key range for both: pad the narrower rows on the left
         return start, F.pad(long_mask, (start_long - start, 0)), F.pad(short_mask, (start_short - start, 0))
 
@@ -314,7 +317,8 @@ class RingCache:
     """
 
     def __init__(self, kv: KVCache, window_blocks: int):
-        self.size = (window_blocks + 1) * BLOCK_SIZE
+        self.block_size, self.short_max = kv.block, kv.short_max
+        self.size = (window_blocks + 1) * self.block_size
         self.window_blocks, self.pos, self.block = window_blocks, kv.pos, -1
         device = kv.tokens.device
         positions = torch.arange(max(0, kv.pos - self.size), kv.pos, device=device)
@@ -355,13 +359,13 @@ class RingCache:
         self.slot_t.fill_(slot)
         self.doc += ids_B == EOT_ID
         self.slot_doc[:, slot] = self.doc
-        if p // BLOCK_SIZE != self.block:
-            self.block = p // BLOCK_SIZE
+        if p // self.block_size != self.block:
+            self.block = p // self.block_size
             self._start_block()
         else:
             self.seen_long[:, slot] = self.seen_short[:, slot] = True
         # slots past pos stay empty (unseen) until the ring wraps
-        self.used = n = min(M.next_multiple_of_n(p + 1, n=BLOCK_SIZE) if whole_blocks else p + 1, self.size)
+        self.used = n = min(M.next_multiple_of_n(p + 1, n=self.block_size) if whole_blocks else p + 1, self.size)
         same_doc = self.slot_doc[:, :n] == self.doc[:, None]
         return (self.seen_long[:, :n] & same_doc)[:, None, None], (self.seen_short[:, :n] & same_doc)[:, None, None]
 
@@ -374,13 +378,13 @@ class RingCache:
         if p < self.size:
             for t in self.k + self.v:
                 if t is not None:
-                    t[:, :, p:min(self.size, (self.block + 1) * BLOCK_SIZE)].zero_()
-        first = max(0, self.block - self.window_blocks) * BLOCK_SIZE  # keys before this are outside every window
+                    t[:, :, p:min(self.size, (self.block + 1) * self.block_size)].zero_()
+        first = max(0, self.block - self.window_blocks) * self.block_size  # keys before this are outside every window
         slots = torch.arange(first, p + 1, device=self.slot_doc.device) % self.size
         docs = self.slot_doc[:, slots]
-        for window, seen in ((self.window_blocks, self.seen_long), (M.short_window(self.window_blocks),
-                                                                    self.seen_short)):
-            start, rows = cached_mask_rows(docs, p - first, window)
+        short = M.short_window(self.window_blocks, self.short_max)
+        for window, seen in ((self.window_blocks, self.seen_long), (short, self.seen_short)):
+            start, rows = cached_mask_rows(docs, p - first, window, self.block_size)
             seen.zero_()
             seen[:, slots[start:]] = rows[:, 0, 0]
 

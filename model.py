@@ -166,6 +166,10 @@ class Hyperparameters:
     head_chunk: int = 0  # compute the head's loss and gradient over this many positions at a time (training and
     #   validation): the same loss to rounding at a fraction of the memory; 0 = the whole micro-batch at once
     #   (the record's). Not with loss modifiers or the FP8 head; fine-tuning's weighted loss stays whole
+    window_block: int = 128  # tokens per attention window block: the window schedules and the masks count these
+    #   (record: 128); a divisor of 128 (so it divides every row); CUDA (FlexAttention) needs 128
+    yarn: bool = False  # YaRN (record #31, PR 122): when the stage schedule's long window grows, rescale the rotary
+    #   frequencies and the attention scale; the final validation's long window is 20 blocks (record #89)
     # loss modifiers: all off by default; validation and eval.py report plain cross-entropy
     label_smoothing: float = 0.0  # share of each target's probability spread evenly over the real vocabulary
     #   (rows below vocab_size, plus the chat tokens in a fine-tune; never the padding rows)
@@ -233,6 +237,10 @@ class Hyperparameters:
             if row % BLOCK_SIZE:
                 raise ConfigError(f"row length {row} (--{_flag(name)} / --row-len) must be a multiple of "
                                   f"{BLOCK_SIZE} (attention blocks)")
+            if self.window_block <= 0 or row % self.window_block or BLOCK_SIZE % self.window_block:
+                raise ConfigError(f"--window-block={self.window_block} must be a positive divisor of {BLOCK_SIZE}, so "
+                                  f"that it divides the row length {row} (--{_flag(name)} / --row-len) and every "
+                                  f"padded sequence")
         if self.shuffle_rows and not self.row_len:
             raise ConfigError("--shuffle-rows needs --row-len > 0 (rows are the unit that is shuffled)")
         if self.rank_equivalents % world_size:
@@ -288,6 +296,8 @@ class Hyperparameters:
         if self.stage_schedule and self.stage_schedule not in STAGE_SCHEDULES:
             raise ConfigError(f"--stage-schedule={self.stage_schedule!r} must be empty (none) or one of "
                               f"{', '.join(STAGE_SCHEDULES)}")
+        if self.yarn and not self.stage_schedule:
+            raise ConfigError("--yarn needs --stage-schedule (it rescales the rotary when the stages' window grows)")
         for name in ("mtp", "prefix_token"):
             if getattr(self, name) and not self.stage_schedule:
                 raise ConfigError(f"--{_flag(name)} needs --stage-schedule (its weights are the stages')")
@@ -733,6 +743,8 @@ def _fsync_dir(directory: Path) -> None:
 # Model: the speedrun GPT (attention masks, value embeddings, U-net skips, soft-capped loss)
 
 BLOCK_SIZE = 128  # attention block size of FlexAttention block masks; window sizes count these blocks
+#   (--window-block changes the window unit on CPU; FlexAttention's kernels tile in 128-token blocks)
+ATTN_SCALE = 0.12  # fixed logit scale instead of 1/sqrt(head_dim) (2025 record); --yarn multiplies it
 EOT_ID = 50256  # <|endoftext|>: starts every document, so attention never crosses it
 
 
@@ -825,21 +837,36 @@ def linear(x: Tensor, weight: Tensor, decode: Callable[[Tensor, Tensor], Tensor]
     return F.linear(x, weight.type_as(x)) if decode is None else decode(x, weight)
 
 
+def rotary_freqs(head_dim: int, device: torch.device | str = "cpu") -> Tensor:
+    """(head_dim/2,) angular frequencies of half-truncated RoPE: half the pairs rotate with base 1024 frequencies,
+    the other half not at all (record)."""
+    freqs = (1 / 1024) ** torch.linspace(0, 1, steps=head_dim // 4, dtype=torch.float32, device=device)
+    return torch.cat([freqs, freqs.new_zeros(head_dim // 4)])
+
+
 class Rotary(nn.Module):
-    """Half-truncated RoPE: half the dims rotate with base 1024 frequencies, the other half not at all (record)."""
+    """RoPE tables (cos, sin) for rotary_freqs, or for the frequencies YaRN rescaled (set_freqs)."""
 
     def __init__(self, head_dim: int, max_seq_len: int):
         super().__init__()
         self.head_dim = head_dim
+        self.freqs: Tensor | None = None  # None = rotary_freqs, computed on the table's device; else YaRN's (CPU)
         cos, sin = self._table(max_seq_len, torch.device("cpu"))
         self.cos = nn.Buffer(cos, persistent=False)
         self.sin = nn.Buffer(sin, persistent=False)
 
     def _table(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        freqs = (1 / 1024) ** torch.linspace(0, 1, steps=self.head_dim // 4, dtype=torch.float32, device=device)
-        freqs = torch.cat([freqs, freqs.new_zeros(self.head_dim // 4)])
+        freqs = rotary_freqs(self.head_dim, device) if self.freqs is None else self.freqs.to(device)
         theta = torch.outer(torch.arange(length, dtype=torch.float32, device=device), freqs)  # (T, D/2)
         return theta.cos(), theta.sin()
+
+    def set_freqs(self, freqs: Tensor | None) -> None:
+        """Rebuild the tables for these frequencies (None: the base ones) in place, at their length and device, so
+        a compiled model keeps reading the same buffers."""
+        self.freqs = freqs
+        cos, sin = self._table(self.cos.size(0), self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
 
     def ensure_length(self, length: int) -> None:
         """Grow the table for generation past the training length. RoPE is relative and attention is windowed,
@@ -892,7 +919,7 @@ class CausalSelfAttention(nn.Module):
         self.rotary = rotary  # one table shared by all layers (non-persistent, so not in the state_dict)
         self.c_proj = CastedLinear(hdim, dim)
         self.c_proj.weight.detach().zero_()  # zero-init output projection (record)
-        self.attn_scale = 0.12  # fixed logit scale instead of 1/sqrt(head_dim) (record)
+        self.attn_scale = ATTN_SCALE  # GPT.set_yarn rescales it with the rotary table
         self.qkv_decode: Callable[[Tensor, Tensor], Tensor] | None = None  # as CastedLinear.decode
 
     def forward(self, x: Tensor, ve: Tensor | None, mask: AttnMask, kv: Any = None) -> Tensor:
@@ -950,25 +977,29 @@ def long_window_layers(num_layers: int) -> list[bool]:
     return [(i if i < half else num_layers - 1 - i) % 4 == 0 for i in range(num_layers)]
 
 
-def short_window(window_blocks: Tensor | int) -> Tensor | int:
-    """The window of the short-window layers: half the long one (record)."""
-    return window_blocks // 2
+def short_window(window_blocks: Tensor | int, most: int | None = None) -> Tensor | int:
+    """The window of the short-window layers: half the long one (record), at most `most` blocks (with --yarn, the
+    last stage's short window: record #89 keeps it when the final validation lengthens the long one)."""
+    half = window_blocks // 2
+    if most is None:
+        return half
+    return torch.clamp(half, max=most) if isinstance(half, Tensor) else min(half, most)
 
 
-def block_keep_mask(docs_BT: Tensor, window_blocks: Tensor | int) -> tuple[Tensor, Tensor]:
+def block_keep_mask(docs_BT: Tensor, window_blocks: Tensor | int, block: int = BLOCK_SIZE) -> tuple[Tensor, Tensor]:
     """Block-level (B, NB, NB) masks of the record's sliding-window document block mask.
 
     Returns (keep_full, keep_partial): full blocks need no token mask; partial blocks do. As in the record,
     a query block keeps its window_blocks - 1 most recent full blocks and max(window_blocks - num_full, 1)
-    most recent partial blocks (the diagonal block is always the most recent partial one).
+    most recent partial blocks (the diagonal block is always the most recent partial one). block: tokens per block.
     """
     B, T = docs_BT.shape
-    NB = T // BLOCK_SIZE
+    NB = T // block
     blk = torch.arange(NB, device=docs_BT.device)
     causal_any = blk[:, None] >= blk[None, :]
     causal_all = blk[:, None] > blk[None, :]
-    low = docs_BT.view(B, NB, BLOCK_SIZE)[:, :, 0]
-    high = docs_BT.view(B, NB, BLOCK_SIZE)[:, :, -1]
+    low = docs_BT.view(B, NB, block)[:, :, 0]
+    high = docs_BT.view(B, NB, block)[:, :, -1]
     doc_any = (low[:, :, None] <= high[:, None, :]) & (high[:, :, None] >= low[:, None, :])
     doc_all = (low[:, :, None] == high[:, None, :]) & (high[:, :, None] == low[:, None, :])
     full = causal_all & doc_all
@@ -981,21 +1012,21 @@ def block_keep_mask(docs_BT: Tensor, window_blocks: Tensor | int) -> tuple[Tenso
     return keep_full, keep_partial
 
 
-def dense_attention_mask(docs_BT: Tensor, window_blocks: Tensor | int) -> Tensor:
+def dense_attention_mask(docs_BT: Tensor, window_blocks: Tensor | int, block: int = BLOCK_SIZE) -> Tensor:
     """Boolean (B, 1, T, T) mask equal to the record's FlexAttention block mask, for SDPA on CPU/MPS."""
     T = docs_BT.size(1)
-    keep_full, keep_partial = block_keep_mask(docs_BT, window_blocks)
-    keep = (keep_full | keep_partial).repeat_interleave(BLOCK_SIZE, 1).repeat_interleave(BLOCK_SIZE, 2)
+    keep_full, keep_partial = block_keep_mask(docs_BT, window_blocks, block)
+    keep = (keep_full | keep_partial).repeat_interleave(block, 1).repeat_interleave(block, 2)
     causal = torch.ones(T, T, dtype=torch.bool, device=docs_BT.device).tril()
     same_doc = docs_BT[:, :, None] == docs_BT[:, None, :]
     return (keep & causal & same_doc)[:, None]
 
 
-def flex_block_mask(docs_BT: Tensor, window_blocks: Tensor | int) -> Any:
-    """The same mask as a FlexAttention BlockMask (used on CUDA)."""
+def flex_block_mask(docs_BT: Tensor, window_blocks: Tensor | int, block: int = BLOCK_SIZE) -> Any:
+    """The same mask as a FlexAttention BlockMask (used on CUDA; build_model allows only block = BLOCK_SIZE)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    keep_full, keep_partial = block_keep_mask(docs_BT, window_blocks)
+    keep_full, keep_partial = block_keep_mask(docs_BT, window_blocks, block)
     keep_BNN = keep_full | keep_partial  # the window again, for eager flex_attention, which reads only mask_mod
 
     def ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
@@ -1004,12 +1035,12 @@ def flex_block_mask(docs_BT: Tensor, window_blocks: Tensor | int) -> Any:
         return num, idx[:, None].contiguous()  # (B, 1, NB, NB)
 
     def document_causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        in_window = keep_BNN[b, q_idx // BLOCK_SIZE, kv_idx // BLOCK_SIZE]
+        in_window = keep_BNN[b, q_idx // block, kv_idx // block]
         return in_window & (q_idx >= kv_idx) & (docs_BT[b, q_idx] == docs_BT[b, kv_idx])
 
     partial_num, partial_idx = ordered(keep_partial)
     full_num, full_idx = ordered(keep_full)
-    return BlockMask.from_kv_blocks(partial_num, partial_idx, full_num, full_idx, BLOCK_SIZE=BLOCK_SIZE,
+    return BlockMask.from_kv_blocks(partial_num, partial_idx, full_num, full_idx, BLOCK_SIZE=block,
                                     mask_mod=document_causal)
 
 
@@ -1230,6 +1261,9 @@ class GPT(nn.Module):
         self.prefix_weight: Tensor | None = None  # (1,) its weight, filled each step from the stage schedule
         self.head_chunk = 0  # --head-chunk: positions per chunk of chunked_head_loss; 0 = the whole head at once
         self.head_chunk_fn: Callable = head_chunk_loss  # build_model may swap in a compiled copy
+        self.window_block = BLOCK_SIZE  # tokens per window block (--window-block): the masks' unit
+        self.short_window_max: int | None = None  # cap of the short windows (short_window), with --yarn
+        self.yarn_windows: tuple[int, ...] = ()  # the long windows (tokens) YaRN rescaled for (set_yarn); () = none
 
     @classmethod
     def from_hparams(cls, hp: Hyperparameters) -> "GPT":
@@ -1237,7 +1271,19 @@ class GPT(nn.Module):
                     hp.no_attn_layer)
         model.logit_cap = hp.logit_cap
         model.head_chunk = hp.head_chunk
+        model.window_block = hp.window_block
+        if hp.yarn:  # the state training ends in, for evaluation and generation; training sets each step's
+            model.short_window_max = STAGE_SCHEDULES[hp.stage_schedule][-1].windows[0]
+            model.set_yarn(*yarn_state_at(hp.num_iterations, hp))
         return model
+
+    def set_yarn(self, windows: tuple[int, ...], freqs: Tensor | None, attn_scale: float) -> None:
+        """The rotary table (shared by every layer) and attention scale for a window history (yarn_state_at)."""
+        attns = [block.attn for block in self.blocks if block.attn is not None]
+        for attn in attns:
+            attn.attn_scale = attn_scale
+        attns[0].rotary.set_freqs(freqs)
+        self.yarn_windows = windows
 
     def enable_fp8_head(self, on: bool) -> None:
         if on:
@@ -1247,7 +1293,8 @@ class GPT(nn.Module):
     def attention_masks(self, input_BT: Tensor, window_blocks: Tensor | int) -> tuple[AttnMask, AttnMask]:
         docs = (input_BT == EOT_ID).cumsum(dim=1)  # document id of every token
         build = flex_block_mask if self.use_flex else dense_attention_mask
-        return build(docs, window_blocks), build(docs, short_window(window_blocks))
+        short = short_window(window_blocks, self.short_window_max)
+        return build(docs, window_blocks, self.window_block), build(docs, short, self.window_block)
 
     def hidden_states(self, input_BT: Tensor, long_mask: AttnMask, short_mask: AttnMask, cache: Any = None) -> Tensor:
         """The normed final residual stream (B, T, model_dim); with a cache (inference.py), of T new tokens after
@@ -1338,6 +1385,9 @@ def param_counts(model: nn.Module) -> dict[str, int]:
 def build_model(hp: Hyperparameters, rt: Runtime, chat: bool = False) -> tuple[GPT, nn.Module]:
     """The raw model (for checkpoints and optimizers) and the module to call (compiled where asked). chat: a
     fine-tune, whose targets include the chat tokens (label smoothing covers them too)."""
+    if rt.device.type == "cuda" and hp.window_block != BLOCK_SIZE:
+        raise ConfigError(f"--window-block={hp.window_block} runs only off CUDA: FlexAttention's kernels tile block "
+                          f"masks in {BLOCK_SIZE}-token blocks (use --window-block {BLOCK_SIZE} or --device cpu)")
     model = GPT.from_hparams(hp).to(rt.device)
     model.loss_modifiers = loss_modifiers(hp)
     model.loss_classes = hp.vocab_size + (len(CHAT_SPECIAL_TOKENS) if chat else 0)
@@ -2583,12 +2633,54 @@ def get_muon_momentum(step: int, hp: Hyperparameters) -> float:
 
 
 def get_window_size_blocks(step: int, hp: Hyperparameters) -> int:
-    """Sliding window in 128-token blocks, growing linearly from 1 block to window_max (record: 128 -> 1792); with a
-    stage schedule, the stage's long window (its short one is always half of it, as short_window makes it)."""
+    """Sliding window in blocks of window_block tokens, growing linearly from 1 block to window_max (record: 128 ->
+    1792 tokens); with a stage schedule, the stage's long window (its short one is half of it, as short_window makes
+    it), and with --yarn from the last step on (the final validation) YARN_FINAL_WINDOW."""
     if hp.stage_schedule:
+        if hp.yarn and step >= hp.num_iterations:
+            return YARN_FINAL_WINDOW
         return stage_at(min(step, hp.num_iterations - 1), hp).windows[1]
     x = min(max(step / hp.num_iterations, 0.0), 1.0)
-    return next_multiple_of_n(hp.window_max * x, n=BLOCK_SIZE) // BLOCK_SIZE
+    return next_multiple_of_n(hp.window_max * x, n=hp.window_block) // hp.window_block
+
+
+# YaRN (record #31, PR 122; the same in record #89's Yarn.apply): a frequency that turns less than YARN_ALPHA times
+# over the old window is interpolated fully (divided by new/old), one that turns more than YARN_BETA times is kept,
+# linear between; the attention scale is multiplied by YARN_SCALE_SLOPE * ln(new/old) + 1.
+YARN_ALPHA, YARN_BETA = 1.0, 32.0
+YARN_SCALE_SLOPE = 0.2
+YARN_FINAL_WINDOW = 20  # record #89's ws_post_yarn_ext: the final validation's long window, in blocks (the long
+#   windows extended for validation since #33, PR 127, and #35, PR 131); with no YaRN step to it, as there
+
+
+def yarn_rescale(freqs: Tensor, old_window: int, new_window: int) -> tuple[Tensor, float]:
+    """YaRN (Peng et al. 2023, arXiv:2309.00071, as record #31 / #89's Yarn.apply does it) for a window that grows
+    from old_window to new_window tokens: (the rescaled angular frequencies, the factor of the attention scale).
+    Low frequencies (few turns over the old window) are interpolated to the new window; high ones stay."""
+    rotations = old_window * freqs / (2 * math.pi)  # turns of each frequency over the old window
+    ratio = old_window / new_window
+    ramp = torch.clamp((rotations - YARN_ALPHA) / (YARN_BETA - YARN_ALPHA), 0, 1)
+    return freqs * (ratio + ramp * (1 - ratio)), YARN_SCALE_SLOPE * math.log(new_window / old_window) + 1
+
+
+def yarn_state_at(step: int, hp: Hyperparameters) -> tuple[tuple[int, ...], Tensor | None, float]:
+    """(the long windows in tokens the run has trained with up to `step`, the rotary frequencies and the attention
+    scale for them): each growth of the stage schedule's long window applies yarn_rescale once, in order, from the
+    base frequencies. Pure, so a resume rebuilds the tables exactly; steps past the run are its last step's."""
+    at = min(step, hp.num_iterations - 1)
+    stages, bounds = STAGE_SCHEDULES[hp.stage_schedule], stage_boundaries(hp)
+    windows: list[int] = []
+    for stage, (start, _) in zip(stages, bounds):
+        tokens = stage.windows[1] * hp.window_block
+        if start <= at and (not windows or tokens != windows[-1]):
+            windows.append(tokens)
+    if len(windows) < 2:
+        return tuple(windows), None, ATTN_SCALE
+    freqs, scale = rotary_freqs(hp.head_dim), ATTN_SCALE
+    for old, new in zip(windows[:-1], windows[1:]):
+        freqs, factor = yarn_rescale(freqs, old, new)
+        scale *= factor
+    return tuple(windows), freqs, scale
 
 
 def final_window_blocks(hp: Hyperparameters) -> int:

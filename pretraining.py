@@ -110,9 +110,14 @@ def attach_extra_targets(raw_model, hp: Hyperparameters, device: torch.device) -
 
 
 def schedule_step(raw_model, window: torch.Tensor, step: int, hp: Hyperparameters) -> None:
-    """What the model reads of the schedules at this step: the attention window and the extra targets' weights."""
+    """What the model reads of the schedules at this step: the attention window, YaRN's rotary and attention scale,
+    and the extra targets' weights."""
     window.fill_(M.get_window_size_blocks(step, hp))
     at = min(step, hp.num_iterations - 1)
+    if hp.yarn:  # the rotary and attention scale for the windows trained with so far (rebuilt on growth only)
+        windows, freqs, scale = M.yarn_state_at(step, hp)
+        if windows != raw_model.yarn_windows:
+            raw_model.set_yarn(windows, freqs, scale)
     if hp.mtp or hp.prefix_token:  # without --mtp, the next token alone (weights 1, 0, 0)
         weights = M.mtp_weights_at(at, hp) if hp.mtp else [1.0] + [0.0] * (M.MTP_TARGETS - 1)
         raw_model.mtp_weights.copy_(torch.tensor(weights))

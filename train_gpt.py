@@ -129,6 +129,10 @@ class Hyperparameters:
     #   byte-prefix token of its next token, weighted by the stage schedule (needs --stage-schedule)
     logit_cap: str = "2025"  # soft cap of the logits: 2025, 30*sigmoid(z/(7.5*sqrt(dim))), or 2026 (record #54),
     #   23*sigmoid((z+5)/7.5); every path to the logits uses it: training, validation, eval.py, generation, export
+    window_block: int = 128  # tokens per attention window block: the window schedules and the masks count these
+    #   (record: 128); a divisor of 128 (so it divides every row); CUDA (FlexAttention) needs 128
+    yarn: bool = False  # YaRN (record #31, PR 122): when the stage schedule's long window grows, rescale the rotary
+    #   frequencies and the attention scale; the final validation's long window is 20 blocks (record #89)
     # loss modifiers: all off by default; validation and eval.py report plain cross-entropy
     label_smoothing: float = 0.0  # share of each target's probability spread evenly over the real vocabulary
     #   (rows below vocab_size, plus the chat tokens in a fine-tune; never the padding rows)
@@ -229,7 +233,8 @@ LIBRARY_ONLY = ("label_smoothing", "z_loss", "entropy_weight", "loss_terms", "pl
                 "trackers", "tracker_dir", "wandb_project", "muon_orthogonalizer", "normuon", "normuon_beta2",
                 "cautious_weight_decay", "adam_update", "adam_table", "adam_weight_decay", "adam_every",
                 "muon_lr_mults", "muon_momentum_cooldown", "muon_qk_head_groups", "muon_row_equilibration",
-                "muon_norm_snap", "lr_floor", "stage_schedule", "mtp", "prefix_token", "logit_cap")
+                "muon_norm_snap", "lr_floor", "stage_schedule", "mtp", "prefix_token", "logit_cap",
+                "window_block", "yarn")
 
 # Only the fields that differ from the defaults (the record); reasons in model.py, measurements in docs/measurements.md.
 PRESETS: dict[str, dict[str, Any]] = {
