@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import sys
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from conftest import cfg, random_tokens, randomize_zero_inits, tiny_hparams
+from conftest import cfg, random_tokens, randomize_zero_inits, read_metrics, run, tiny_args, tiny_hparams
 
 import inference as I  # noqa: E402
 import model as M  # noqa: E402
@@ -242,3 +244,166 @@ def test_prefix_target_joins_the_one_loss() -> None:
             if prefix[b, t] >= 0:
                 want = want - 0.25 * log_probs[b, t, prefix[b, t]]
     assert abs(float(loss) - float(want / (B * T))) < 1e-12
+
+
+# -----------------------------------------------------------------------------
+# The chunked head (--head-chunk): the same loss and gradients at a fraction of the memory
+
+
+def reference_head_loss(x: Tensor, weight: Tensor, targets: Tensor, form: str, weights: list[float] | None = None,
+                        prefix: Tensor | None = None, prefix_weight: float = 0.0) -> Tensor:
+    """The soft-capped head's loss written out in float64 with autograd: capped logits from the formula, -log
+    softmax at each target; the plain mean over the counted targets, or (weights) reference_mtp's multi-token
+    loss plus the prefix targets' weighted nll over all positions."""
+    z = x.double() @ weight.double().T
+    capped = (23 / (1 + torch.exp(-(z + 5) / 7.5)) if form == "2026"
+              else 30 / (1 + torch.exp(-z / (7.5 * math.sqrt(x.size(-1))))))
+    if weights is None:
+        nll = torch.logsumexp(capped, -1) - capped.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        return torch.where(targets >= 0, nll, 0.0).sum() / (targets >= 0).sum()
+    loss = reference_mtp(capped, targets, weights)
+    if prefix is not None:
+        nll = torch.logsumexp(capped, -1) - capped.gather(-1, prefix.clamp(min=0)[..., None])[..., 0]
+        loss = loss + prefix_weight * torch.where(prefix >= 0, nll, 0.0).sum() / targets.numel()
+    return loss
+
+
+@pytest.mark.parametrize("form", ["2025", "2026"])
+@pytest.mark.parametrize("extra", ["plain", "mtp", "mtp+prefix"])
+@pytest.mark.parametrize("chunk", [1, 5, 14, 1000])  # one position, chunks that do not divide 28, all at once
+def test_chunked_head_loss_and_gradients_against_the_formula(form: str, extra: str, chunk: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    B, T, d, V = 2, 14, 16, 37  # rows 35, 36 play the padding rows: in the softmax, never a target
+    x = torch.randn(B, T, d, generator=gen, requires_grad=True)
+    weight = (torch.randn(V, d, generator=gen) * 4).requires_grad_()
+    targets = torch.randint(0, 35, (B, T), generator=gen)
+    targets[0, 3] = targets[1, -1] = M.IGNORE_INDEX
+    kwargs, ref_kwargs = {}, {}
+    if extra != "plain":
+        weights = [1.0, 0.5, 0.25]
+        kwargs = dict(mtp_weights=torch.tensor(weights))
+        ref_kwargs = dict(weights=weights)
+    if extra == "mtp+prefix":
+        prefix = torch.where(targets >= 0, (targets * 7) % 35, -1)
+        prefix[1, 2] = -1  # a next token without a prefix token
+        kwargs.update(prefix_targets=prefix, prefix_weight=torch.tensor([0.25]))
+        ref_kwargs.update(prefix=prefix, prefix_weight=0.25)
+    out = M.chunked_head_loss(x, weight, targets, form, chunk, **kwargs)
+    loss = out if extra == "plain" else out[0]
+    ref_x, ref_w = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    want = reference_head_loss(ref_x, ref_w, targets, form, **ref_kwargs)
+    assert abs(loss.item() - want.item()) < 1e-6 * want.item()  # fp32: to 1e-6 relative
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(weight.grad.double(), ref_w.grad, rtol=0, atol=1e-6)
+    if extra != "plain":  # the logged part: the mean next-token cross-entropy
+        plain = reference_head_loss(x.detach().double(), weight.detach().double(), targets, form)
+        assert abs(float(out[1]) - float(plain)) < 1e-6 * float(plain)
+
+
+def test_chunked_head_equals_the_whole_head_in_the_model() -> None:
+    """A GPT with --head-chunk against the same weights without: training loss and every gradient, the
+    multi-token loss, and validation, to fp32 rounding."""
+    torch.manual_seed(0)
+    whole = randomize_zero_inits(M.GPT.from_hparams(tiny_hparams(logit_cap="2026")), head_std=0.2)
+    chunked = M.GPT.from_hparams(tiny_hparams(logit_cap="2026", head_chunk=48))
+    chunked.load_state_dict(whole.state_dict())
+    assert chunked.head_chunk == 48 and whole.head_chunk == 0
+    tokens = random_tokens(2, 128, seed=1, eot_positions={0: [0, 40], 1: [0]})
+    targets = random_tokens(2, 128, seed=2)
+    for weights in (None, torch.tensor([1.0, 0.5, 0.25])):
+        grads = []
+        for model in (whole, chunked):
+            model.train()
+            model.zero_grad()
+            model.mtp_weights = weights
+            loss, parts = model(tokens, targets, 2, parts=True)
+            loss.backward()
+            grads.append((loss.detach(), parts, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        (loss_w, parts_w, grad_w), (loss_c, parts_c, grad_c) = grads
+        torch.testing.assert_close(loss_c, loss_w, rtol=1e-6, atol=1e-6)
+        assert parts_w.keys() == parts_c.keys()
+        for name in parts_w:
+            torch.testing.assert_close(parts_c[name], parts_w[name], rtol=1e-6, atol=1e-6)
+        for name in grad_w:
+            torch.testing.assert_close(grad_c[name], grad_w[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        whole.eval(), chunked.eval()
+        torch.testing.assert_close(chunked(tokens, targets, 2), whole(tokens, targets, 2), rtol=1e-6, atol=1e-6)
+
+
+def saved_bytes(fn: Any) -> int:
+    """The bytes of the tensors autograd keeps for the backward while fn() runs its forward pass."""
+    total = [0]
+
+    def pack(t: Tensor) -> Tensor:
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+def test_chunked_head_keeps_no_logits_for_the_backward() -> None:
+    """The whole head keeps (positions, V) tensors for its backward; the chunked one only the gradients with respect
+    to its inputs, (positions, d) and (V, d), whatever the number of positions."""
+    gen = torch.Generator().manual_seed(0)
+    N, d, V = 512, 16, 1000
+    x = torch.randn(N, d, generator=gen, requires_grad=True)
+    weight = (torch.randn(V, d, generator=gen) * 0.1).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=gen)
+    whole = saved_bytes(lambda: M.softcap_cross_entropy(x, weight, targets))
+    chunked = saved_bytes(lambda: M.chunked_head_loss(x, weight, targets, "2025", 64))
+    assert whole >= 2 * N * V * 4  # at least two fp32 (positions, V) tensors
+    assert chunked == (N * d + V * d) * 4  # dx and dW, fp32
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--head-chunk", "-1"], "--head-chunk=-1 must be >= 0 (positions per chunk; 0 = whole)"),
+    (["--head-chunk", "1024", "--z-loss", "1e-4"],
+     "--head-chunk with loss modifiers is not implemented (their terms need the whole logits)"),
+])
+def test_bad_head_chunk(argv: list[str], message: str) -> None:
+    with pytest.raises(M.ConfigError) as e:
+        cfg("--preset", "shakespeare", *argv).validate()
+    assert str(e.value) == message
+
+
+def test_compiled_model_with_chunked_head_follows_eager() -> None:
+    """--compile on with --head-chunk (CPU pretraining's default compile): the compiled model breaks its graph at
+    the chunked loss, whose chunk function is compiled on its own; loss and gradients follow the eager model."""
+    hp = tiny_hparams(head_chunk=128, compile="on")
+    rt = M.Runtime(device=torch.device("cpu"), compile=True)
+    torch.manual_seed(0)
+    model, forward = M.build_model(hp, rt)
+    randomize_zero_inits(model, head_std=0.2)
+    assert model.head_chunk_fn is not M.head_chunk_loss  # the compiled copy
+    tokens = random_tokens(2, 128, seed=1, eot_positions={0: [0, 40], 1: [0]})
+    targets = random_tokens(2, 128, seed=2)
+    results = []
+    for call in (forward, model):
+        model.zero_grad()
+        loss = call(tokens, targets, torch.tensor(2, dtype=torch.int32))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for compiled_grad, eager_grad in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_pretraining_with_chunked_head_follows_the_whole_head(shard_dir, tmp_path) -> None:
+    """A run with --head-chunk logs the same train and validation losses as without, to fp32 rounding: the first
+    step's to 1e-6, the later ones to 1e-4 (Muon's orthogonalisation of the first, tiny gradients amplifies the last
+    bits the chunk sums round differently)."""
+    runs = {}
+    for run_id, extra in (("whole", ()), ("chunked", ("--head-chunk", "96"))):
+        r = run([sys.executable, "pretraining.py", *tiny_args(shard_dir, tmp_path, run_id, *extra)])
+        assert r.returncode == 0, r.stderr
+        runs[run_id] = read_metrics(tmp_path / run_id)
+    (train_w, val_w), (train_c, val_c) = runs["whole"], runs["chunked"]
+    assert len(train_w) == len(train_c) == 6 and len(val_w) == len(val_c) == 3
+    assert abs(train_w[0] - train_c[0]) <= 1e-6 * train_w[0]
+    for a, b in zip(train_w + val_w, train_c + val_c):
+        assert abs(a - b) <= 1e-4 * a, (train_w + val_w, train_c + val_c)
