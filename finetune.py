@@ -35,10 +35,10 @@ FINETUNE_DEFAULTS: dict[str, Any] = dict(num_iterations=60, val_loss_every=20, c
                                          muon_momentum_warmup=1, save_every=0, shuffle_rows=False,
                                          optimizer="muon", adamw_lr=1e-4, adamw_weight_decay=0.0)
 # The parent's loss modifiers, plugins, trackers and LR/stage schedule are its own choices: a fine-tune starts with
-# none of them
+# none of them (a parent tied until its split step is two matrices by its end: the fine-tune is untied)
 FINETUNE_DEFAULTS.update({name: M.Hyperparameters.__dataclass_fields__[name].default for name in (
     "label_smoothing", "z_loss", "entropy_weight", "loss_terms", "plugins", "trackers", "tracker_dir", "lr_floor",
-    "stage_schedule", "mtp", "prefix_token")})
+    "stage_schedule", "mtp", "prefix_token", "tie_embed")})
 # A diverged fine-tuning run: what to change (its LR flags are not pretraining's)
 DIVERGENCE_HINT = "Lower --lr-scale (or --adamw-lr) or use --dtype fp32, then start again or --resume"
 LR_SCALE = 1.0  # Muon and Adam LRs as a fraction of the parent's: 1.0 was best on the demo (docs/finetuning.md)
@@ -90,6 +90,9 @@ def resolve(argv: list[str] | None) -> tuple[Hyperparameters, argparse.Namespace
         if explicit.get(name):
             raise M.ConfigError(f"--{name.replace('_', '-')} is pretraining's (its batches are token streams; "
                                 f"a fine-tune's are conversations)")
+    if explicit.get("tie_embed"):
+        raise M.ConfigError("--tie-embed is pretraining's (it splits at a stage schedule's step; a fine-tune starts "
+                            "from its parent's two matrices, untied)")
     if "logit_cap" in explicit and explicit["logit_cap"] != base.logit_cap:
         raise M.ConfigError(f"--logit-cap={explicit['logit_cap']}: the parent {parent_path} was trained with "
                             f"--logit-cap {base.logit_cap}, and a fine-tune keeps its model")

@@ -161,6 +161,9 @@ class Hyperparameters:
     #   2 tokens after its next one, weighted by the stage schedule (needs --stage-schedule; validation stays plain)
     prefix_token: bool = False  # auxiliary target (record #88): each position is also scored on the longest proper
     #   byte-prefix token of its next token, weighted by the stage schedule (needs --stage-schedule)
+    tie_embed: bool = False  # one matrix for the token embedding and lm_head (record #51, PR 175) until the split
+    #   step, the start of the stage schedule's third stage made odd, then two (record #53, PR 178); needs
+    #   --stage-schedule
     logit_cap: str = "2025"  # soft cap of the logits: 2025, 30*sigmoid(z/(7.5*sqrt(dim))), or 2026 (record #54),
     #   23*sigmoid((z+5)/7.5); every path to the logits uses it: training, validation, eval.py, generation, export
     head_chunk: int = 0  # compute the head's loss and gradient over this many positions at a time (training and
@@ -304,6 +307,8 @@ class Hyperparameters:
             if getattr(self, name) and loss_modifiers(self):
                 raise ConfigError(f"--{_flag(name)} with loss modifiers is not implemented (the extra targets "
                                   f"would need their own token weights)")
+        if self.tie_embed and not self.stage_schedule:
+            raise ConfigError("--tie-embed needs --stage-schedule (the tied matrix splits at a stage's start)")
         if self.stage_schedule:
             scheduled = len(STAGE_SCHEDULES[self.stage_schedule]) - 1
             if any(end <= start for start, end in stage_boundaries(self)[:scheduled]):
@@ -1229,6 +1234,9 @@ def prefix_token_table(tokenizer: "Tokenizer", size: int, tokens: int = EOT_ID) 
     return torch.tensor(table, dtype=torch.int64)
 
 
+TIED_INIT_STD = 0.005  # record #89 (f411b3d3): its lm_head's init, which the tied embedding copies
+
+
 class GPT(nn.Module):
     """The record's GPT for any size. Parameter names equal the record script's so its state_dicts load."""
 
@@ -1275,6 +1283,8 @@ class GPT(nn.Module):
         if hp.yarn:  # the state training ends in, for evaluation and generation; training sets each step's
             model.short_window_max = STAGE_SCHEDULES[hp.stage_schedule][-1].windows[0]
             model.set_yarn(*yarn_state_at(hp.num_iterations, hp))
+        if hp.tie_embed:
+            model.init_tied_embedding()
         return model
 
     def set_yarn(self, windows: tuple[int, ...], freqs: Tensor | None, attn_scale: float) -> None:
@@ -1284,6 +1294,13 @@ class GPT(nn.Module):
             attn.attn_scale = attn_scale
         attns[0].rotary.set_freqs(freqs)
         self.yarn_windows = windows
+
+    def init_tied_embedding(self) -> None:
+        """Start the embedding and lm_head as one matrix, drawn as the record draws its lm_head (the embedding a copy
+        of it): the 2025 record's zero head would feed every token the same zero embedding."""
+        with torch.no_grad():
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=TIED_INIT_STD)
+            self.embed.weight.copy_(self.lm_head.weight)
 
     def enable_fp8_head(self, on: bool) -> None:
         if on:
@@ -1936,9 +1953,41 @@ def optimizer_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], st
     every optimizer stepped, the gradients dropped."""
     all_reduce_gradients(model, world_size)
     apply_schedules(optimizers, step, hp)
+    tied = embed_tied_at(step, hp)
+    if tied:
+        fold_tied_gradient(model)
     for opt in optimizers:
         opt.step()
+    if tied:
+        sync_tied_embedding(model, optimizers, untie=step == split_step(hp))
     model.zero_grad(set_to_none=True)
+
+
+def fold_tied_gradient(model: GPT) -> None:
+    """While tied, the one matrix's gradient is the head's plus the embedding's, and only lm_head's optimizer slot
+    steps it, with lm_head's LR, betas and decay (record #89 sums embed.grad into lm_head.grad and skips embed)."""
+    head, embed = model.lm_head.weight, model.embed.weight
+    if embed.grad is not None:
+        head.grad.add_(embed.grad)
+        embed.grad = None  # so the embedding's own Adam slot neither steps nor makes state
+
+
+def sync_tied_embedding(model: GPT, optimizers: list[torch.optim.Optimizer], untie: bool) -> None:
+    """After a tied step the embedding is a copy of the updated head, so every reader of either weight (the
+    forward pass, checkpoints, eval.py, export) sees the one matrix. At the split (untie) the embedding's optimizer
+    state becomes a copy of the head's, as the record's copy_lm_state_to_embed does for Adam's moments and step
+    count; here every entry is copied (RecordAdam's call count and gradient sum too), so the two continue from
+    the tied value on the same cadence, each with its own group's LR, betas and decay from then on."""
+    head, embed = model.lm_head.weight, model.embed.weight
+    with torch.no_grad():
+        embed.copy_(head)
+    if not untie:
+        return
+    for opt in optimizers:
+        state = opt.state.get(head)
+        if state:
+            opt.state[embed] = {k: v.detach().clone().to(embed.dtype if v.shape == embed.shape else v.dtype)
+                                if isinstance(v, Tensor) else v for k, v in state.items()}
 
 
 def all_reduce_gradients(model: nn.Module, world_size: int) -> None:
@@ -2592,6 +2641,21 @@ def stage_at(step: int, hp: Hyperparameters) -> StagePoint:
     mtp = tuple(a + (b - a) * frac for a, b in zip(stage.mtp_start, stage.mtp_end))
     prefix = stage.prefix_start + (stage.prefix_end - stage.prefix_start) * frac
     return StagePoint(index, stage.batch_mult, lr, stage.windows, mtp, prefix)
+
+
+SPLIT_STAGE = 2  # record #89 (TrainingSchedule's split_embed_stage): the tied matrix splits at the third stage
+
+
+def split_step(hp: Hyperparameters) -> int:
+    """The step whose update is the last tied one (--tie-embed): the split stage's first step, made odd as record #89
+    makes it (boundaries[2][0] | 1), so that with Adam stepped on odd steps (--adam-every 2, record #39) the
+    split falls on an Adam update."""
+    return stage_boundaries(hp)[SPLIT_STAGE][0] | 1
+
+
+def embed_tied_at(step: int, hp: Hyperparameters) -> bool:
+    """Whether the update of `step` treats the embedding and lm_head as one matrix (steps 0 .. split_step)."""
+    return hp.tie_embed and step <= split_step(hp)
 
 
 def batch_mult(step: int, hp: Hyperparameters) -> int:

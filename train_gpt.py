@@ -127,8 +127,14 @@ class Hyperparameters:
     #   2 tokens after its next one, weighted by the stage schedule (needs --stage-schedule; validation stays plain)
     prefix_token: bool = False  # auxiliary target (record #88): each position is also scored on the longest proper
     #   byte-prefix token of its next token, weighted by the stage schedule (needs --stage-schedule)
+    tie_embed: bool = False  # one matrix for the token embedding and lm_head (record #51, PR 175) until the split
+    #   step, the start of the stage schedule's third stage made odd, then two (record #53, PR 178); needs
+    #   --stage-schedule
     logit_cap: str = "2025"  # soft cap of the logits: 2025, 30*sigmoid(z/(7.5*sqrt(dim))), or 2026 (record #54),
     #   23*sigmoid((z+5)/7.5); every path to the logits uses it: training, validation, eval.py, generation, export
+    head_chunk: int = 0  # compute the head's loss and gradient over this many positions at a time (training and
+    #   validation): the same loss to rounding at a fraction of the memory; 0 = the whole micro-batch at once
+    #   (the record's). Not with loss modifiers or the FP8 head; fine-tuning's weighted loss stays whole
     window_block: int = 128  # tokens per attention window block: the window schedules and the masks count these
     #   (record: 128); a divisor of 128 (so it divides every row); CUDA (FlexAttention) needs 128
     yarn: bool = False  # YaRN (record #31, PR 122): when the stage schedule's long window grows, rescale the rotary
@@ -234,7 +240,7 @@ LIBRARY_ONLY = ("label_smoothing", "z_loss", "entropy_weight", "loss_terms", "pl
                 "cautious_weight_decay", "adam_update", "adam_table", "adam_weight_decay", "adam_every",
                 "muon_lr_mults", "muon_momentum_cooldown", "muon_qk_head_groups", "muon_row_equilibration",
                 "muon_norm_snap", "lr_floor", "stage_schedule", "mtp", "prefix_token", "logit_cap",
-                "window_block", "yarn")
+                "window_block", "yarn", "tie_embed", "head_chunk")
 
 # Only the fields that differ from the defaults (the record); reasons in model.py, measurements in docs/measurements.md.
 PRESETS: dict[str, dict[str, Any]] = {
