@@ -16,6 +16,9 @@ optimizer: the optimizer's share of a training step of the 124M speedrun shape (
     Schulz or Polar Express, then the rest of Muon and Adam) with each of the 2026 record's optimizer switches, the
     shakespeare2026 preset's and all of them, each in its own process, as ratios against plain Muon timed first and
     last in the same run.
+head: tokens/s and peak memory of the shakespeare preset's training step (or --shape speedrun-124M) with the whole
+    soft-capped head, with --head-chunk at three sizes, and with the 2026 cap, multi-token prediction and the
+    prefix target, each in its own process, as ratios against the whole head timed first and last in the same run.
 trackers: milliseconds per logged step (step line + metrics record) with console and metrics.jsonl only, and with
     TensorBoard, W&B (offline) and both on top, as a ratio against console-only.
 decode: greedy tokens/s of model.generate (KV cache, and the full-recompute reference) and of Hugging Face
@@ -229,6 +232,9 @@ def bench_train_shape(shape: str, device: torch.device, steps: int, warmup: int,
     batch = (tokens[:-1].to(torch.int32), tokens[1:].to(torch.int64))
     window_blocks = M.get_window_size_blocks(hp.num_iterations - 1, hp)
     window = torch.tensor(window_blocks, dtype=torch.int32, device=rt.device)
+    pretraining.attach_extra_targets(raw, hp, rt.device)
+    pretraining.schedule_step(raw, window, 0, hp)  # the extra targets' first-stage weights (all of them non-zero)
+    window.fill_(window_blocks)
     parts = []
     for step in range(warmup + steps):
         ns_seconds[0] = 0.0
@@ -334,6 +340,33 @@ def bench_optimizer(device: torch.device, steps: int, warmup: int, compile: str 
         print(f"optimizer {shape} {row['setting']:<22} optimizer {row['optimizer_ms']:>7.1f} ms "
               f"({row['optimizer_vs_muon']:.2f}x Muon; orthogonalisation {row['newton_schulz_ms']:.1f})  step "
               f"{row['step_ms']:.0f} ms ({row['step_vs_muon']:.3f}x)", file=sys.stderr, flush=True)
+    return rows
+
+
+HEAD_SETTINGS = [  # the head and loss switches of issue 26 (docs/head_and_schedule.md)
+    ("whole head", {}), ("--head-chunk 512", dict(head_chunk=512)), ("--head-chunk 1024", dict(head_chunk=1024)),
+    ("--head-chunk 2048", dict(head_chunk=2048)), ("--logit-cap 2026", dict(logit_cap="2026")),
+    ("--mtp", dict(stage_schedule="2026", mtp=True)),
+    ("--mtp --prefix-token", dict(stage_schedule="2026", mtp=True, prefix_token=True)),
+    ("--mtp --prefix-token chunked", dict(stage_schedule="2026", mtp=True, prefix_token=True, head_chunk=1024)),
+]
+
+
+def bench_head(device: torch.device, steps: int, warmup: int, compile: str = "auto",
+               shape: str = "shakespeare") -> list[dict[str, Any]]:
+    """Tokens/s and peak memory of a training step with each setting of HEAD_SETTINGS, each in its own process
+    (its own peak), against the whole head timed first and again last (their mean is the baseline)."""
+    settings = HEAD_SETTINGS + [HEAD_SETTINGS[0]]
+    rows = [dict(setting=name, **train_shape_process(shape, device, steps, warmup, compile, over))
+            for name, over in settings]
+    whole = statistics.mean([rows[0]["tokens_per_s"], rows[-1]["tokens_per_s"]])
+    whole_mib = statistics.mean([rows[0]["peak_memory_mib"], rows[-1]["peak_memory_mib"]])
+    for row in rows:
+        row["vs_whole"] = round(row["tokens_per_s"] / whole, 3)
+        row["memory_vs_whole"] = round(row["peak_memory_mib"] / whole_mib, 3)
+        print(f"head {shape} {row['setting']:<28} {row['tokens_per_s']:>7,} tok/s ({row['vs_whole']:.3f}x whole)  "
+              f"peak memory {row['peak_memory_mib']:,} MiB ({row['memory_vs_whole']:.2f}x)  compile "
+              f"{row['compile']}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -593,7 +626,7 @@ def bench_quality(checkpoint: str, log_dir: str, prompts: int = 24, new_tokens: 
     return out
 
 
-BENCHMARKS = ("matmul", "train", "modifiers", "optimizer", "trackers", "decode", "data")  # the default run; quality on demand
+BENCHMARKS = ("matmul", "train", "modifiers", "optimizer", "head", "trackers", "decode", "data")  # the default run; quality on demand
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -613,6 +646,9 @@ def print_table(results: dict[str, Any]) -> None:
     for r in results.get("optimizer", []):
         print(f"optimizer: {r['setting']:<22} {r['optimizer_ms']:>8.1f} ms  {r['optimizer_vs_muon']:.2f}x Muon  step "
               f"{r['step_vs_muon']:.3f}x")
+    for r in results.get("head", []):
+        print(f"head: {r['setting']:<28} {r['tokens_per_s']:>7,} tok/s  {r['vs_whole']:.3f}x whole  peak "
+              f"{r['peak_memory_mib']:,} MiB  {r['memory_vs_whole']:.2f}x whole  (compile {r['compile']})")
     for r in results.get("trackers", []):
         print(f"logging to {r['trackers']:<24} {r['ms_per_step']:>8.3f} ms/step  {r['vs_console']:.1f}x console-only")
     if "decode" in results:
@@ -653,7 +689,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first (compilation, allocation)")
     p.add_argument("--compile", default="auto", choices=("auto", "on", "head", "off"),
                    help="training benchmark: pretraining.py's --compile (on = whole model, head = the loss only)")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="speedrun-124M", help="optimizer: the model shape")
+    p.add_argument("--shape", choices=sorted(SHAPES),
+                   help="optimizer, head: the model shape (default speedrun-124M for optimizer, shakespeare for head)")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     p.add_argument("--train-shape", help=argparse.SUPPRESS)  # internal: one training shape in a fresh process
     p.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)  # internal: config fields, as JSON
@@ -676,7 +713,10 @@ def main(argv: list[str] | None = None) -> None:
     if "modifiers" in chosen:
         results["modifiers"] = bench_modifiers(device, args.steps, args.warmup, args.compile)
     if "optimizer" in chosen:
-        results["optimizer"] = bench_optimizer(device, args.steps, args.warmup, args.compile, args.shape)
+        results["optimizer"] = bench_optimizer(device, args.steps, args.warmup, args.compile,
+                                               args.shape or "speedrun-124M")
+    if "head" in chosen:
+        results["head"] = bench_head(device, args.steps, args.warmup, args.compile, args.shape or "shakespeare")
     if "trackers" in chosen:
         results["trackers"] = bench_trackers()
     if "decode" in chosen:

@@ -81,6 +81,32 @@ def test_optimizer_benchmark_rows_are_ratios_to_plain_muon(monkeypatch: pytest.M
         assert row["step_vs_muon"] == round((10.0 + n) / plain, 3)
 
 
+def test_head_benchmark_rows_are_ratios_to_the_whole_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each head setting's tokens/s and peak memory over the whole head's (the mean of its first and last run);
+    every setting is a valid config on the tiny model, and a real step runs with the extra targets attached."""
+    seen = []
+
+    def fake(shape: str, device: torch.device, steps: int, warmup: int, compile: str, overrides: dict) -> dict:
+        tiny_hparams(**overrides).validate()
+        seen.append(overrides)
+        return dict(tokens_per_s=1000 + len(seen), peak_memory_mib=100 * len(seen), compile="off")
+
+    monkeypatch.setattr(bench, "train_shape_process", fake)
+    rows = bench.bench_head(torch.device("cpu"), steps=1, warmup=0)
+    assert [r["setting"] for r in rows] == [name for name, _ in bench.HEAD_SETTINGS] + ["whole head"]
+    assert seen[0] == seen[-1] == {}
+    whole, whole_mib = (1001 + 1000 + len(rows)) / 2, (100 + 100 * len(rows)) / 2
+    for n, row in enumerate(rows, 1):
+        assert row["vs_whole"] == round((1000 + n) / whole, 3)
+        assert row["memory_vs_whole"] == round(100 * n / whole_mib, 3)
+    monkeypatch.undo()
+    monkeypatch.setattr(bench, "train_config",
+                        lambda shape, device, compile, overrides: tiny_hparams(**(overrides or {})))
+    row = bench.bench_train_shape("shakespeare", torch.device("cpu"), steps=1, warmup=0,
+                                  overrides=bench.HEAD_SETTINGS[-1][1])
+    assert row["tokens_per_s"] > 0
+
+
 def test_tracker_benchmark_times_each_sink_against_console(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """bench_trackers logs through real RunLogs: one row per sink set, the first (console only) the 1.0x baseline,
     and W&B offline under WANDB_MODE=offline (no network)."""

@@ -195,6 +195,21 @@ def test_compiled_head_with_extra_targets_on_gpu_matches_cpu() -> None:
     assert losses[-1] < losses[0]
 
 
+def test_compiled_chunked_head_on_gpu_follows_the_whole_head() -> None:
+    """--head-chunk on CUDA, the whole model compiled (its graph breaks at the chunked loss, whose chunk function is
+    compiled on its own), with the stage schedule's windows, tie and YaRN: the same losses as the whole head to
+    bf16 rounding over a few steps, and the loss falls."""
+    base = dict(device="cuda", compile="on", dtype="bf16", logit_cap="2026", stage_schedule="2026", mtp=True,
+                yarn=True, tie_embed=True, num_iterations=6)
+    runs = []
+    for chunk in (0, 96):
+        torch.manual_seed(0)
+        runs.append(compiled_losses(tiny_hparams(head_chunk=chunk, **base), 6, scheduled=True))
+    whole, chunked = runs
+    assert all(abs(a - b) <= 2e-2 * abs(a) for a, b in zip(whole, chunked)), runs
+    assert chunked[-1] < chunked[0]
+
+
 def test_kv_cache_generation_matches_reference_on_gpu() -> None:
     """The cached decode path on CUDA (SDPA with boolean masks) picks the reference's greedy tokens."""
     hp = tiny_hparams(row_len=256)
