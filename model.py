@@ -15,7 +15,7 @@ Sections, in order:
     Model           the GPT: attention and its masks, blocks, soft-capped loss, build_model
     Loss modifiers  label smoothing, z-loss, entropy, custom registered terms, token weights
     Muon optimizer  Newton-Schulz, Muon, the Adam groups, optimizer_step (the one step every training path takes)
-    Data            token shards, checks, distributed_data_generator, evaluate
+    Data            token shards, checks, distributed_data_generator, doc_aligned_generator, evaluate
     Tokenizer       GPT-2 BPE, chat template v1, conversation files
     Checkpoints     save, load, restore, infer a config, find
     Schedules       learning rate, momentum, attention window
@@ -2007,7 +2007,7 @@ def all_reduce_gradients(model: nn.Module, world_size: int) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Data: token shards, checks, the distributed data generator, validation loss
+# Data: token shards, checks, the distributed data generators (token stream, document-aligned), validation loss
 
 SHARD_MAGIC = 20240520  # llm.c / modded-nanogpt shard header
 SHARD_VERSION = 1
@@ -2217,9 +2217,9 @@ def doc_aligned_generator(pattern: str, batch_size: int, rank: int, world_size: 
     BOS-aligned loader, with its rows made of documents cut at max_len tokens, 0 = only by the row's end).
 
     Every rank builds the whole global batch's rows (aligned_rows on the document index, no tokens read) and takes
-    rows [rank * n, (rank + 1) * n), so 2 processes see together what 1 sees. Each row is row_len + 1 tokens: its first row_len
-    are inputs, its last row_len targets (across piece boundaries, as in the record). A batch that the shard's
-    documents cannot fill is built from the next shard's first document, the shards repeating (epochs) as
+    rows [rank * n, (rank + 1) * n), so 2 processes see together what 1 sees. Each row is row_len + 1 tokens: its
+    first row_len are inputs, its last row_len targets (across piece boundaries, as in the record). A batch that the
+    shard's documents cannot fill is built from the next shard's first document, the shards repeating (epochs) as
     distributed_data_generator's do. The position (shard, doc, epoch) names the next batch's first document and
     max_len is the caller's per batch, so passing a position back as `start` resumes exactly in any stage.
     """
@@ -2669,7 +2669,7 @@ def resolve_checkpoint(spec: str, log_dir: str | Path = "logs") -> Path:
 
 
 # -----------------------------------------------------------------------------
-# The 2026 record's stage schedule (issue 26): batch, windows, LR and multi-token weights as functions of the step
+# The 2026 record's stage schedule (issue 26): batch, windows, document cut, LR and multi-token weights by step
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import model as M
+import pretraining
 from conftest import cfg, random_documents, run, stopped_and_resumed, tiny_args, tiny_hparams
 
 E = M.EOT_ID
@@ -143,7 +144,6 @@ def test_the_unit_is_the_rank_sequence_without_rows(tmp_path: Path) -> None:
     pattern = write_shards(tmp_path, [random_documents(6000, seed=8, mean_doc_len=100)])
     hp = tiny_hparams(row_len=0, doc_aligned=True, shuffle_rows=False, train_files=pattern)
     rt = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
-    import pretraining
     inputs, _, _ = pretraining.make_train_loader(hp, rt).send(0)
     assert inputs.numel() == hp.tokens_per_step
     assert inputs.view(-1, hp.train_seq_len)[:, 0].tolist() == [E] * hp.rank_equivalents
