@@ -38,7 +38,7 @@ FINETUNE_DEFAULTS: dict[str, Any] = dict(num_iterations=60, val_loss_every=20, c
 # none of them (a parent tied until its split step is two matrices by its end: the fine-tune is untied)
 FINETUNE_DEFAULTS.update({name: M.Hyperparameters.__dataclass_fields__[name].default for name in (
     "label_smoothing", "z_loss", "entropy_weight", "loss_terms", "plugins", "trackers", "tracker_dir", "lr_floor",
-    "stage_schedule", "mtp", "prefix_token", "tie_embed")})
+    "stage_schedule", "mtp", "prefix_token", "tie_embed", "doc_aligned")})
 # A diverged fine-tuning run: what to change (its LR flags are not pretraining's)
 DIVERGENCE_HINT = "Lower --lr-scale (or --adamw-lr) or use --dtype fp32, then start again or --resume"
 LR_SCALE = 1.0  # Muon and Adam LRs as a fraction of the parent's: 1.0 was best on the demo (docs/finetuning.md)
@@ -86,7 +86,7 @@ def resolve(argv: list[str] | None) -> tuple[Hyperparameters, argparse.Namespace
     if base.yarn:  # its rotary and attention scale are the stage schedule's, which a fine-tune drops
         raise M.CheckpointError(f"{parent_path}: trained with --yarn; fine-tuning such a model is not implemented "
                                 f"(its rotary tables come from the stage schedule a fine-tune drops)")
-    for name in ("stage_schedule", "mtp", "prefix_token", "yarn"):
+    for name in ("stage_schedule", "mtp", "prefix_token", "yarn", "doc_aligned"):
         if explicit.get(name):
             raise M.ConfigError(f"--{name.replace('_', '-')} is pretraining's (its batches are token streams; "
                                 f"a fine-tune's are conversations)")

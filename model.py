@@ -15,7 +15,7 @@ Sections, in order:
     Model           the GPT: attention and its masks, blocks, soft-capped loss, build_model
     Loss modifiers  label smoothing, z-loss, entropy, custom registered terms, token weights
     Muon optimizer  Newton-Schulz, Muon, the Adam groups, optimizer_step (the one step every training path takes)
-    Data            token shards, checks, distributed_data_generator, evaluate
+    Data            token shards, checks, distributed_data_generator, doc_aligned_generator, evaluate
     Tokenizer       GPT-2 BPE, chat template v1, conversation files
     Checkpoints     save, load, restore, infer a config, find
     Schedules       learning rate, momentum, attention window
@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Generator, Iterator
 
 import numpy as np
 import torch
@@ -173,6 +173,9 @@ class Hyperparameters:
     #   (record: 128); a divisor of 128 (so it divides every row); CUDA (FlexAttention) needs 128
     yarn: bool = False  # YaRN (record #31, PR 122): when the stage schedule's long window grows, rescale the rotary
     #   frequencies and the attention scale; the final validation's long window is 20 blocks (record #89)
+    doc_aligned: bool = False  # every row starts at a document start and holds whole documents cut at the stage's
+    #   maximum length, the tail of a cut one dropped (record #89's BOS-aligned loader; its cuts, 896 then 2048
+    #   tokens, need --stage-schedule; without one a document is cut only by the row's end)
     # loss modifiers: all off by default; validation and eval.py report plain cross-entropy
     label_smoothing: float = 0.0  # share of each target's probability spread evenly over the real vocabulary
     #   (rows below vocab_size, plus the chat tokens in a fine-tune; never the padding rows)
@@ -246,6 +249,9 @@ class Hyperparameters:
                                   f"padded sequence")
         if self.shuffle_rows and not self.row_len:
             raise ConfigError("--shuffle-rows needs --row-len > 0 (rows are the unit that is shuffled)")
+        if self.shuffle_rows and self.doc_aligned:
+            raise ConfigError("--shuffle-rows with --doc-aligned is not implemented (aligned rows are built from the "
+                              "documents in order); pass --shuffle-rows false")
         if self.rank_equivalents % world_size:
             raise ConfigError(f"--rank-equivalents={self.rank_equivalents} must be divisible by the world size "
                               f"{world_size} (each process accumulates rank_equivalents / world_size micro-batches)")
@@ -2001,7 +2007,7 @@ def all_reduce_gradients(model: nn.Module, world_size: int) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Data: token shards, checks, the distributed data generator, validation loss
+# Data: token shards, checks, the distributed data generators (token stream, document-aligned), validation loss
 
 SHARD_MAGIC = 20240520  # llm.c / modded-nanogpt shard header
 SHARD_VERSION = 1
@@ -2089,6 +2095,8 @@ def check_data(hp: Hyperparameters, world_size: int, train_files: str, val_files
                         f"lower --val-tokens")
     for path in [train[0], *val]:
         check_token_ids(path, _load_data_shard(path), hp.vocab_size)
+    if hp.doc_aligned:
+        document_starts(train[0], _load_data_shard(train[0]))  # later shards are checked as they load
 
 
 def distributed_data_generator(pattern: str, batch_size: int, rank: int, world_size: int, *,
@@ -2132,6 +2140,9 @@ def distributed_data_generator(pattern: str, batch_size: int, rank: int, world_s
         return pos["pos"] + batch_size > len(order) * row_len
 
     pos = dict(shard=0, pos=0, epoch=0) if start is None else dict(start)
+    if "pos" not in pos:
+        raise DataError(f"saved data position {pos} is a --doc-aligned one; resume with the run's own --doc-aligned "
+                        f"setting")
     if not 0 <= pos["shard"] < len(files):
         raise DataError(f"saved data position is in shard {pos['shard']}, but {pattern!r} matches only "
                         f"{len(files)} file(s)")
@@ -2158,6 +2169,107 @@ def distributed_data_generator(pattern: str, batch_size: int, rank: int, world_s
         pos["pos"] += batch_size
         yield (inputs.to(device=device, dtype=torch.int32, non_blocking=True),
                targets.to(device=device, non_blocking=True), dict(pos))
+
+
+def document_starts(path: Path, tokens: Tensor) -> np.ndarray:
+    """The offsets of a shard's <|endoftext|> tokens: where its documents start (record #89's Shard.bos_idx)."""
+    starts = np.flatnonzero(tokens.numpy() == EOT_ID)
+    if not len(starts):
+        raise DataError(f"{path}: no <|endoftext|> (id {EOT_ID}) in the shard, so no document starts for "
+                        f"--doc-aligned rows; write documents as <|endoftext|> + text, or pass --doc-aligned false")
+    return starts
+
+
+def aligned_rows(starts: np.ndarray, size: int, doc: int, rows: int, row_tokens: int, max_len: int
+                 ) -> tuple[list[list[tuple[int, int]]], int] | None:
+    """The pieces [start, end) of `rows` successive rows of row_tokens tokens each, from document `doc` of a shard of
+    `size` tokens on, and the next document; None when the shard runs out of documents first.
+
+    As record #89's Shard.next_batch fills a rank's micro-batch: each piece starts at a document start and ends at
+    the earliest of the next document's start, start + max_len (0 = no such cut) and the end of the row; the rest of
+    a cut document is dropped, and the next piece starts at the next document."""
+    pieces = []
+    for _ in range(rows):
+        row: list[tuple[int, int]] = []
+        filled = 0
+        while filled < row_tokens:
+            if doc >= len(starts):
+                return None
+            start = int(starts[doc])
+            doc += 1
+            end = min(int(starts[doc]) if doc < len(starts) else size, start + row_tokens - filled)
+            if max_len:
+                end = min(end, start + max_len)
+            row.append((start, end))
+            filled += end - start
+        pieces.append(row)
+    return pieces, doc
+
+
+AlignedBatches = Generator[tuple[Tensor, Tensor, dict[str, int]], int, None]
+
+
+def doc_aligned_generator(pattern: str, batch_size: int, rank: int, world_size: int, *, row_len: int,
+                          device: torch.device | str = "cpu", start: dict[str, int] | None = None,
+                          vocab_size: int | None = None) -> AlignedBatches:
+    """--doc-aligned batches: `loader.send(max_len)` returns (inputs, targets, position) of rank's share of the next
+    global batch of batch_size tokens, in rows of row_len tokens that each start at a document start (record #89's
+    BOS-aligned loader, with its rows made of documents cut at max_len tokens, 0 = only by the row's end).
+
+    Every rank builds the whole global batch's rows (aligned_rows on the document index, no tokens read) and takes
+    rows [rank * n, (rank + 1) * n), so 2 processes see together what 1 sees. Each row is row_len + 1 tokens: its
+    first row_len are inputs, its last row_len targets (across piece boundaries, as in the record). A batch that the
+    shard's documents cannot fill is built from the next shard's first document, the shards repeating (epochs) as
+    distributed_data_generator's do. The position (shard, doc, epoch) names the next batch's first document and
+    max_len is the caller's per batch, so passing a position back as `start` resumes exactly in any stage.
+    """
+    batches = _doc_aligned_batches(list_shards(pattern), pattern, batch_size, rank, world_size, row_len, device,
+                                   start, vocab_size)
+    next(batches)  # runs the checks and loads the first shard now, so bad input fails before training starts
+    return batches
+
+
+def _doc_aligned_batches(files: list[Path], pattern: str, batch_size: int, rank: int, world_size: int, row_len: int,
+                         device: torch.device | str, start: dict[str, int] | None, vocab_size: int | None
+                         ) -> AlignedBatches:
+    if batch_size % (row_len * world_size):
+        raise DataError(f"document-aligned rows need a batch of {batch_size} tokens divisible by row_len * world "
+                        f"size = {row_len * world_size}")
+    rows, local_rows = batch_size // row_len, batch_size // (row_len * world_size)
+    pos = dict(shard=0, doc=0, epoch=0) if start is None else dict(start)
+    if "doc" not in pos:
+        raise DataError(f"saved data position {pos} is not a --doc-aligned one; resume with the run's own "
+                        f"--doc-aligned setting")
+    if not 0 <= pos["shard"] < len(files):
+        raise DataError(f"saved data position is in shard {pos['shard']}, but {pattern!r} matches only "
+                        f"{len(files)} file(s)")
+
+    def load(i: int) -> tuple[Tensor, np.ndarray]:
+        tokens = _load_data_shard(files[i])
+        if vocab_size is not None:
+            check_token_ids(files[i], tokens, vocab_size)
+        return tokens, document_starts(files[i], tokens)
+
+    tokens, starts = load(pos["shard"])
+    max_len = yield  # primed by doc_aligned_generator: every batch comes from a send(max_len)
+    while True:
+        found = aligned_rows(starts, len(tokens), pos["doc"], rows, row_len + 1, max_len)
+        if found is None:
+            if pos["doc"] == 0:
+                raise DataError(f"{files[pos['shard']]}: its documents, cut at {max_len or row_len + 1} tokens, do "
+                                f"not fill one batch of {rows} rows of {row_len + 1}; merge shards or lower the "
+                                f"sequence length")
+            pos["shard"], pos["doc"] = pos["shard"] + 1, 0
+            if pos["shard"] == len(files):
+                pos["shard"], pos["epoch"] = 0, pos["epoch"] + 1
+            tokens, starts = load(pos["shard"])
+            continue
+        pieces, pos["doc"] = found
+        mine = [torch.cat([tokens[a:b] for a, b in row]) for row in pieces[rank * local_rows:(rank + 1) * local_rows]]
+        batch = torch.stack(mine).to(torch.int64)  # (this rank's rows, row_len + 1)
+        inputs, targets = batch[:, :-1].reshape(-1), batch[:, 1:].reshape(-1)
+        max_len = yield (inputs.to(device=device, dtype=torch.int32, non_blocking=True),
+                         targets.to(device=device, non_blocking=True), dict(pos))
 
 
 @torch.no_grad()
@@ -2557,7 +2669,7 @@ def resolve_checkpoint(spec: str, log_dir: str | Path = "logs") -> Path:
 
 
 # -----------------------------------------------------------------------------
-# The 2026 record's stage schedule (issue 26): batch, windows, LR and multi-token weights as functions of the step
+# The 2026 record's stage schedule (issue 26): batch, windows, document cut, LR and multi-token weights by step
 
 
 @dataclass(frozen=True)
@@ -2567,6 +2679,7 @@ class Stage:
     batch_mult: int  # the step's batch as a multiple of the preset's tokens per step (more micro-batches)
     lr_mult: float  # LR multiplier before the cooldown (the record raises it with the batch)
     windows: tuple[int, int]  # (short, long) attention windows in blocks
+    max_doc_blocks: int  # --doc-aligned: the longest piece of a document in a row, in window blocks
     mtp_start: tuple[float, ...]  # multi-token prediction weights at the stage's start: next token, the one
     mtp_end: tuple[float, ...]  #   after, ...; linear from start to end over the stage
     prefix_start: float = 0.0  # weight of the prefix-token target (record #88, PR 337) at the stage's start and end
@@ -2575,12 +2688,14 @@ class Stage:
 
 # Record #89 (f411b3d3, TRAINING_STAGES): three equal stages, then an extension at the final batch and a longer window.
 # Its batches are 8, 16 and 24 x 2048 x 8 tokens: multiples 1, 2, 3 of the first stage's. Its short windows are half
-# its long ones (rounded down), which is how short_window derives them here.
+# its long ones (rounded down), which is how short_window derives them here. Its train_max_seq_len, 896 tokens in
+# stage 1 and 2048 after, is 7 and 16 of its 128-token blocks: counted in window blocks here like the windows, so a
+# smaller --window-block scales the documents' cut with the windows and keeps the record's ratio between them.
 STAGES_2026 = (
-    Stage(1 / 3, 1, 1.0, (1, 3), (1.0, 0.5, 0.25), (1.0, 0.5, 0.0), 0.25, 0.25),  # 3 targets, the third fading (#53)
-    Stage(1 / 3, 2, 1.52, (3, 7), (1.0, 0.5), (1.0, 0.0), 0.25, 0.0),  # 1.52 = (16/8)^0.6 (batches: #46, PR 163)
-    Stage(1 / 3, 3, 1.73, (5, 11), (1.0,), (1.0,)),  # 1.73 = (24/8)^0.5
-    Stage(0.0, 3, 1.0, (6, 13), (1.0,), (1.0,)),  # extension: the record's lr_mult 1.0 is never read (LR at floor)
+    Stage(1 / 3, 1, 1.0, (1, 3), 7, (1.0, 0.5, 0.25), (1.0, 0.5, 0.0), 0.25, 0.25),  # 3 targets, the 3rd fading (#53)
+    Stage(1 / 3, 2, 1.52, (3, 7), 16, (1.0, 0.5), (1.0, 0.0), 0.25, 0.0),  # 1.52 = (16/8)^0.6 (batches: #46, PR 163)
+    Stage(1 / 3, 3, 1.73, (5, 11), 16, (1.0,), (1.0,)),  # 1.73 = (24/8)^0.5
+    Stage(0.0, 3, 1.0, (6, 13), 16, (1.0,), (1.0,)),  # extension: the record's lr_mult 1.0 is never read (LR at floor)
 )
 STAGE_SCHEDULES = {"2026": STAGES_2026}
 EXTENSION_SHARE = 15 / 1285  # record #89: 1270 scheduled steps, then 15 extension steps
@@ -2656,6 +2771,15 @@ def split_step(hp: Hyperparameters) -> int:
 def embed_tied_at(step: int, hp: Hyperparameters) -> bool:
     """Whether the update of `step` treats the embedding and lm_head as one matrix (steps 0 .. split_step)."""
     return hp.tie_embed and step <= split_step(hp)
+
+
+def max_doc_len(step: int, hp: Hyperparameters) -> int:
+    """--doc-aligned: the longest piece of a document in the step's rows, in tokens: the stage's max_doc_blocks
+    window blocks (record #89's train_max_seq_len); 0 (cut only by the row's end) without a stage schedule. A pure
+    function of the step, passed to the loader with every batch, so a resume in any stage cuts as the run did."""
+    if not hp.stage_schedule:
+        return 0
+    return STAGE_SCHEDULES[hp.stage_schedule][stage_at(step, hp).stage].max_doc_blocks * hp.window_block
 
 
 def batch_mult(step: int, hp: Hyperparameters) -> int:

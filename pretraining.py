@@ -135,9 +135,22 @@ def stage_text(step: int, hp: Hyperparameters) -> str:
 
 
 def make_train_loader(hp: Hyperparameters, rt: Runtime, start: dict | None = None):
+    """The training batches from `start` (a saved data position) on; read them with next_batches."""
+    if hp.doc_aligned:
+        return M.doc_aligned_generator(str(M.resolve_path(hp.train_files)), hp.tokens_per_step, rt.rank,
+                                       rt.world_size, row_len=hp.row_len or hp.train_seq_len, device=rt.device,
+                                       start=start, vocab_size=hp.vocab_size)
     return M.distributed_data_generator(str(M.resolve_path(hp.train_files)), hp.tokens_per_step, rt.rank, rt.world_size,
                                         device=rt.device, start=start, row_len=hp.row_len,
                                         shuffle_seed=hp.seed if hp.shuffle_rows else None, vocab_size=hp.vocab_size)
+
+
+def next_batches(loader, step: int, hp: Hyperparameters) -> list[tuple]:
+    """The step's global batches (the stage's batch multiple of them); --doc-aligned ones cut the documents at the
+    step's maximum length, given with each batch so that a resume in any stage cuts as the run did."""
+    if hp.doc_aligned:
+        return [loader.send(M.max_doc_len(step, hp)) for _ in range(M.batch_mult(step, hp))]
+    return [next(loader) for _ in range(M.batch_mult(step, hp))]
 
 
 def warm_up(forward, raw_model, optimizers, hp: Hyperparameters, rt: Runtime, window: torch.Tensor) -> int:
@@ -151,8 +164,7 @@ def warm_up(forward, raw_model, optimizers, hp: Hyperparameters, rt: Runtime, wi
     loader = make_train_loader(hp, rt)
     for step in range(steps):
         schedule_step(raw_model, window, step, hp)
-        train_step(forward, raw_model, optimizers, [next(loader) for _ in range(M.batch_mult(step, hp))], step, hp,
-                   rt, window)
+        train_step(forward, raw_model, optimizers, next_batches(loader, step, hp), step, hp, rt, window)
     raw_model.load_state_dict(initial["model"])
     for opt, state in zip(optimizers, initial["optimizers"]):
         opt.load_state_dict(state)
@@ -241,7 +253,7 @@ def train(run: R.ScriptRun, hp: Hyperparameters, rt: Runtime, resume: R.Resume |
                 save(step, training_time_ms + 1000 * (time.perf_counter() - t0))
             if last_step:
                 break
-            batches = [next(train_loader) for _ in range(M.batch_mult(step, hp))]
+            batches = next_batches(train_loader, step, hp)
             data_pos = batches[-1][2]
             parts = M.reduce_metrics(train_step(forward, raw_model, optimizers, batches, step, hp, rt, window),
                                      rt.world_size)  # one sync for the loss and every modifier's term

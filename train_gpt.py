@@ -139,6 +139,9 @@ class Hyperparameters:
     #   (record: 128); a divisor of 128 (so it divides every row); CUDA (FlexAttention) needs 128
     yarn: bool = False  # YaRN (record #31, PR 122): when the stage schedule's long window grows, rescale the rotary
     #   frequencies and the attention scale; the final validation's long window is 20 blocks (record #89)
+    doc_aligned: bool = False  # every row starts at a document start and holds whole documents cut at the stage's
+    #   maximum length, the tail of a cut one dropped (record #89's BOS-aligned loader; its cuts, 896 then 2048
+    #   tokens, need --stage-schedule; without one a document is cut only by the row's end)
     # loss modifiers: all off by default; validation and eval.py report plain cross-entropy
     label_smoothing: float = 0.0  # share of each target's probability spread evenly over the real vocabulary
     #   (rows below vocab_size, plus the chat tokens in a fine-tune; never the padding rows)
@@ -240,7 +243,7 @@ LIBRARY_ONLY = ("label_smoothing", "z_loss", "entropy_weight", "loss_terms", "pl
                 "cautious_weight_decay", "adam_update", "adam_table", "adam_weight_decay", "adam_every",
                 "muon_lr_mults", "muon_momentum_cooldown", "muon_qk_head_groups", "muon_row_equilibration",
                 "muon_norm_snap", "lr_floor", "stage_schedule", "mtp", "prefix_token", "logit_cap",
-                "window_block", "yarn", "tie_embed", "head_chunk")
+                "window_block", "yarn", "tie_embed", "head_chunk", "doc_aligned")
 
 # Only the fields that differ from the defaults (the record); reasons in model.py, measurements in docs/measurements.md.
 PRESETS: dict[str, dict[str, Any]] = {

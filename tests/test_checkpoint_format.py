@@ -26,7 +26,7 @@ ISSUE_25_FIELDS = ("muon_orthogonalizer", "normuon", "normuon_beta2", "cautious_
                    "muon_qk_head_groups", "muon_row_equilibration", "muon_norm_snap")
 # ... and before the 2026 schedule, head and loss (issue 26)
 ISSUE_26_FIELDS = ("lr_floor", "stage_schedule", "mtp", "prefix_token", "logit_cap", "window_block", "yarn",
-                   "tie_embed", "head_chunk")
+                   "tie_embed", "head_chunk", "doc_aligned")
 NEWER_FIELDS = ISSUE_25_FIELDS + ISSUE_26_FIELDS
 
 

@@ -431,17 +431,19 @@ def test_chat_tasks_build(chat_tasks, tmp_path: Path) -> None:
 
 def test_fine_tune_keeps_the_parents_cap_and_drops_its_schedule(tmp_path: Path) -> None:
     """A parent trained with the 2026 cap, stage schedule, multi-token and prefix targets (issue 26): the fine-tune
-    keeps the cap (it is the model) and starts without the rest; asking for a different cap, or for the schedule or
-    the extra targets, is one line."""
-    hp = tiny_hparams(logit_cap="2026", stage_schedule="2026", mtp=True, prefix_token=True, lr_floor=0.15)
+    keeps the cap (it is the model) and starts without the rest; asking for a different cap, or for the schedule,
+    the extra targets or document-aligned batches, is one line."""
+    hp = tiny_hparams(logit_cap="2026", stage_schedule="2026", mtp=True, prefix_token=True, lr_floor=0.15,
+                      doc_aligned=True, shuffle_rows=False)
     path = write_checkpoint(tmp_path / "logs", "p2026", 6, M.GPT.from_hparams(hp), hp)
     got, *_ = FT.resolve(["--checkpoint", str(path), "--log-dir", str(tmp_path / "ft")])
     assert (got.logit_cap, got.stage_schedule, got.mtp, got.prefix_token, got.lr_floor) == ("2026", "", False, False,
                                                                                             0.1)
+    assert not got.doc_aligned
     with pytest.raises(M.ConfigError, match=rf"^--logit-cap=2025: the parent {path} was trained with --logit-cap "
                                             r"2026, and a fine-tune keeps its model$"):
         FT.resolve(["--checkpoint", str(path), "--logit-cap", "2025"])
-    for flag in ("--stage-schedule", "--mtp", "--prefix-token"):
+    for flag in ("--stage-schedule", "--mtp", "--prefix-token", "--doc-aligned"):
         with pytest.raises(M.ConfigError, match=rf"^{flag} is pretraining's \(its batches are token streams; a "
                                                 r"fine-tune's are conversations\)$"):
             FT.resolve(["--checkpoint", str(path), flag, "2026" if flag == "--stage-schedule" else "true"])
