@@ -390,7 +390,12 @@ def plot_ablation(runs: list[dict[str, Any]], result: dict[str, Any], png: Path,
     for ax in axes:
         ax.axhline(runs[0]["val_loss"][-1], color="gray", linewidth=0.8, linestyle=":")  # the reference's final
         ax.grid(alpha=0.3)
-    axes[0 if zoom else 1].legend()  # zoomed, the curves fill the second panel
+    labels = legend_labels(result)
+    if max(map(len, labels)) > 60:  # long setting names would cover the curves: the legend goes below the panels
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.02),
+                   fontsize="small")
+    else:
+        axes[0 if zoom else 1].legend()  # zoomed, the curves fill the second panel
     presets = sorted({r["hp"].preset for r in runs if r["hp"].preset})
     if any(r["optimizer"] != "muon" for r in runs):
         compared = "Muon vs the AdamW ablation"
@@ -401,7 +406,7 @@ def plot_ablation(runs: list[dict[str, Any]], result: dict[str, Any], png: Path,
     fig.suptitle(f"Shakespeare presets on a 2-core CPU: {compared}")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=110, bbox_inches="tight")  # the legend may sit below the panels
     print(f"plot: {png}", file=sys.stderr)
 
 # -----------------------------------------------------------------------------
