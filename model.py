@@ -2099,6 +2099,23 @@ def check_data(hp: Hyperparameters, world_size: int, train_files: str, val_files
         document_starts(train[0], _load_data_shard(train[0]))  # later shards are checked as they load
 
 
+def start_position(start: dict[str, int] | None, fresh: dict[str, int], files: list[Path],
+                   pattern: str) -> dict[str, int]:
+    """A loader's position: a copy of the saved `start`, or `fresh` (a new run). A saved one must be this loader's
+    kind (its keys, pos for the stream, doc for --doc-aligned) and name one of the shards `pattern` matches."""
+    pos = dict(fresh) if start is None else dict(start)
+    if "doc" in fresh and "doc" not in pos:
+        raise DataError(f"saved data position {pos} is not a --doc-aligned one; resume with the run's own "
+                        f"--doc-aligned setting")
+    if "pos" in fresh and "pos" not in pos:
+        raise DataError(f"saved data position {pos} is a --doc-aligned one; resume with the run's own --doc-aligned "
+                        f"setting")
+    if not 0 <= pos["shard"] < len(files):
+        raise DataError(f"saved data position is in shard {pos['shard']}, but {pattern!r} matches only "
+                        f"{len(files)} file(s)")
+    return pos
+
+
 def distributed_data_generator(pattern: str, batch_size: int, rank: int, world_size: int, *,
                                device: torch.device | str = "cpu", start: dict[str, int] | None = None,
                                cycle: bool = True, row_len: int = 0, shuffle_seed: int | None = None,
@@ -2139,13 +2156,7 @@ def distributed_data_generator(pattern: str, batch_size: int, rank: int, world_s
             return pos["pos"] + batch_size + 1 >= len(tokens)  # record's rule: move on before the last token
         return pos["pos"] + batch_size > len(order) * row_len
 
-    pos = dict(shard=0, pos=0, epoch=0) if start is None else dict(start)
-    if "pos" not in pos:
-        raise DataError(f"saved data position {pos} is a --doc-aligned one; resume with the run's own --doc-aligned "
-                        f"setting")
-    if not 0 <= pos["shard"] < len(files):
-        raise DataError(f"saved data position is in shard {pos['shard']}, but {pattern!r} matches only "
-                        f"{len(files)} file(s)")
+    pos = start_position(start, dict(shard=0, pos=0, epoch=0), files, pattern)
     tokens = load(pos["shard"])
     order = row_order(tokens)
     while True:
@@ -2236,13 +2247,7 @@ def _doc_aligned_batches(files: list[Path], pattern: str, batch_size: int, rank:
         raise DataError(f"document-aligned rows need a batch of {batch_size} tokens divisible by row_len * world "
                         f"size = {row_len * world_size}")
     rows, local_rows = batch_size // row_len, batch_size // (row_len * world_size)
-    pos = dict(shard=0, doc=0, epoch=0) if start is None else dict(start)
-    if "doc" not in pos:
-        raise DataError(f"saved data position {pos} is not a --doc-aligned one; resume with the run's own "
-                        f"--doc-aligned setting")
-    if not 0 <= pos["shard"] < len(files):
-        raise DataError(f"saved data position is in shard {pos['shard']}, but {pattern!r} matches only "
-                        f"{len(files)} file(s)")
+    pos = start_position(start, dict(shard=0, doc=0, epoch=0), files, pattern)
 
     def load(i: int) -> tuple[Tensor, np.ndarray]:
         tokens = _load_data_shard(files[i])

@@ -150,6 +150,27 @@ def stopped_and_resumed(shard_dir: Path, tmp_path: Path, extra: tuple[str, ...],
     return full, half, results[0], results[2]
 
 
+def one_and_two_processes(shard_dir: Path, tmp_path: Path, extra: tuple[str, ...] | list[str]) -> list[list[tuple]]:
+    """pretraining.py with tiny_args + extra on 1 process ("one") and under torchrun on 2 ("two"), both checked to
+    exit 0, and checked to log the same steps with train and val losses within 1e-5 (relative); returns each run's
+    (step, train_loss, val_loss) rows."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
+    for cmd in ([sys.executable, "pretraining.py", *tiny_args(shard_dir, tmp_path, "one", *extra)],
+                [*torchrun, f"--master_port={free_port()}", "pretraining.py",
+                 *tiny_args(shard_dir, tmp_path, "two", *extra)]):
+        result = run(cmd)
+        assert result.returncode == 0, result.stderr
+    losses = []
+    for run_id in ("one", "two"):
+        rows = [json.loads(line) for line in (tmp_path / run_id / "metrics.jsonl").read_text().splitlines()]
+        losses.append([(r["step"], r.get("train_loss"), r.get("val_loss")) for r in rows if "step" in r])
+    assert [s for s, *_ in losses[0]] == [s for s, *_ in losses[1]]
+    for (_, ta, va), (_, tb, vb) in zip(*losses):
+        for x, y in ((ta, tb), (va, vb)):
+            assert (x is None) == (y is None) and (x is None or abs(x - y) <= 1e-5 * abs(x)), losses
+    return losses
+
+
 def ft_args(log_dir: Path, run_id: str, *extra: str) -> list[str]:
     """finetune.py for 4 steps with a validation every 2 (checkpoints at steps 2 and 4), fp32, uncompiled."""
     return ["finetune.py", "--log-dir", str(log_dir), "--run-id", run_id, "--num-iterations", "4",

@@ -4,7 +4,6 @@ run's length, off = the 2025 schedules, bad values; and runs that use it: step l
 boundary, two processes."""
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cfg, free_port, run, stopped_and_resumed, tiny_args
+from conftest import cfg, one_and_two_processes, run, stopped_and_resumed, tiny_args
 
 import model as M  # noqa: E402
 
@@ -106,7 +105,6 @@ def test_bad_schedule_values(argv: list[str], message: str) -> None:
 # Runs: 8 steps are stages [0, 3), [3, 5), [5, 8) of 1, 2 and 3 batches (round(8 * 15 / 1285) = 0 extension steps),
 # with multi-token prediction and the prefix-token target
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
 STAGED = ("--stage-schedule", "2026", "--mtp", "true", "--prefix-token", "true", "--num-iterations", "8",
           "--val-loss-every", "4")
 
@@ -140,16 +138,4 @@ def test_staged_run_logs_its_stages_and_resumes_across_a_boundary(shard_dir: Pat
 
 @pytest.mark.slow
 def test_staged_run_two_processes_follow_one(shard_dir: Path, tmp_path: Path, shakespeare_data: Path) -> None:
-    one = run([sys.executable, "pretraining.py", *tiny_args(shard_dir, tmp_path, "one", *STAGED)])
-    assert one.returncode == 0, one.stderr
-    two = run([*TORCHRUN, f"--master_port={free_port()}", "pretraining.py",
-               *tiny_args(shard_dir, tmp_path, "two", *STAGED)])
-    assert two.returncode == 0, two.stderr
-    losses = []
-    for run_id in ("one", "two"):
-        rows = [json.loads(line) for line in (tmp_path / run_id / "metrics.jsonl").read_text().splitlines()]
-        losses.append([(r["step"], r.get("train_loss"), r.get("val_loss")) for r in rows if "step" in r])
-    assert [s for s, *_ in losses[0]] == [s for s, *_ in losses[1]]
-    for (_, ta, va), (_, tb, vb) in zip(*losses):
-        for x, y in ((ta, tb), (va, vb)):
-            assert (x is None) == (y is None) and (x is None or abs(x - y) <= 1e-5 * abs(x)), losses
+    one_and_two_processes(shard_dir, tmp_path, STAGED)

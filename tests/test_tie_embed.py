@@ -6,7 +6,6 @@ across the split; and runs that resume before, at and after the split, and on tw
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import cfg, free_port, run, tiny_args, tiny_hparams, write_checkpoint
+from conftest import cfg, one_and_two_processes, run, tiny_args, tiny_hparams, write_checkpoint
 
 import finetune as FT  # noqa: E402
 import model as M  # noqa: E402
@@ -193,7 +192,6 @@ def test_bad_tie_values(tmp_path: Path) -> None:
 # Runs: 8 staged steps with a checkpoint after every step; resumed before the split (4), at it (5: the next update
 # is the last tied one), just after it (6) and later (7)
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
 # The record's Adam (its table, arithmetic and odd-step updates): the tied matrix at the record's head LR. At the 2025
 # table's head LR a tiny tied run's loss climbs, which magnifies the rounding by which two processes already differ
 # from one in stage 2 (its batches are summed in another order) past the 1e-5 the comparison allows.
@@ -226,17 +224,5 @@ def test_tied_run_resumes_bitwise_across_the_split(shard_dir: Path, tmp_path: Pa
 
 @pytest.mark.slow
 def test_tied_run_two_processes_follow_one(shard_dir: Path, tmp_path: Path) -> None:
-    args = [*TIED[:-4]]
-    one = run([sys.executable, "pretraining.py", *tiny_args(shard_dir, tmp_path, "one", *args)])
-    assert one.returncode == 0, one.stderr
-    two = run([*TORCHRUN, f"--master_port={free_port()}", "pretraining.py",
-               *tiny_args(shard_dir, tmp_path, "two", *args)])
-    assert two.returncode == 0, two.stderr
-    losses = []
-    for run_id in ("one", "two"):
-        rows = [json.loads(line) for line in (tmp_path / run_id / "metrics.jsonl").read_text().splitlines()]
-        losses.append([(r["step"], r.get("train_loss"), r.get("val_loss")) for r in rows if "step" in r])
-    assert [s for s, *_ in losses[0]] == [s for s, *_ in losses[1]] and len(losses[0]) > STEPS
-    for (_, ta, va), (_, tb, vb) in zip(*losses):
-        for x, y in ((ta, tb), (va, vb)):
-            assert (x is None) == (y is None) and (x is None or abs(x - y) <= 1e-5 * abs(x)), losses
+    losses = one_and_two_processes(shard_dir, tmp_path, TIED[:-4])
+    assert len(losses[0]) > STEPS
