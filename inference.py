@@ -291,7 +291,7 @@ def prefill(model: GPT, input_BT: Tensor, cache: KVCache, window_blocks: int) ->
     cache.tokens[:, cache.pos:cache.pos + T] = input_BT
     start, long_mask, short_mask = cache.masks(T, window_blocks)
     cache.key_start = start
-    x = model.hidden_states(input_BT, long_mask, short_mask, cache)
+    x = model.hidden_states(input_BT, long_mask, short_mask, cache=cache)
     cache.pos += T
     return model.logits(x)
 
@@ -418,7 +418,7 @@ class RingLayer:
 
 def step_logits(model: GPT, ids_B: Tensor, long_mask: Tensor, short_mask: Tensor, ring: RingCache) -> Tensor:
     """The tensor work of a decoding step (what compile_decoding compiles): every layer, the ring's writes, logits."""
-    return model.logits(model.hidden_states(ids_B[:, None], long_mask, short_mask, ring))[:, -1]
+    return model.logits(model.hidden_states(ids_B[:, None], long_mask, short_mask, cache=ring))[:, -1]
 
 
 def compile_decoding(model: GPT, on: bool = True) -> GPT:

@@ -96,6 +96,23 @@ def first_line(error: BaseException, limit: int = 200) -> str:
 # Config: Hyperparameters, presets, validation, coercion of text and JSON values
 
 
+def layer_list(text: str, name: str, num_layers: int) -> list[int]:
+    """The layers of a comma-separated list field ("" = none), each checked against num_layers."""
+    out = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        try:
+            layer = int(part)
+        except ValueError:
+            raise ConfigError(f"--{_flag(name)}={text!r}: {part.strip()!r} is not a layer number") from None
+        if not 0 <= layer < num_layers or layer in out:
+            raise ConfigError(f"--{_flag(name)}={text!r}: layer {layer} is out of range (0..{num_layers - 1}) or "
+                              f"repeated")
+        out.append(layer)
+    return sorted(out)
+
+
 @dataclass
 class Hyperparameters:
     # bookkeeping
@@ -176,6 +193,37 @@ class Hyperparameters:
     doc_aligned: bool = False  # every row starts at a document start and holds whole documents cut at the stage's
     #   maximum length, the tail of a cut one dropped (record #89's BOS-aligned loader; its cuts, 896 then 2048
     #   tokens, need --stage-schedule; without one a document is cut only by the row's end)
+    # architecture (the 2026 record's; issue 27): every switch off = the 2025 record's GPT. docs/architecture.md
+    bigram_rows: int = 0  # bigram hash embedding (record #62, PR 201): rows of a zero-initialised table indexed by a
+    #   hash of each token and the one before it, added to the residual stream before layer 0 and after every later
+    #   attention; 0 = off (record #89: 50304 * 15 // 2 = 377,280)
+    bigram_dim: int = 0  # the table's width: it feeds the first this-many channels of the stream; 0 = --model-dim
+    bigram_sign_rows: int = 0  # sign trick (record #83, PR 299): each position's bigram row times a fixed random
+    #   +-1 vector, row (previous token xor token) mod this of a seeded table; 0 = off (record: 8192)
+    bigram_update: str = "dense"  # the bigram table's Adam: dense (the record's: every row, every Adam step) or rows
+    #   (lazy: only the rows with a gradient this step, so the cost follows the batch, not the table)
+    smear: bool = False  # smear gate (record #34, PR 130): each token's embedding plus a gated share of the one before
+    value_embed_layers: str = ""  # "" = the 2025 layout (3 tables shared 012...012); else comma-separated layers,
+    #   each with its own table (record #89: 1,2,8,9,10)
+    value_embed_gates: bool = False  # per-head value-embedding gates 2*sigmoid(W [x[:6], ve[:6]]) (records #55, #70)
+    #   with the record's attention lambdas (v scale 0.5, output scale 1: record #47) and 0.01-scale tables (#65)
+    residual_lambdas: bool = False  # per-sublayer residual and output lambdas, sqrt(1.1) and 1, and the x0 share
+    #   added after attention (records #45-#77), instead of the 2025 mix of x and x0 before each block
+    skip_topology: str = "unet"  # unet (2025: layer i feeds layer L-1-i) or gated (record #45/#55: one skip from the
+    #   output of --gated-skip-from into the --no-attn-layer, gated by sigmoid(-1.5 + ...) * 2 * sigmoid(W x0[:12]))
+    gated_skip_from: int = 3  # the gated skip's source layer (record: 3)
+    backout_layer: int = -1  # backout (record #40, PR 140): subtract a learned share (init 0.5) of this layer's
+    #   output from the stream before the head, and later layers' attention reads it (record #77); -1 = off (record 7)
+    long_window_layers: str = ""  # "" = the 2025 rule (0, 4, ... mirrored); else the comma-separated long-window
+    #   layers (record #89: 3,10); the others get the short window
+    key_offset: bool = False  # partial key offset (record #49): on long-window layers, the keys' non-rotating half
+    #   comes from the token before, so one layer can form an induction head
+    xsa_layers: str = ""  # learnable XSA (record #82, PR 264) on these comma-separated layers: each head's output
+    #   minus tanh(alpha) of its component along its own value (record #84: 1,3,4,7,8,10)
+    attn_gate: bool = False  # sparse attention output gate (record #28, PR 117): each head's output times
+    #   sigmoid(W x[:12]) on every attention layer (record #89 computes this gate from its MUDD networks instead)
+    paired_head_layers: str = ""  # paired-head attention (record #58) on these comma-separated layers: heads h and
+    #   h + H/2 share one softmax over the sequence interleaved token by token (record #89: 0,2,5,9)
     # loss modifiers: all off by default; validation and eval.py report plain cross-entropy
     label_smoothing: float = 0.0  # share of each target's probability spread evenly over the real vocabulary
     #   (rows below vocab_size, plus the chat tokens in a fine-tune; never the padding rows)
@@ -231,7 +279,7 @@ class Hyperparameters:
         if self.num_heads * self.head_dim != self.model_dim:
             raise ConfigError(f"--num-heads * --head-dim = {self.num_heads * self.head_dim} must equal --model-dim="
                               f"{self.model_dim} (value embeddings are added to the attention values)")
-        if self.num_layers % 2:
+        if self.num_layers % 2 and self.skip_topology == "unet":
             raise ConfigError(f"--num-layers={self.num_layers} must be even (U-net skip connections pair layers)")
         if self.no_attn_layer >= self.num_layers or self.no_attn_layer < -1:
             raise ConfigError(f"--no-attn-layer={self.no_attn_layer} must be -1 or a layer index below "
@@ -269,6 +317,7 @@ class Hyperparameters:
                 raise ConfigError(f"--{_flag(name)}={getattr(self, name)!r} must be one of {', '.join(choices)}")
         self._validate_loss()
         self._validate_schedule()
+        self._validate_architecture()
         if not self.wandb_project.strip():
             raise ConfigError("--wandb-project must not be empty")
         if self.run_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_id):
@@ -320,6 +369,46 @@ class Hyperparameters:
             if any(end <= start for start, end in stage_boundaries(self)[:scheduled]):
                 raise ConfigError(f"--stage-schedule={self.stage_schedule} has {scheduled} stages of at least one "
                                   f"step each: --num-iterations={self.num_iterations} is too short")
+
+    def _validate_architecture(self) -> None:
+        """The 2026 record's architecture switches: sizes, layer lists and the combinations that exist."""
+        for name in ("bigram_rows", "bigram_dim", "bigram_sign_rows"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{_flag(name)}={getattr(self, name)} must be >= 0")
+        if self.bigram_rows == 1:
+            raise ConfigError("--bigram-rows=1 leaves no row besides the reserved one (the first position's); use 0 "
+                              "(off) or at least 2")
+        if self.bigram_dim > self.model_dim:
+            raise ConfigError(f"--bigram-dim={self.bigram_dim} must be at most --model-dim={self.model_dim}")
+        for name in ("bigram_dim", "bigram_sign_rows"):
+            if getattr(self, name) and not self.bigram_rows:
+                raise ConfigError(f"--{_flag(name)} needs --bigram-rows > 0 (the bigram hash embedding)")
+        for name, choices in (("bigram_update", ("dense", "rows")), ("skip_topology", ("unet", "gated"))):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"--{_flag(name)}={getattr(self, name)!r} must be one of {', '.join(choices)}")
+        lists = {name: layer_list(getattr(self, name), name, self.num_layers)
+                 for name in ("value_embed_layers", "long_window_layers", "xsa_layers", "paired_head_layers")}
+        for name in ("xsa_layers", "paired_head_layers"):
+            if self.no_attn_layer in lists[name]:
+                raise ConfigError(f"--{_flag(name)} names layer {self.no_attn_layer}, which has no attention "
+                                  f"(--no-attn-layer)")
+        both = sorted(set(lists["xsa_layers"]) & set(lists["paired_head_layers"]))
+        if both:
+            raise ConfigError(f"--xsa-layers and --paired-head-layers share layer {both[0]}: XSA on paired heads is not "
+                              f"defined (the record skips it: a paired head's output mixes two heads' values)")
+        if lists["paired_head_layers"] and self.num_heads % 2:
+            raise ConfigError(f"--paired-head-layers needs an even --num-heads, not {self.num_heads}")
+        if self.skip_topology == "gated":
+            if not 0 <= self.gated_skip_from < self.no_attn_layer:
+                raise ConfigError(f"--skip-topology gated adds layer --gated-skip-from={self.gated_skip_from}'s output "
+                                  f"where --no-attn-layer={self.no_attn_layer} has no attention: it needs "
+                                  f"0 <= --gated-skip-from < --no-attn-layer")
+        if not -1 <= self.backout_layer < self.num_layers:
+            raise ConfigError(f"--backout-layer={self.backout_layer} must be -1 (off) or a layer below "
+                              f"--num-layers={self.num_layers}")
+        if self.model_dim < GATE_INPUTS and (self.smear or self.attn_gate or self.value_embed_gates
+                                             or self.skip_topology == "gated"):
+            raise ConfigError(f"--model-dim={self.model_dim}: the gates read {GATE_INPUTS} channels")
 
     def _validate_loss(self) -> None:
         if not 0 <= self.label_smoothing < 1:
@@ -886,6 +975,13 @@ class Rotary(nn.Module):
         if length > self.cos.size(0):
             self.cos, self.sin = self._table(next_multiple_of_n(length, n=BLOCK_SIZE), self.cos.device)
 
+    def _check_length(self, end: int) -> None:
+        if end > self.cos.size(0):
+            if torch.compiler.is_compiling():
+                raise ValueError(f"sequence of {end} tokens exceeds the rotary table ({self.cos.size(0)}); call "
+                                 f"GPT.ensure_positions before compiling")
+            self.ensure_length(end)
+
     def forward(self, x_BTHD: Tensor, offset: int | Tensor = 0) -> Tensor:
         """offset: the first token's position; a (1,) tensor for one token at a time (a decoding step), so that a
         compiled step does not specialise on the position. Eagerly, a longer sequence than the table grows it;
@@ -894,17 +990,35 @@ class Rotary(nn.Module):
         if isinstance(offset, Tensor):
             cos, sin = self.cos[offset][None, :, None, :], self.sin[offset][None, :, None, :]
         else:
-            if offset + T > self.cos.size(0):
-                if torch.compiler.is_compiling():
-                    raise ValueError(f"sequence of {offset + T} tokens exceeds the rotary table "
-                                     f"({self.cos.size(0)}); call GPT.ensure_positions before compiling")
-                self.ensure_length(offset + T)
+            self._check_length(offset + T)
             cos = self.cos[None, offset:offset + T, None, :]
             sin = self.sin[None, offset:offset + T, None, :]
-        x1, x2 = x_BTHD.float().chunk(2, dim=-1)
-        y1 = x1 * cos + x2 * sin
-        y2 = x2 * cos - x1 * sin
-        return torch.cat((y1, y2), dim=-1).type_as(x_BTHD)
+        return rotate(x_BTHD, cos, sin)
+
+    def paired(self, x_BTHD: Tensor, offset: int | Tensor = 0) -> Tensor:
+        """The rotation of a paired-head layer (record #58): head h of token t at position 2t + h % 2 of the
+        interleaved sequence. Record quirk, reproduced: the record rotates in its (H/2, 2D) view of the heads, so
+        adjacent heads 2j, 2j+1 take positions 2t, 2t+1, while pair_heads places heads h < H/2 at 2t and the others
+        at 2t+1: heads 1 and 4 of 6 are rotated for the other slot of their token."""
+        B, T, H, _ = x_BTHD.shape
+        t = torch.arange(T, device=x_BTHD.device) + offset
+        if not isinstance(offset, Tensor):
+            self._check_length(2 * (offset + T))
+        pos_TH = 2 * t[:, None] + torch.arange(H, device=x_BTHD.device)[None] % 2
+        return rotate(x_BTHD, self.cos[pos_TH][None], self.sin[pos_TH][None])
+
+    def still_dims(self) -> Tensor:
+        """(head_dim,) True where the rotary leaves a channel unrotated (half-truncated RoPE's zero frequencies)."""
+        still = rotary_freqs(self.head_dim, self.cos.device) == 0
+        return torch.cat([still, still])
+
+
+def rotate(x_BTHD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE on channel pairs (i, i + D/2) with tables broadcastable to (B, T, H, D/2)."""
+    x1, x2 = x_BTHD.float().chunk(2, dim=-1)
+    y1 = x1 * cos + x2 * sin
+    y2 = x2 * cos - x1 * sin
+    return torch.cat((y1, y2), dim=-1).type_as(x_BTHD)
 
 
 AttnMask = Any  # a FlexAttention BlockMask on CUDA, a boolean (B, 1, T, T) tensor elsewhere
@@ -919,35 +1033,263 @@ def attention(q_BHTD: Tensor, k_BHTD: Tensor, v_BHTD: Tensor, mask: AttnMask, sc
     return flex_attention(q_BHTD, k_BHTD, v_BHTD, block_mask=mask, scale=scale)
 
 
+# The 2026 record's architecture parts (issue 27, docs/architecture.md): each one off unless its field is set.
+GATE_INPUTS = 12  # record #28 (PR 117): the sparse gates (attention output, smear, skip) read 12 input channels
+VE_GATE_INPUTS = 6  # record #70 (PR 218): a value-embedding gate reads 6 channels of x and 6 of the embedding
+BIGRAM_MULTS = (36313, 27191)  # record #62 (PR 201), get_bigram_hash: multipliers of the token and the one before
+BIGRAM_LAMBDA_INIT = 0.05  # record #62 (bigram_lambdas): each layer's share of the bigram embedding at init
+BIGRAM_SIGN_SEED = 299  # seed of the sign trick's +-1 table (ours; the record draws it from its run's RNG)
+RESID_LAMBDA_INIT = 1.1**0.5  # record #73 on (resid_lambdas): sqrt(1.1) per sublayer, 1.1 per layer
+SKIP_LAMBDA_INIT = -1.5  # record #55 (skip_lambda): sigmoid(-1.5) ~ 0.18 of the gated skip at init
+BACKOUT_INIT = 0.5  # record #40 (PR 140): backout_lambda
+VE_INIT_STD = 0.01  # record #65 (@photomz): gated value embeddings drawn N(0, 0.01^2)
+SA_LAMBDAS_INIT = (0.5, 1.0)  # record #47 (sa_lambdas): scales of the attention's values and of its output
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The 2026 record's architecture switches as the GPT reads them (Hyperparameters has their documentation);
+    the default is the 2025 record's GPT, built and computed exactly as before these switches existed."""
+
+    bigram_rows: int = 0
+    bigram_dim: int = 0  # 0 = model_dim
+    bigram_sign_rows: int = 0
+    smear: bool = False
+    value_embed_layers: tuple[int, ...] | None = None  # None = value_embed_layout's 2025 sharing
+    value_embed_gates: bool = False
+    residual_lambdas: bool = False
+    gated_skip: tuple[int, int] | None = None  # (source layer, layer it is added to); None = U-net skips
+    backout_layer: int = -1
+    long_window_layers: tuple[int, ...] | None = None  # None = long_window_layers' 2025 rule
+    key_offset: bool = False
+    xsa_layers: tuple[int, ...] = ()
+    attn_gate: bool = False
+    paired_head_layers: tuple[int, ...] = ()
+
+    @classmethod
+    def from_hparams(cls, hp: "Hyperparameters") -> "Architecture":
+        def layers(name: str) -> tuple[int, ...]:
+            return tuple(layer_list(getattr(hp, name), name, hp.num_layers))
+
+        return cls(bigram_rows=hp.bigram_rows, bigram_dim=hp.bigram_dim, bigram_sign_rows=hp.bigram_sign_rows,
+                   smear=hp.smear, value_embed_layers=layers("value_embed_layers") or None,
+                   value_embed_gates=hp.value_embed_gates, residual_lambdas=hp.residual_lambdas,
+                   gated_skip=(hp.gated_skip_from, hp.no_attn_layer) if hp.skip_topology == "gated" else None,
+                   backout_layer=hp.backout_layer, long_window_layers=layers("long_window_layers") or None,
+                   key_offset=hp.key_offset, xsa_layers=layers("xsa_layers"), attn_gate=hp.attn_gate,
+                   paired_head_layers=layers("paired_head_layers"))
+
+    def value_embeds(self, num_layers: int) -> list[int | None]:
+        """Which value-embedding table each layer reads (None: none)."""
+        if self.value_embed_layers is None:
+            return value_embed_layout(num_layers)
+        own = {layer: j for j, layer in enumerate(self.value_embed_layers)}
+        return [own.get(i) for i in range(num_layers)]
+
+    def long_windows(self, num_layers: int) -> list[bool]:
+        if self.long_window_layers is None:
+            return long_window_layers(num_layers)
+        return [i in self.long_window_layers for i in range(num_layers)]
+
+
+def bigram_hash(tokens_BT: Tensor, rows: int, start: int = 0, before_B: Tensor | None = None) -> Tensor:
+    """(B, T) rows of the bigram table (record #62, PR 201; get_bigram_hash at f411b3d3): in int32 arithmetic,
+    which wraps, (36313 * token xor 27191 * previous token) mod (rows - 1), a row being the record's sequence.
+
+    Record quirks reproduced: position 0 gets the reserved row rows - 1, and that reserved value, not the first
+    token, is position 1's previous token (the record overwrites position 0 before it reads it; 27191 * (rows - 1)
+    wraps for the record's 377,280 rows); documents are not separated (a document's first token hashes with the
+    previous document's last). start: the position of column 0 (a KV cache's continuation), before_B the token at
+    start - 1 (read from start 2 on)."""
+    mod = rows - 1
+    x = tokens_BT.to(torch.int32)
+    first = x.new_full((x.size(0), 1), mod) if start < 2 else before_B.to(torch.int32)[:, None]
+    prev = torch.cat([first, x[:, :-1]], dim=1)
+    if start == 0 and x.size(1) > 1:
+        prev[:, 1] = mod
+    out = torch.bitwise_xor(BIGRAM_MULTS[0] * x, BIGRAM_MULTS[1] * prev) % mod
+    if start == 0:
+        out[:, 0] = mod
+    return out.long()
+
+
+class BigramEmbedding(nn.Module):
+    """The bigram hash embedding (record #62, PR 201): a zero-initialised (rows, dim) table read at bigram_hash's
+    rows; with sign_rows, the sign trick (record #83, PR 299): each position's row times a fixed random +-1 vector,
+    row (previous xor token) % sign_rows of a seeded table (row 0 at a sequence's first position, as the record),
+    so that bigrams sharing a row pull it in different directions."""
+
+    def __init__(self, rows: int, dim: int, sign_rows: int):
+        super().__init__()
+        self.embed = nn.Embedding(rows, dim)
+        nn.init.zeros_(self.embed.weight)
+        self.sign_rows = sign_rows
+        if sign_rows:
+            gen = torch.Generator().manual_seed(BIGRAM_SIGN_SEED)
+            self.signs = nn.Buffer(torch.randn(sign_rows, dim, generator=gen).sign())  # saved with the model
+
+    def forward(self, tokens_BT: Tensor, start: int = 0, before_B: Tensor | None = None) -> Tensor:
+        """(B, T, dim); start and before_B as bigram_hash's."""
+        out = self.embed(bigram_hash(tokens_BT, self.embed.num_embeddings, start, before_B))
+        if self.sign_rows:
+            prev = torch.cat([tokens_BT[:, :1] if start == 0 else before_B[:, None], tokens_BT[:, :-1]], dim=1)
+            row = torch.bitwise_xor(prev, tokens_BT) % self.sign_rows
+            if start == 0:
+                row[:, 0] = 0
+            out = out * self.signs[row].type_as(out)
+        return out
+
+
+def add_to_channels(x: Tensor, y: Tensor) -> Tensor:
+    """x with y (narrower or as wide) added to its first channels: the bigram embedding may be narrower."""
+    if y.size(-1) == x.size(-1):
+        return x + y
+    return torch.cat([x[..., :y.size(-1)] + y, x[..., y.size(-1):]], dim=-1)
+
+
+class SmearGate(nn.Module):
+    """Smear (record #34, PR 130): x_t + scale * sigmoid(W x_t[:12]) * x_(t-1) on the token embeddings, where a
+    sequence's first token keeps its own; scale starts at 0, so the layer starts as the identity. As in the record,
+    a document's first token smears in the previous document's last."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(GATE_INPUTS, 1, bias=False)
+        nn.init.zeros_(self.gate.weight)
+        self.scale = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x_BTD: Tensor, before_BD: Tensor | None = None) -> Tensor:
+        """before_BD: the embedding of the token before x's first (a KV cache's continuation); None at a start."""
+        gate = self.scale * torch.sigmoid(F.linear(x_BTD[..., :GATE_INPUTS], self.gate.weight.type_as(x_BTD)))
+        if before_BD is None:
+            return torch.cat([x_BTD[:, :1], x_BTD[:, 1:] + gate[:, 1:] * x_BTD[:, :-1]], dim=1)
+        return x_BTD + gate * torch.cat([before_BD[:, None], x_BTD[:, :-1]], dim=1)
+
+
+class GatedSkip(nn.Module):
+    """The record's skip topology (records #45, #55): one layer's output added where the no-attention layer's
+    attention would be, times sigmoid(scale) * 2 * sigmoid(W x0[:12]) (scale -1.5 and W 0 at init: 0.18)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(GATE_INPUTS, 1, bias=False)
+        nn.init.zeros_(self.gate.weight)
+        self.scale = nn.Parameter(torch.tensor([SKIP_LAMBDA_INIT]))
+
+    def forward(self, x0: Tensor) -> Tensor:
+        """(B, T, 1) the gate, from the normed embedding x0."""
+        w = self.gate.weight.type_as(x0)
+        return torch.sigmoid(self.scale) * 2 * torch.sigmoid(F.linear(x0[..., :GATE_INPUTS], w))
+
+
+def shift_still_keys(k_BTHD: Tensor, still_D: Tensor, before_B1HD: Tensor | None = None) -> Tensor:
+    """Partial key offset (record #49): the keys' unrotated channels taken from the position before, so a query
+    matching them finds the token after a match (an induction head in one layer). A sequence's first position
+    keeps its own (the record's k[:, 1:] = k[:, :-1]); before_B1HD: the previous position's key (a continuation).
+    As in the record, a document's first key takes the previous document's last (its query never sees it)."""
+    prev = torch.cat([k_BTHD[:, :1] if before_B1HD is None else before_B1HD, k_BTHD[:, :-1]], dim=1)
+    return torch.where(still_D, prev, k_BTHD)
+
+
+def xsa(y_BTHD: Tensor, v_BTHD: Tensor, alpha_H: Tensor) -> Tensor:
+    """Learnable XSA (record #82, PR 264; arXiv:2603.09078): each head's output minus tanh(alpha) of its component
+    along that head's own value vector at the same position; alpha starts at 0 (off)."""
+    dot = (y_BTHD * v_BTHD).sum(-1, keepdim=True)
+    denom = v_BTHD.square().sum(-1, keepdim=True).clamp_min(1e-8)
+    return y_BTHD - torch.tanh(alpha_H).type_as(y_BTHD)[:, None] * (dot / denom) * v_BTHD
+
+
+def pair_heads(x_BTHD: Tensor) -> Tensor:
+    """Paired-head attention's sequence (record #58): (B, T, H, D) -> (B, 2T, H/2, D) with position 2t holding
+    heads 0..H/2-1 of token t and position 2t+1 heads H/2..H-1, so head g and head g + H/2 share a softmax. The
+    record's comment says adjacent heads pair; its reshape pairs these (its code defines the record)."""
+    B, T, H, D = x_BTHD.shape
+    return x_BTHD.reshape(B, 2 * T, H // 2, D)
+
+
+def paired_docs(docs_BT: Tensor) -> Tensor:
+    """Document ids of the interleaved sequence of pair_heads."""
+    return docs_BT.repeat_interleave(2, dim=1)
+
+
+@dataclass(frozen=True)
+class LayerArch:
+    """What one attention layer adds to the 2025 record's (Architecture, per layer); the default adds nothing."""
+
+    ve_gate: bool = False  # a value-embedding gate (the layer reads a value embedding and value_embed_gates is on)
+    sa_lambdas: bool = False  # the record's attention lambdas (v and output scales) instead of the v/ve mix
+    key_offset: bool = False
+    xsa: bool = False
+    gate: bool = False
+    paired: bool = False
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, head_dim: int, rotary: "Rotary"):
+    def __init__(self, dim: int, num_heads: int, head_dim: int, rotary: "Rotary", arch: LayerArch = LayerArch()):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
         hdim = num_heads * head_dim
         bound = 3**0.5 * 0.5 * dim**-0.5  # same init scale as CastedLinear (record)
         self.qkv_w = nn.Parameter(torch.empty(3, hdim, dim).uniform_(-bound, bound))  # merged QKV
-        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # mix of v and the value embedding
+        # 2025: the mix of v and the value embedding; record (#47): the scales of v and of the output
+        self.lambdas = nn.Parameter(torch.tensor(SA_LAMBDAS_INIT if arch.sa_lambdas else [0.5, 0.5]))
         self.rotary = rotary  # one table shared by all layers (non-persistent, so not in the state_dict)
         self.c_proj = CastedLinear(hdim, dim)
         self.c_proj.weight.detach().zero_()  # zero-init output projection (record)
         self.attn_scale = ATTN_SCALE  # GPT.set_yarn rescales it with the rotary table
         self.qkv_decode: Callable[[Tensor, Tensor], Tensor] | None = None  # as CastedLinear.decode
+        self.arch = arch
+        if arch.ve_gate:  # record #70: 2 * sigmoid(W [x[:6], ve[:6]]) per head, 1 at init
+            self.ve_gate = nn.Parameter(torch.zeros(num_heads, 2 * VE_GATE_INPUTS))
+        if arch.xsa:
+            self.xsa_alpha = nn.Parameter(torch.zeros(num_heads))
+        if arch.gate:  # record #28: sigmoid(W x[:12]) per head, 0.5 at init
+            self.gate = nn.Parameter(torch.zeros(num_heads, GATE_INPUTS))
 
     def forward(self, x: Tensor, ve: Tensor | None, mask: AttnMask, kv: Any = None) -> Tensor:
-        """kv: a cache layer (inference.py) that stores this chunk's keys and values and attends over its window."""
+        """kv: a cache layer (inference.py) that stores this chunk's keys and values and attends over its window
+        (and, with a key offset, hands over the previous chunk's last key)."""
         B, T = x.size(0), x.size(1)
+        arch = self.arch
         qkv = linear(x, self.qkv_w.flatten(end_dim=1), self.qkv_decode)
         q, k, v = qkv.view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)  # (B, T, H, D) each
         q, k = norm(q), norm(k)  # QK-norm
         offset = 0 if kv is None else kv.offset
-        q, k = self.rotary(q, offset), self.rotary(k, offset)
-        v = self.lambdas[0] * v + (self.lambdas[1] * ve.view_as(v) if ve is not None else 0)
+        if arch.paired:
+            q, k = self.rotary.paired(q, offset), self.rotary.paired(k, offset)
+        else:
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
+        if arch.key_offset:
+            k = shift_still_keys(k, self.rotary.still_dims(), None if kv is None else kv.swap_last_key(k))
+        if arch.sa_lambdas:
+            v = self.lambdas[0] * v
+            if ve is not None:
+                if arch.ve_gate:  # reads the first channels of x and of the (B, T, H*D) embedding
+                    gate_in = torch.cat([x[..., :VE_GATE_INPUTS], ve[..., :VE_GATE_INPUTS].type_as(x)], dim=-1)
+                    gate = 2 * torch.sigmoid(F.linear(gate_in, self.ve_gate.type_as(x)))[..., None]  # (B, T, H, 1)
+                    v = v + gate * ve.view_as(v)
+                else:
+                    v = v + ve.view_as(v)
+        else:
+            v = self.lambdas[0] * v + (self.lambdas[1] * ve.view_as(v) if ve is not None else 0)
+        v_BTHD = v
+        if arch.paired:
+            q, k, v = pair_heads(q), pair_heads(k), pair_heads(v)  # (B, 2T, H/2, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2).type_as(q)  # (B, H, T, D)
         if kv is None:
             y = attention(q, k, v, mask, self.attn_scale)
         else:
             y = kv.attend(q, k, v, mask, self.attn_scale)
-        y = y.transpose(1, 2).contiguous().view(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
+        y = y.transpose(1, 2)
+        if arch.paired or arch.xsa or arch.gate:
+            y = y.reshape(B, T, self.num_heads, self.head_dim)  # a paired layer's (B, 2T, H/2, D) back to heads
+            if arch.xsa:
+                y = xsa(y, v_BTHD.type_as(y), self.xsa_alpha)
+            if arch.gate:
+                y = y * torch.sigmoid(F.linear(x[..., :GATE_INPUTS], self.gate.type_as(x)))[..., None].type_as(y)
+        y = y.contiguous().view(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
+        if arch.sa_lambdas:
+            y = self.lambdas[1] * y  # the record multiplies the output weight instead (#47): the same product
         return self.c_proj(y)
 
 
@@ -963,16 +1305,41 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, head_dim: int, rotary: Rotary, has_attn: bool):
+    def __init__(self, dim: int, num_heads: int, head_dim: int, rotary: Rotary, has_attn: bool,
+                 arch: LayerArch = LayerArch(), residual_lambdas: bool = False, bigram: bool = False):
         super().__init__()
-        self.attn = CausalSelfAttention(dim, num_heads, head_dim, rotary) if has_attn else None
+        self.attn = CausalSelfAttention(dim, num_heads, head_dim, rotary, arch) if has_attn else None
         self.mlp = MLP(dim)
-        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # mix of the residual x and the embedding x0
+        self.residual_lambdas = residual_lambdas
+        if residual_lambdas:  # records #73-#77: per sublayer (attention, MLP)
+            self.resid_lambdas = nn.Parameter(torch.full((2,), RESID_LAMBDA_INIT))  # scale of the stream
+            self.post_lambdas = nn.Parameter(torch.ones(2))  # scale of the sublayer's output
+            if has_attn:
+                self.x0_lambda = nn.Parameter(torch.zeros(1))  # share of x0 added after attention
+        else:
+            self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # mix of the residual x and the embedding x0
+        if bigram:
+            self.bigram_lambda = nn.Parameter(torch.tensor([BIGRAM_LAMBDA_INIT]))
 
-    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask: AttnMask, kv: Any = None) -> Tensor:
-        x = self.lambdas[0] * x + self.lambdas[1] * x0
+    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask: AttnMask, kv: Any = None,
+                attn_in: Tensor | None = None, skip: Tensor | None = None, bigram: Tensor | None = None) -> Tensor:
+        """attn_in: what the attention reads instead of the stream (record #77); skip: the gated skip, added where a
+        no-attention layer's attention would be; bigram: the bigram embedding, added after the attention times this
+        layer's share (layer 0's share is added before layer 0 by the GPT)."""
+        if not self.residual_lambdas:
+            x = self.lambdas[0] * x + self.lambdas[1] * x0
         if self.attn is not None:
-            x = x + self.attn(norm(x), ve, mask, kv)
+            y = self.attn(norm(x if attn_in is None else attn_in), ve, mask, kv)
+            if self.residual_lambdas:
+                x = self.resid_lambdas[0] * x + self.post_lambdas[0] * y + self.x0_lambda * x0
+            else:
+                x = x + y
+            if bigram is not None:
+                x = add_to_channels(x, self.bigram_lambda * bigram)
+        elif skip is not None:
+            x = x + skip  # as the record: no lambdas on the no-attention layer's skip
+        if self.residual_lambdas:
+            return self.resid_lambdas[1] * x + self.post_lambdas[1] * self.mlp(norm(x))
         return x + self.mlp(norm(x))
 
 
@@ -1247,22 +1614,40 @@ class GPT(nn.Module):
     """The record's GPT for any size. Parameter names equal the record script's so its state_dicts load."""
 
     def __init__(self, vocab_size: int, num_layers: int, num_heads: int, head_dim: int, model_dim: int,
-                 max_seq_len: int, no_attn_layer: int = 7):
+                 max_seq_len: int, no_attn_layer: int = 7, arch: Architecture = Architecture()):
         super().__init__()
         padded_vocab = next_multiple_of_n(vocab_size, n=128)  # 50257 -> 50304: free rows for chat tokens
-        self.num_layers, self.model_dim = num_layers, model_dim
+        self.num_layers, self.model_dim, self.arch = num_layers, model_dim, arch
         self.embed = nn.Embedding(padded_vocab, model_dim)
-        layout = value_embed_layout(num_layers)
+        layout = arch.value_embeds(num_layers)
         num_ve = max((i for i in layout if i is not None), default=-1) + 1
         self.value_embeds = nn.ModuleList([nn.Embedding(padded_vocab, model_dim) for _ in range(num_ve)])
-        rotary = Rotary(head_dim, max_seq_len)
-        self.blocks = nn.ModuleList([Block(model_dim, num_heads, head_dim, rotary, i != no_attn_layer)
+        if arch.value_embed_gates:
+            for ve in self.value_embeds:
+                nn.init.normal_(ve.weight, std=VE_INIT_STD)
+        paired = arch.paired_head_layers
+        rotary = Rotary(head_dim, max_seq_len * (2 if paired else 1))  # paired layers rotate at 2t and 2t + 1
+        longs = arch.long_windows(num_layers)
+        layers = [LayerArch(ve_gate=arch.value_embed_gates and layout[i] is not None,
+                            sa_lambdas=arch.value_embed_gates, key_offset=arch.key_offset and longs[i] and i not in
+                            paired, xsa=i in arch.xsa_layers, gate=arch.attn_gate, paired=i in paired)
+                  for i in range(num_layers)]
+        self.blocks = nn.ModuleList([Block(model_dim, num_heads, head_dim, rotary, i != no_attn_layer, layers[i],
+                                           arch.residual_lambdas, arch.bigram_rows > 0 and (i == 0 or i !=
+                                                                                             no_attn_layer))
                                      for i in range(num_layers)])
         # FP8 scales: inputs are RMS-normed (|x| <= sqrt(dim)), 448 is the e4m3 max (record)
         self.lm_head = CastedLinear(model_dim, padded_vocab, x_s=model_dim**0.5 / 448, w_s=24 / 448,
                                     grad_s=1 / 448)
         self.lm_head.weight.detach().zero_()
-        self.skip_weights = nn.Parameter(torch.ones(num_layers // 2))  # U-net skips (record)
+        if arch.gated_skip is None:
+            self.skip_weights = nn.Parameter(torch.ones(num_layers // 2))  # U-net skips (record)
+        self.skip = GatedSkip() if arch.gated_skip is not None else None
+        self.smear = SmearGate() if arch.smear else None
+        self.bigram = (BigramEmbedding(arch.bigram_rows, arch.bigram_dim or model_dim, arch.bigram_sign_rows)
+                       if arch.bigram_rows else None)
+        if arch.backout_layer >= 0:
+            self.backout_lambda = nn.Parameter(torch.tensor([BACKOUT_INIT]))
         self.use_flex = False  # FlexAttention block masks (CUDA); SDPA with a dense mask otherwise
         self.loss_fn = softcap_cross_entropy  # build_model may swap in a compiled copy
         self.modified_loss_fn = softcap_modified_loss  # the same, with loss modifiers or token weights
@@ -1282,7 +1667,7 @@ class GPT(nn.Module):
     @classmethod
     def from_hparams(cls, hp: Hyperparameters) -> "GPT":
         model = cls(hp.vocab_size, hp.num_layers, hp.num_heads, hp.head_dim, hp.model_dim, hp.max_seq_len,
-                    hp.no_attn_layer)
+                    hp.no_attn_layer, Architecture.from_hparams(hp))
         model.logit_cap = hp.logit_cap
         model.head_chunk = hp.head_chunk
         model.window_block = hp.window_block
@@ -1313,33 +1698,63 @@ class GPT(nn.Module):
             _register_fp8_ops()
         self.lm_head.use_fp8 = on
 
-    def attention_masks(self, input_BT: Tensor, window_blocks: Tensor | int) -> tuple[AttnMask, AttnMask]:
+    def attention_masks(self, input_BT: Tensor, window_blocks: Tensor | int) -> tuple[AttnMask, ...]:
+        """(long, short) masks; with paired-head layers also (long, short) over pair_heads' interleaved sequence,
+        where the same window in blocks covers half as many tokens (as the record's)."""
         docs = (input_BT == EOT_ID).cumsum(dim=1)  # document id of every token
         build = flex_block_mask if self.use_flex else dense_attention_mask
         short = short_window(window_blocks, self.short_window_max)
-        return build(docs, window_blocks, self.window_block), build(docs, short, self.window_block)
+        masks = build(docs, window_blocks, self.window_block), build(docs, short, self.window_block)
+        if self.arch.paired_head_layers:
+            docs2 = paired_docs(docs)
+            masks += build(docs2, window_blocks, self.window_block), build(docs2, short, self.window_block)
+        return masks
 
-    def hidden_states(self, input_BT: Tensor, long_mask: AttnMask, short_mask: AttnMask, cache: Any = None) -> Tensor:
+    def hidden_states(self, input_BT: Tensor, long_mask: AttnMask, short_mask: AttnMask,
+                      paired_long: AttnMask = None, paired_short: AttnMask = None, cache: Any = None) -> Tensor:
         """The normed final residual stream (B, T, model_dim); with a cache (inference.py), of T new tokens after
-        the cached ones: cache.layer(i) is what layer i's attention stores into and attends over."""
-        masks = [long_mask if is_long else short_mask for is_long in long_window_layers(self.num_layers)]
+        the cached ones: cache.layer(i) is what layer i's attention stores into and attends over, cache.pos the
+        position of the first new token and cache.tokens[:, pos - 1] the token before it (smear, bigram)."""
+        arch = self.arch
+        longs = arch.long_windows(self.num_layers)
+        masks = [long_mask if is_long else short_mask for is_long in longs]
+        for i in arch.paired_head_layers:
+            masks[i] = paired_long if longs[i] else paired_short
         value_embeds = [ve(input_BT) for ve in self.value_embeds]
-        ves = [value_embeds[i] if i is not None else None for i in value_embed_layout(self.num_layers)]
-        x = x0 = norm(self.embed(input_BT))  # (B, T, model_dim)
-        skips, n = [], self.num_layers // 2
+        ves = [value_embeds[i] if i is not None else None for i in arch.value_embeds(self.num_layers)]
+        start = 0 if cache is None else cache.pos
+        before = None  # (B,) the token before input_BT's first, for the parts that read it
+        if start and (self.smear is not None or self.bigram is not None):
+            before = cache.tokens[:, start - 1]
+        x = self.embed(input_BT)  # (B, T, model_dim)
+        if self.smear is not None:
+            x = self.smear(x, None if before is None else self.embed(before))
+        x = x0 = norm(x)
+        bigram = None
+        if self.bigram is not None:
+            bigram = self.bigram(input_BT, start, before)  # (B, T, bigram_dim)
+            x = add_to_channels(x, self.blocks[0].bigram_lambda * bigram)  # record: before layer 0
+        skip_gate = None if self.skip is None else self.skip(x0)
+        skips, saved, n, back = [], {}, self.num_layers // 2, arch.backout_layer
         for i, block in enumerate(self.blocks):
-            if i >= n:
+            if self.skip is None and i >= n:
                 x = x + self.skip_weights[i - n] * skips.pop()
-            x = block(x, ves[i], x0, masks[i], None if cache is None else cache.layer(i))
-            if i < n:
+            skip = skip_gate * saved[arch.gated_skip[0]] if skip_gate is not None and i == arch.gated_skip[1] else None
+            x = block(x, ves[i], x0, masks[i], None if cache is None else cache.layer(i),
+                      attn_in=saved[back] if 0 <= back < i else None, skip=skip, bigram=bigram if i else None)
+            if self.skip is None and i < n:
                 skips.append(x)
+            if i == back or (skip_gate is not None and i == arch.gated_skip[0]):
+                saved[i] = x
+        if back >= 0:
+            x = x - self.backout_lambda * saved[back]  # record #40: back out the early layers' contribution
         return norm(x)
 
     def ensure_positions(self, length: int) -> None:
         """Let the rotary table cover `length` positions (evaluation and generation may exceed training rows)."""
         for block in self.blocks:  # one table shared by every layer
             if block.attn is not None:
-                block.attn.rotary.ensure_length(length)
+                block.attn.rotary.ensure_length(length * (2 if self.arch.paired_head_layers else 1))
                 return
 
     def logits(self, x: Tensor) -> Tensor:
@@ -1871,26 +2286,61 @@ ADAM_TABLE_2026 = {
     "embed": dict(betas=(0.5, 0.95), lr_scale=0.008 / 0.6, wd_mul=150.0),
     "value_embeds": dict(betas=(0.75, 0.95), lr_scale=0.008 * 75 / 0.6, wd_mul=5.0),
     "scalars": dict(betas=(0.9, 0.99), lr_scale=0.008 * 5 / 0.04, wd_mul=0.0),
+    # the 2026 architecture's parameters (record #84's table, 2c702746^..d0f2bc46^; --scalar-lr's scale)
+    "bigram": dict(betas=(0.75, 0.95), lr_scale=0.008 * 75 / 0.6, wd_mul=5.0),  # of --embed-lr
+    "smear_gate": dict(betas=(0.9, 0.99), lr_scale=0.008 * 0.01 / 0.04, wd_mul=0.0),  # record #52: a low LR
+    "skip_gate": dict(betas=(0.9, 0.99), lr_scale=0.008 * 0.05 / 0.04, wd_mul=0.0),
+    "gates": dict(betas=(0.9, 0.99), lr_scale=0.008 / 0.04, wd_mul=1.0),  # attention and value-embedding gates
+    "lambdas": dict(betas=(0.9, 0.95), lr_scale=0.008 / 0.04, wd_mul=0.0),  # post, x0, bigram lambdas; XSA alphas
+    "resid_lambdas": dict(betas=(0.9, 0.95), lr_scale=0.008 * 5 / 0.04, wd_mul=0.0),
 }
+
+
+def muon_params(model: GPT) -> list[Tensor]:
+    """The hidden matrices Muon trains: the blocks' projections (not their gates, which Adam trains: record #56)."""
+    return [p for n, p in model.blocks.named_parameters() if p.ndim >= 2 and "gate" not in n]
 
 
 def adam_groups(model: GPT, hp: Hyperparameters) -> list[dict[str, Any]]:
     """The Adam groups: lm_head, the embeddings and the scalars at the 2025 record's LRs; with --adam-table 2026 the
-    value embeddings apart, each with the 2026 record's betas, LR scale and weight-decay multiplier."""
+    value embeddings apart, each with the 2026 record's betas, LR scale and weight-decay multiplier. The 2026
+    architecture's gates are scalars in the 2025 table; in the 2026 table each part has its own row."""
     head = [model.lm_head.weight]
-    scalars = [p for p in model.parameters() if p.ndim < 2]
+    muon = {id(p) for p in muon_params(model)}
+    scalars = [p for n, p in model.named_parameters() if id(p) not in muon and p is not model.lm_head.weight
+               and "embed" not in n]
     if hp.adam_table == "2025":
         embeds = [p for n, p in model.named_parameters() if "embed" in n]
         return [dict(params=head, lr=hp.head_lr), dict(params=embeds, lr=hp.embed_lr),
                 dict(params=scalars, lr=hp.scalar_lr)]
+    parts = {name: [] for name in ADAM_TABLE_2026 if name not in ("head", "embed", "value_embeds", "bigram")}
+    for n, p in model.named_parameters():
+        if id(p) in {id(q) for q in scalars}:
+            parts[adam_row_2026(n)].append(p)
     named = dict(head=(head, hp.head_lr), embed=([model.embed.weight], hp.embed_lr),
-                 value_embeds=([ve.weight for ve in model.value_embeds], hp.embed_lr), scalars=(scalars, hp.scalar_lr))
+                 value_embeds=([ve.weight for ve in model.value_embeds], hp.embed_lr),
+                 bigram=([] if model.bigram is None else [model.bigram.embed.weight], hp.embed_lr),
+                 **{name: (params, hp.scalar_lr) for name, params in parts.items()})
     out = []
     for name, (params, lr) in named.items():
         row = ADAM_TABLE_2026[name]
         out.append(dict(params=params, lr=lr * row["lr_scale"], betas=row["betas"],
                         weight_decay=hp.adam_weight_decay * row["wd_mul"]))
     return [g for g in out if g["params"]]
+
+
+def adam_row_2026(name: str) -> str:
+    """The ADAM_TABLE_2026 row of a parameter outside the head, the embeddings and Muon, by its name."""
+    leaf = name.rsplit(".", 1)[-1]
+    if name.startswith(("smear.gate", "skip.gate")):
+        return name.split(".")[0] + "_gate"
+    if leaf in ("gate", "ve_gate"):
+        return "gates"
+    if leaf in ("post_lambdas", "x0_lambda", "bigram_lambda", "xsa_alpha"):
+        return "lambdas"
+    if leaf == "resid_lambdas":
+        return "resid_lambdas"
+    return "scalars"
 
 
 def muon_lr_mults(model: GPT, hp: Hyperparameters) -> dict[Tensor, float]:
@@ -1912,7 +2362,7 @@ def setup_optimizers(model: GPT, hp: Hyperparameters, rank: int = 0, world_size:
     """Adam for lm_head, embeddings and scalars, Muon for the hidden matrices (record learning rates), each with the
     2026 record's variants where the config switches them on. With --optimizer adamw the hidden matrices get
     GPT-2-style AdamW instead of Muon and nothing else changes: the ablation that measures what Muon buys."""
-    hidden = [p for n, p in model.blocks.named_parameters() if p.ndim >= 2]
+    hidden = muon_params(model)
     # record: head 0.22, embeddings 0.6, scalars 0.04 with betas (0.8, 0.95); the tiny eps is
     # @YouJiacheng's fix for the world-size dependence of the update size
     groups = adam_groups(model, hp)

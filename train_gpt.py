@@ -142,6 +142,37 @@ class Hyperparameters:
     doc_aligned: bool = False  # every row starts at a document start and holds whole documents cut at the stage's
     #   maximum length, the tail of a cut one dropped (record #89's BOS-aligned loader; its cuts, 896 then 2048
     #   tokens, need --stage-schedule; without one a document is cut only by the row's end)
+    # architecture (the 2026 record's; issue 27): every switch off = the 2025 record's GPT. docs/architecture.md
+    bigram_rows: int = 0  # bigram hash embedding (record #62, PR 201): rows of a zero-initialised table indexed by a
+    #   hash of each token and the one before it, added to the residual stream before layer 0 and after every later
+    #   attention; 0 = off (record #89: 50304 * 15 // 2 = 377,280)
+    bigram_dim: int = 0  # the table's width: it feeds the first this-many channels of the stream; 0 = --model-dim
+    bigram_sign_rows: int = 0  # sign trick (record #83, PR 299): each position's bigram row times a fixed random
+    #   +-1 vector, row (previous token xor token) mod this of a seeded table; 0 = off (record: 8192)
+    bigram_update: str = "dense"  # the bigram table's Adam: dense (the record's: every row, every Adam step) or rows
+    #   (lazy: only the rows with a gradient this step, so the cost follows the batch, not the table)
+    smear: bool = False  # smear gate (record #34, PR 130): each token's embedding plus a gated share of the one before
+    value_embed_layers: str = ""  # "" = the 2025 layout (3 tables shared 012...012); else comma-separated layers,
+    #   each with its own table (record #89: 1,2,8,9,10)
+    value_embed_gates: bool = False  # per-head value-embedding gates 2*sigmoid(W [x[:6], ve[:6]]) (records #55, #70)
+    #   with the record's attention lambdas (v scale 0.5, output scale 1: record #47) and 0.01-scale tables (#65)
+    residual_lambdas: bool = False  # per-sublayer residual and output lambdas, sqrt(1.1) and 1, and the x0 share
+    #   added after attention (records #45-#77), instead of the 2025 mix of x and x0 before each block
+    skip_topology: str = "unet"  # unet (2025: layer i feeds layer L-1-i) or gated (record #45/#55: one skip from the
+    #   output of --gated-skip-from into the --no-attn-layer, gated by sigmoid(-1.5 + ...) * 2 * sigmoid(W x0[:12]))
+    gated_skip_from: int = 3  # the gated skip's source layer (record: 3)
+    backout_layer: int = -1  # backout (record #40, PR 140): subtract a learned share (init 0.5) of this layer's
+    #   output from the stream before the head, and later layers' attention reads it (record #77); -1 = off (record 7)
+    long_window_layers: str = ""  # "" = the 2025 rule (0, 4, ... mirrored); else the comma-separated long-window
+    #   layers (record #89: 3,10); the others get the short window
+    key_offset: bool = False  # partial key offset (record #49): on long-window layers, the keys' non-rotating half
+    #   comes from the token before, so one layer can form an induction head
+    xsa_layers: str = ""  # learnable XSA (record #82, PR 264) on these comma-separated layers: each head's output
+    #   minus tanh(alpha) of its component along its own value (record #84: 1,3,4,7,8,10)
+    attn_gate: bool = False  # sparse attention output gate (record #28, PR 117): each head's output times
+    #   sigmoid(W x[:12]) on every attention layer (record #89 computes this gate from its MUDD networks instead)
+    paired_head_layers: str = ""  # paired-head attention (record #58) on these comma-separated layers: heads h and
+    #   h + H/2 share one softmax over the sequence interleaved token by token (record #89: 0,2,5,9)
     # loss modifiers: all off by default; validation and eval.py report plain cross-entropy
     label_smoothing: float = 0.0  # share of each target's probability spread evenly over the real vocabulary
     #   (rows below vocab_size, plus the chat tokens in a fine-tune; never the padding rows)
@@ -243,7 +274,10 @@ LIBRARY_ONLY = ("label_smoothing", "z_loss", "entropy_weight", "loss_terms", "pl
                 "cautious_weight_decay", "adam_update", "adam_table", "adam_weight_decay", "adam_every",
                 "muon_lr_mults", "muon_momentum_cooldown", "muon_qk_head_groups", "muon_row_equilibration",
                 "muon_norm_snap", "lr_floor", "stage_schedule", "mtp", "prefix_token", "logit_cap",
-                "window_block", "yarn", "tie_embed", "head_chunk", "doc_aligned")
+                "window_block", "yarn", "tie_embed", "head_chunk", "doc_aligned", "bigram_rows", "bigram_dim",
+                "bigram_sign_rows", "bigram_update", "smear", "value_embed_layers", "value_embed_gates",
+                "residual_lambdas", "skip_topology", "gated_skip_from", "backout_layer", "long_window_layers",
+                "key_offset", "xsa_layers", "attn_gate", "paired_head_layers")
 
 # Only the fields that differ from the defaults (the record); reasons in model.py, measurements in docs/measurements.md.
 PRESETS: dict[str, dict[str, Any]] = {
