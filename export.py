@@ -90,6 +90,10 @@ def exportable(ckpt: dict[str, Any], hp: M.Hyperparameters, model: M.GPT, path: 
     if hp.yarn:
         raise M.CheckpointError(f"{path}: trained with --yarn; the export's modelling file has the base rotary and "
                                 f"attention scale only, so it is not exported")
+    switches = M.architecture_switches(hp)
+    if switches:
+        raise M.CheckpointError(f"{path}: trained with the 2026 architecture ({', '.join(switches)}); the export's "
+                                f"modelling file implements the 2025 GPT only, so it is not exported")
     for name, tensor in model.state_dict().items():
         if not torch.isfinite(tensor).all():
             raise M.CheckpointError(f"{path}: {name} holds NaN or infinite values (a diverged run); not exported")

@@ -231,19 +231,34 @@ class KVCache:
         self.tokens = torch.zeros(batch_size, capacity, dtype=torch.long, device=model.embed.weight.device)
         self.k: list[Tensor | None] = [None] * len(model.blocks)
         self.v: list[Tensor | None] = [None] * len(model.blocks)
+        # paired-head layers (record #58) cache two keys per token, in pair_heads' interleaved order, and see
+        # their own window over that sequence; key_start_paired is its first key position
+        self.paired = set(model.arch.paired_head_layers)
+        self.key_start_paired = 0
+        self.last_key: list[Tensor | None] = [None] * len(model.blocks)  # a key offset's previous raw key
+
+    def swap_last_key(self, i: int, k_BTHD: Tensor) -> Tensor | None:
+        """Layer i's raw key of the position before this chunk (None at position 0); keeps this chunk's last."""
+        before = self.last_key[i] if self.pos else None
+        self.last_key[i] = k_BTHD[:, -1:].clone()
+        return before
 
     def layer(self, i: int) -> "LayerCache":
         return LayerCache(self, i)
 
-    def masks(self, T: int, window_blocks: int) -> tuple[int, Tensor, Tensor]:
-        """(first key position, long-window rows, short-window rows) for T new tokens."""
+    def masks(self, T: int, window_blocks: int, paired: bool = False) -> tuple[int, Tensor, Tensor]:
+        """(first key position, long-window rows, short-window rows) for T new tokens; paired: over pair_heads'
+        interleaved sequence (positions 2 * pos ..)."""
         end = self.pos + T
         if end > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} tokens; {end} requested")
         docs = (self.tokens[:, :end] == EOT_ID).cumsum(dim=1)
-        start_long, long_mask = cached_mask_rows(docs, self.pos, window_blocks, self.block)
+        q_start = self.pos
+        if paired:
+            docs, q_start = M.paired_docs(docs), 2 * self.pos
+        start_long, long_mask = cached_mask_rows(docs, q_start, window_blocks, self.block)
         short = M.short_window(window_blocks, self.short_max)
-        start_short, short_mask = cached_mask_rows(docs, self.pos, short, self.block)
+        start_short, short_mask = cached_mask_rows(docs, q_start, short, self.block)
         start = min(start_long, start_short)  # one key range for both: pad the narrower rows on the left
         return start, F.pad(long_mask, (start_long - start, 0)), F.pad(short_mask, (start_short - start, 0))
 
@@ -253,6 +268,7 @@ class KVCache:
         out.tokens = self.tokens.expand(n, -1).clone()
         out.k = [None if t is None else t.expand(n, -1, -1, -1).clone() for t in self.k]
         out.v = [None if t is None else t.expand(n, -1, -1, -1).clone() for t in self.v]
+        out.last_key = [None if t is None else t.expand(n, -1, -1, -1).clone() for t in self.last_key]
         return out
 
 
@@ -267,16 +283,22 @@ class LayerCache:
     def offset(self) -> int:
         return self.cache.pos
 
+    def swap_last_key(self, k_BTHD: Tensor) -> Tensor | None:
+        return self.cache.swap_last_key(self.index, k_BTHD)
+
     def attend(self, q_BHTD: Tensor, k_BHTD: Tensor, v_BHTD: Tensor, mask: Tensor, scale: float) -> Tensor:
-        """Store this chunk's keys and values; attend over those of positions key_start .. pos + T."""
+        """Store this chunk's keys and values; attend over those of positions key_start .. pos + T (of the
+        interleaved sequence, two per token, for a paired-head layer)."""
         c, i, T = self.cache, self.index, k_BHTD.size(2)
+        per_token = 2 if i in c.paired else 1
+        pos, key_start = per_token * c.pos, c.key_start_paired if i in c.paired else c.key_start
         if c.k[i] is None:
             B, H, _, D = k_BHTD.shape
-            c.k[i] = k_BHTD.new_zeros(B, H, c.capacity, D)
-            c.v[i] = v_BHTD.new_zeros(B, H, c.capacity, D)
-        c.k[i][:, :, c.pos:c.pos + T] = k_BHTD
-        c.v[i][:, :, c.pos:c.pos + T] = v_BHTD
-        k, v = c.k[i][:, :, c.key_start:c.pos + T], c.v[i][:, :, c.key_start:c.pos + T]
+            c.k[i] = k_BHTD.new_zeros(B, H, per_token * c.capacity, D)
+            c.v[i] = v_BHTD.new_zeros(B, H, per_token * c.capacity, D)
+        c.k[i][:, :, pos:pos + T] = k_BHTD
+        c.v[i][:, :, pos:pos + T] = v_BHTD
+        k, v = c.k[i][:, :, key_start:pos + T], c.v[i][:, :, key_start:pos + T]
         return M.attention(q_BHTD, k, v, mask, scale)
 
 
@@ -291,7 +313,10 @@ def prefill(model: GPT, input_BT: Tensor, cache: KVCache, window_blocks: int) ->
     cache.tokens[:, cache.pos:cache.pos + T] = input_BT
     start, long_mask, short_mask = cache.masks(T, window_blocks)
     cache.key_start = start
-    x = model.hidden_states(input_BT, long_mask, short_mask, cache=cache)
+    paired = (None, None)
+    if cache.paired:
+        cache.key_start_paired, *paired = cache.masks(T, window_blocks, paired=True)
+    x = model.hidden_states(input_BT, long_mask, short_mask, *paired, cache=cache)
     cache.pos += T
     return model.logits(x)
 
@@ -442,6 +467,15 @@ def compile_decoding(model: GPT, on: bool = True) -> GPT:
     return model
 
 
+def ring_decodes(model: GPT) -> bool:
+    """Whether generation decodes through the RingCache's one-token steps. Parts of the 2026 architecture that carry
+    state from token to token (the smear gate and the bigram hash read the token before, a key offset the key
+    before, paired heads cache two keys a token) decode through the KVCache instead, one prefill of one token a
+    step: the same attention over the window, without the ring's compiled step."""
+    arch = model.arch
+    return not (arch.smear or arch.bigram_rows or arch.key_offset or arch.paired_head_layers)
+
+
 def decode_step(model: GPT, ids_B: Tensor, ring: RingCache) -> Tensor:
     """Logits (B, V) after one more token per sequence: ids_B at position ring.pos, which then advances."""
     compiled = getattr(model, "decode_fn", None)
@@ -502,13 +536,16 @@ def generate(model: GPT, prompt: list[int], *, window_blocks: int, max_new_token
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     model.eval()
     with ctx:
+        ring_steps = use_cache and ring_decodes(model)
         if use_cache:
             model.ensure_positions(len(prompt) + max_new_tokens)
-            cache = KVCache(model, 1, len(prompt))  # the prompt's keys; the ring holds the window after that
+            # the prompt's keys; the ring holds the window after that, else this cache grows one token a step
+            cache = KVCache(model, 1, len(prompt) + (0 if ring_steps else max_new_tokens))
             logits = prefill(model, prompt_BT, cache, window_blocks)[:, -1]
             if num_samples > 1:
                 cache, logits = cache.expand(num_samples), logits.expand(num_samples, -1)
-            ring = RingCache(cache, window_blocks)
+            if ring_steps:
+                ring = RingCache(cache, window_blocks)
         else:
             tokens = prompt_BT.expand(num_samples, -1)
             logits = reference_logits(model, tokens, window_blocks)
@@ -525,8 +562,10 @@ def generate(model: GPT, prompt: list[int], *, window_blocks: int, max_new_token
             if not use_cache:
                 tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
                 logits = reference_logits(model, tokens, window_blocks)
-            else:
+            elif ring_steps:
                 logits = decode_step(model, next_ids, ring)
+            else:
+                logits = prefill(model, next_ids[:, None], cache, window_blocks)[:, -1]
 
 
 # -----------------------------------------------------------------------------
