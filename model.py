@@ -386,6 +386,9 @@ class Hyperparameters:
         for name, choices in (("bigram_update", ("dense", "rows")), ("skip_topology", ("unet", "gated"))):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{_flag(name)}={getattr(self, name)!r} must be one of {', '.join(choices)}")
+        if self.bigram_update == "rows" and self.adam_every > 1:
+            raise ConfigError(f"--bigram-update rows steps every step: it does not take --adam-every="
+                              f"{self.adam_every} (use --bigram-update dense)")
         lists = {name: layer_list(getattr(self, name), name, self.num_layers)
                  for name in ("value_embed_layers", "long_window_layers", "xsa_layers", "paired_head_layers")}
         for name in ("xsa_layers", "paired_head_layers"):
@@ -2286,6 +2289,40 @@ class RecordAdam(torch.optim.Optimizer):
         p.sub_(update)
 
 
+class RowAdam(torch.optim.Optimizer):
+    """Adam on the rows of a table that have a gradient this step (--bigram-update rows): lazy Adam, as
+    torch.optim.SparseAdam computes it, on the dense gradient nn.Embedding gives, with RecordAdam's arithmetic
+    (bias correction folded into the step size, eps on the uncorrected root, LR-squared weight decay of the rows).
+    Rows no token of the step hashed to keep their weights and moments, where the record's dense Adam still moves
+    them along their decaying momentum; in exchange the update reads and writes only the touched rows (one pass
+    over the gradient finds them), so its cost follows the batch, not the table."""
+
+    def __init__(self, groups: list[dict[str, Any]], betas: tuple[float, float], eps: float):
+        super().__init__(groups, dict(betas=betas, eps=eps, weight_decay=0.0))
+
+    @torch.no_grad()
+    def step(self) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                t, lr = state["step"], group["lr"]
+                rows = p.grad.ne(0).any(dim=1).nonzero()[:, 0]  # (R,)
+                g = p.grad[rows]
+                m = state["exp_avg"][rows].mul_(beta1).add_(g, alpha=1 - beta1)
+                v = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                state["exp_avg"][rows], state["exp_avg_sq"][rows] = m, v
+                update = m.div(v.sqrt().add_(group["eps"])).mul_(lr * (1 - beta2**t) ** 0.5 / (1 - beta1**t))
+                if group["weight_decay"]:
+                    update.add_(p[rows], alpha=lr * lr * group["weight_decay"])
+                p.index_add_(0, rows, update, alpha=-1)
+
+
 # The 2026 record's Adam table (its TrainingManager at f411b3d3), generalised to this model's groups: betas, the
 # record's LR for these parameters (base 0.008 times its lr_mul) over the 2025 record's (head 0.22, embeddings 0.6,
 # scalars 0.04), applied to --head-lr, --embed-lr and --scalar-lr, and the weight-decay multiplier of
@@ -2375,6 +2412,13 @@ def setup_optimizers(model: GPT, hp: Hyperparameters, rank: int = 0, world_size:
     # record: head 0.22, embeddings 0.6, scalars 0.04 with betas (0.8, 0.95); the tiny eps is
     # @YouJiacheng's fix for the world-size dependence of the update size
     groups = adam_groups(model, hp)
+    row_groups = []
+    if hp.bigram_update == "rows" and model.bigram is not None:  # the bigram table gets its own RowAdam
+        table = model.bigram.embed.weight
+        row_groups = [dict(g, params=[table]) for g in groups if any(p is table for p in g["params"])]
+        for g in groups:
+            g["params"] = [p for p in g["params"] if p is not table]
+        groups = [g for g in groups if g["params"]]
     fused = next(model.parameters()).device.type == "cuda"
     if hp.adam_update == "record":
         adam: torch.optim.Optimizer = RecordAdam(groups, (hp.adam_beta1, hp.adam_beta2), hp.adam_eps,
@@ -2394,6 +2438,8 @@ def setup_optimizers(model: GPT, hp: Hyperparameters, rank: int = 0, world_size:
                           cautious=hp.cautious_weight_decay, lr_mults=muon_lr_mults(model, hp), qk_heads=qk,
                           row_equilibration=hp.muon_row_equilibration, norm_snap=hp.muon_norm_snap)
     optimizers: list[torch.optim.Optimizer] = [adam, hidden_opt]
+    if row_groups:
+        optimizers.append(RowAdam(row_groups, (hp.adam_beta1, hp.adam_beta2), hp.adam_eps))
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]

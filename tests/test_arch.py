@@ -317,8 +317,10 @@ def test_bad_architecture_values_are_one_clear_line(flags: list[str], message: s
 
 
 @pytest.mark.slow
-def test_resume_is_bitwise_with_every_switch(shard_dir, tmp_path) -> None:
-    full, half, _, resumed = stopped_and_resumed(shard_dir, tmp_path, tuple(ALL_ON_FLAGS), stop=3, end=6)
+@pytest.mark.parametrize("update", ["dense", "rows"])
+def test_resume_is_bitwise_with_every_switch(shard_dir, tmp_path, update: str) -> None:
+    extra = (*ALL_ON_FLAGS, "--bigram-update", update)
+    full, half, _, resumed = stopped_and_resumed(shard_dir, tmp_path, extra, stop=3, end=6)
     for name, tensor in full["model"].items():
         assert torch.equal(tensor, half["model"][name]), name
     assert "bigram.signs" in full["model"]
@@ -349,3 +351,34 @@ def test_eval_and_finetune_of_a_checkpoint_with_every_switch(shard_dir, tmp_path
     assert ft.returncode == 0, ft.stderr
     tuned, _, _ = M.load_model(tmp_path / "ft" / "state_step000002.pt")
     assert tuned.arch == loaded.arch
+
+
+def test_row_adam_is_lazy_adam_on_the_touched_rows() -> None:
+    """--bigram-update rows against lazy Adam written per row: touched rows step with the record's arithmetic and
+    LR-squared decay, the others keep weights and moments."""
+    gen = torch.Generator().manual_seed(0)
+    table = torch.nn.Parameter(torch.randn(10, 4, generator=gen, dtype=torch.float64))
+    opt = M.RowAdam([dict(params=[table], lr=0.1, weight_decay=0.5)], (0.8, 0.95), 1e-10)
+    ref, m, v = table.detach().clone(), torch.zeros(10, 4, dtype=torch.float64), torch.zeros(10, 4, dtype=torch.float64)
+    for t, touched in enumerate(([1, 3], [3, 7], [7]), start=1):
+        grad = torch.zeros(10, 4, dtype=torch.float64)
+        grad[touched] = torch.randn(len(touched), 4, generator=gen, dtype=torch.float64)
+        table.grad = grad
+        opt.step()
+        for r in touched:
+            m[r] = 0.8 * m[r] + 0.2 * grad[r]
+            v[r] = 0.95 * v[r] + 0.05 * grad[r] ** 2
+            step = 0.1 * math.sqrt(1 - 0.95**t) / (1 - 0.8**t)
+            ref[r] = ref[r] - step * m[r] / (v[r].sqrt() + 1e-10) - 0.1 * 0.1 * 0.5 * ref[r]
+        torch.testing.assert_close(table.detach(), ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(opt.state[table]["exp_avg"][[0, 2, 4]], torch.zeros(3, 4, dtype=torch.float64))
+
+
+def test_bigram_rows_gets_its_own_optimizer() -> None:
+    hp = tiny_hparams(**ALL_ON, bigram_update="rows")
+    model = M.GPT.from_hparams(hp)
+    opts = M.setup_optimizers(model, hp)
+    assert isinstance(opts[-1], M.RowAdam) and opts[-1].param_groups[0]["params"] == [model.bigram.embed.weight]
+    assert not any(p is model.bigram.embed.weight for g in opts[0].param_groups for p in g["params"])
+    dense = M.setup_optimizers(model, tiny_hparams(**ALL_ON))
+    assert len(dense) == 2
