@@ -480,8 +480,32 @@ PRESETS["shakespeare2026"] = dict(
     muon_orthogonalizer="polar_express", normuon=True, cautious_weight_decay=True, muon_weight_decay=1.2,
     muon_qk_head_groups=2, muon_row_equilibration=True,
 )
+# Record #89 (f411b3d3, 1285 steps to 3.28 on 8xH100) without its MUDD connections and gates (records #81, #85),
+# its dynamically composable attention (#85) and its FP8/Triton kernels (MLP FP8, #84/#89; fused ReLU^2 and
+# cross-entropy kernels, #59/#60/#79; FlashAttention 3 varlen, #29: FlexAttention's block masks here), with the
+# earlier, scalar forms of the gates MUDD replaced (record #84: x0 and bigram lambdas, XSA alphas; #80: backout,
+# skip gate, sparse attention gates on every layer). Composed from the three recipe issues: the optimizer (25),
+# the schedule, head and loss (26) and the architecture (27). docs/architecture.md.
+PRESETS["speedrun2026"] = dict(
+    # data: 8 ranks x 16k tokens in stage 1 (record: 8 * 2048 * 8), BOS-aligned rows; the stages add micro-batches
+    train_seq_len=16 * 1024, doc_aligned=True,
+    # model (record #89): 11 layers, attention skipped on layer 6 (#35), and the 2026 parts
+    num_layers=11, no_attn_layer=6, bigram_rows=50304 * 15 // 2, bigram_sign_rows=8192, smear=True,
+    value_embed_layers="1,2,8,9,10", value_embed_gates=True, residual_lambdas=True, skip_topology="gated",
+    gated_skip_from=3, backout_layer=7, long_window_layers="3,10", key_offset=True, xsa_layers="1,3,4,7,8,10",
+    attn_gate=True, paired_head_layers="0,2,5,9",
+    # schedule, head and loss (record #89): 1270 scheduled + 15 extension steps, cooldown 0.6 to an LR floor of 0.15
+    num_iterations=1285, cooldown_frac=0.6, lr_floor=0.15, stage_schedule="2026", mtp=True, prefix_token=True,
+    tie_embed=True, logit_cap="2026", yarn=True, val_loss_every=250,
+    # optimizer (record #89's NorMuonAndAdam): NorMuon with Polar Express at LR 0.023, cautious decay 1.2, Q/K per
+    # head pair; Adam with the record's arithmetic and table, decay 0.005, every other step; momentum cooldown 50
+    muon_lr=0.023, muon_orthogonalizer="polar_express", normuon=True, cautious_weight_decay=True,
+    muon_weight_decay=1.2, muon_qk_head_groups=2, muon_lr_mults="2026", muon_momentum_cooldown=50,
+    adam_update="record", adam_table="2026", adam_weight_decay=0.005, adam_every=2,
+)
 # The corpus each preset trains on: what pretraining.py may build or suggest, and which prompts eval.py samples.
-PRESET_CORPUS = {"speedrun": "fineweb", "shakespeare": "shakespeare", "shakespeare2026": "shakespeare"}
+PRESET_CORPUS = {"speedrun": "fineweb", "shakespeare": "shakespeare", "shakespeare2026": "shakespeare",
+                 "speedrun2026": "fineweb"}
 
 
 def preset_data(hp: Hyperparameters) -> str | None:
