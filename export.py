@@ -90,13 +90,25 @@ def exportable(ckpt: dict[str, Any], hp: M.Hyperparameters, model: M.GPT, path: 
     if hp.yarn:
         raise M.CheckpointError(f"{path}: trained with --yarn; the export's modelling file has the base rotary and "
                                 f"attention scale only, so it is not exported")
-    switches = M.architecture_switches(hp)
-    if switches:
-        raise M.CheckpointError(f"{path}: trained with the 2026 architecture ({', '.join(switches)}); the export's "
-                                f"modelling file implements the 2025 GPT only, so it is not exported")
     for name, tensor in model.state_dict().items():
         if not torch.isfinite(tensor).all():
             raise M.CheckpointError(f"{path}: {name} holds NaN or infinite values (a diverged run); not exported")
+
+
+def architecture_fields(hp: M.Hyperparameters) -> dict[str, Any]:
+    """The config fields of the 2026 architecture's switches (the modelling file's defaults where a switch is off)."""
+    arch = M.Architecture.from_hparams(hp)
+
+    def layers(values: tuple[int, ...] | None) -> list[int] | None:
+        return list(values) if values else None
+
+    return dict(bigram_rows=arch.bigram_rows, bigram_dim=arch.bigram_dim, bigram_sign_rows=arch.bigram_sign_rows,
+                smear=arch.smear, value_embed_layers=layers(arch.value_embed_layers),
+                value_embed_gates=arch.value_embed_gates, residual_lambdas=arch.residual_lambdas,
+                gated_skip_from=arch.gated_skip[0] if arch.gated_skip is not None else -1,
+                backout_layer=arch.backout_layer, long_window_layers=layers(arch.long_window_layers),
+                key_offset=arch.key_offset, xsa_layers=layers(arch.xsa_layers), attn_gate=arch.attn_gate,
+                paired_head_layers=layers(arch.paired_head_layers))
 
 
 def hf_config(modeling: Any, hp: M.Hyperparameters, kind: str, dtype: torch.dtype) -> Any:
@@ -106,7 +118,8 @@ def hf_config(modeling: Any, hp: M.Hyperparameters, kind: str, dtype: torch.dtyp
         num_hidden_layers=hp.num_layers, num_attention_heads=hp.num_heads, head_dim=hp.head_dim,
         no_attn_layer=hp.no_attn_layer, window_blocks=M.final_window_blocks(hp), block_size=hp.window_block,
         max_position_embeddings=min(hp.row_len or hp.val_seq_len, 8192), eot_token_id=M.EOT_ID,
-        bos_token_id=M.EOT_ID, eos_token_id=stop, pad_token_id=PAD_TOKEN[1], logit_cap=hp.logit_cap)
+        bos_token_id=M.EOT_ID, eos_token_id=stop, pad_token_id=PAD_TOKEN[1], logit_cap=hp.logit_cap,
+        **architecture_fields(hp))
     config.auto_map = AUTO_MAP
     config.architectures = ["ModdedGPTForCausalLM"]
     config.dtype = dtype

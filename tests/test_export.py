@@ -12,7 +12,10 @@ loaded back in-process with transformers (CPU, fp32):
 - the tokenizer equals ours on corpus text and awkward strings, special-token spellings behave as the export's
   README says, and the chat template equals render_conversation (ids and assistant mask);
 - pipeline("text-generation") runs; --dtype bf16 halves the weights and stays close; refusals exit 2 with one line
-  and leave nothing behind; --overwrite replaces an export with a working one.
+  and leave nothing behind; --overwrite replaces an export with a working one;
+- the 2026 architecture: a checkpoint with every switch on (every zero-initialised part given random values)
+  exports through export.py's own check, and its logits, KV-cache chunks and greedy generate() equal ours; each
+  switch alone does the same in-process.
 
 sanitize_control_tokens keeps every spelled control token plain text; right around a spelling in the middle of text
 its ids can differ from ours (transformers encodes each side apart), which docs/export.md says.
@@ -115,6 +118,30 @@ def record_checkpoint(path: Path) -> tuple[Path, dict[str, Tensor]]:
     return path, sd
 
 
+# Every 2026 architecture switch on (issue 27), on 4 layers with an attention-free one. 4 heads, so that the paired
+# layer's rotation quirk shows (with 2 heads, head h % 2 is also the slot pair_heads gives it).
+EVERY_SWITCH = dict(num_layers=4, num_heads=4, head_dim=16, model_dim=64, no_attn_layer=2, bigram_rows=97,
+                    bigram_dim=48, bigram_sign_rows=16, bigram_update="rows", smear=True, value_embed_layers="1,3",
+                    value_embed_gates=True, residual_lambdas=True, skip_topology="gated", gated_skip_from=0,
+                    backout_layer=1, long_window_layers="1,3", key_offset=True, xsa_layers="1", attn_gate=True,
+                    paired_head_layers="0")
+SWITCH_BASE = dict(num_layers=4, num_heads=2, head_dim=32, model_dim=64, no_attn_layer=2)
+
+
+def every_part_active(hp: M.Hyperparameters, seed: int = 4) -> M.GPT:
+    """Random weights where every part matters: the zero-initialised ones (lm_head, c_proj, the bigram table, gates,
+    x0 and smear scales, XSA alphas) made non-zero and the small ones (lambdas, scales) moved off their inits, so a
+    lambda read in the wrong place or a gate left out changes the logits."""
+    torch.manual_seed(seed)
+    model = randomize_zero_inits(M.GPT.from_hparams(hp), seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() < 1000 or not p.any():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def exports(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest, tok: M.Tokenizer) -> dict:
     """Every export this file checks, made once and in parallel: name -> Job (out dir, stdout, stderr, JSON)."""
@@ -124,7 +151,10 @@ def exports(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     ckpts = dict(ns_base=write_checkpoint(work / "logs", "ns", 6, ns, hp),
                  ns_chat=write_checkpoint(work / "logs", "ns_sft", 5, ns, hp, kind="chat"),
                  record=record_checkpoint(work / "state_step001770.pt")[0],
-                 ns_2026=write_checkpoint(work / "logs", "ns2026", 6, ns, tiny_hparams(logit_cap="2026")))
+                 ns_2026=write_checkpoint(work / "logs", "ns2026", 6, ns, tiny_hparams(logit_cap="2026")),
+                 arch_2026=write_checkpoint(work / "logs", "arch2026", 6,
+                                            every_part_active(tiny_hparams(**EVERY_SWITCH)),
+                                            tiny_hparams(**EVERY_SWITCH)))
     jobs: dict[str, Job] = {}
 
     def start(name: str, ckpt: Path, *extra: str, out: Path | None = None, nice: int = 10) -> None:
@@ -133,12 +163,13 @@ def exports(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
             time.sleep(0.2)
         jobs[name] = Job(work, name, ckpt, out or root / name, *extra, nice=nice)
 
-    # verify (export.py's own check, ~5 s of CPU each) runs on the base, the chat and the bf16 export; the tests
-    # below check the logits of the others more thoroughly than it would
+    # verify (export.py's own check, ~5 s of CPU each) runs on the base, the chat, the bf16 and the 2026-architecture
+    # export; the tests below check the logits of the others more thoroughly than it would
     start("ns_base", ckpts["ns_base"], "--no-verify")
     start("bf16", ckpts["ns_base"], "--dtype", "bf16", out=root / "bf16")
     start("ns_chat", ckpts["ns_chat"], "--no-verify")
     start("ns_2026", ckpts["ns_2026"], "--no-verify")  # the 2026 record's logit cap (--logit-cap 2026)
+    start("arch_2026", ckpts["arch_2026"])  # every 2026 architecture switch, through export.py's own check
     parent = request.getfixturevalue("parent")  # pretraining.py runs while the exports above do
     start("parent", parent, nice=5)
     straight = request.getfixturevalue("straight")
@@ -308,6 +339,20 @@ CHUNKS = (100, 1, 1, 57, 200)  # 359 tokens: past the 256-token window, across d
 def kv_tokens() -> Tensor:
     return random_tokens(2, sum(CHUNKS), seed=13, eot_positions={0: [0, 100, 101, 130, 255, 256, 300],
                                                                   1: [0, 102, 159, 200]})
+
+
+def assert_cached_chunks_equal(model: Any, tokens: Tensor) -> None:
+    """Feeding tokens in CHUNKS through a DynamicCache gives the logits of one forward of all of them."""
+    from transformers.cache_utils import DynamicCache
+
+    cache, pieces, start = DynamicCache(), [], 0
+    with torch.no_grad():
+        full = model(tokens, use_cache=False).logits
+        for n in CHUNKS:
+            pieces.append(model(tokens[:, start:start + n], past_key_values=cache, use_cache=True).logits)
+            start += n
+    assert cache.get_seq_length() == tokens.size(1)
+    assert_close(torch.cat(pieces, dim=1), full)
 
 
 @pytest.mark.parametrize("how", ["cache_tokens", "context_ids"])
@@ -567,6 +612,61 @@ def test_bf16_verify_of_a_checkpoint_with_short_rows(exports: dict) -> None:
     with mock.patch.object(builtins, "input", side_effect=EOFError), redirect_stdout(io.StringIO()):
         checked = export.verify(exports["bf16"].out, fresh, hp, "bf16")  # the bf16 export holds these weights
     assert checked["max_logit_diff"] <= 1e-4
+
+
+# -----------------------------------------------------------------------------
+# 11. The 2026 architecture (issue 27)
+
+
+def test_every_2026_switch_exports_and_matches(exports: dict, tok: M.Tokenizer) -> None:
+    """The checkpoint with every switch on: config.json names them, export.py's own check ran and passed, and the
+    logits (documents starting mid-row, rows without <|endoftext|>, past the window), KV-cache chunks and 64
+    greedy tokens equal ours."""
+    import export
+
+    _, hp, _ = ours(exports, "arch_2026")
+    config = json.loads((exports["arch_2026"].out / "config.json").read_text())
+    assert {k: config[k] for k in export.architecture_fields(hp)} == dict(
+        bigram_rows=97, bigram_dim=48, bigram_sign_rows=16, smear=True, value_embed_layers=[1, 3],
+        value_embed_gates=True, residual_lambdas=True, gated_skip_from=0, backout_layer=1, long_window_layers=[1, 3],
+        key_offset=True, xsa_layers=[1], attn_gate=True, paired_head_layers=[0])
+    assert exports["arch_2026"].result["max_logit_diff"] <= 1e-5
+    for tokens in batches(window_tokens(hp)):
+        assert_same_logits(exports, "arch_2026", tokens)
+    assert_cached_chunks_equal(hf_model(exports, "arch_2026"), kv_tokens())
+    got, want = greedy_pair(exports, "arch_2026", "base", prompt_for("base", tok, 200), 64)
+    assert len(want) == 64 and got == want
+
+
+@pytest.mark.parametrize("switch", [
+    dict(bigram_rows=97), dict(bigram_rows=97, bigram_dim=48, bigram_sign_rows=16), dict(smear=True),
+    dict(value_embed_layers="1,3"), dict(value_embed_gates=True), dict(residual_lambdas=True),
+    dict(skip_topology="gated", gated_skip_from=0), dict(backout_layer=1), dict(long_window_layers="1,3"),
+    dict(key_offset=True), dict(xsa_layers="1"), dict(attn_gate=True),
+    dict(paired_head_layers="0,1", num_heads=4, head_dim=16)], ids=lambda d: ",".join(d))
+def test_each_2026_switch_alone_matches(switch: dict) -> None:
+    """In-process (the model export.py builds, without writing it): one switch on, exportable, equal logits, cached
+    chunks and greedy tokens."""
+    import export
+
+    hp = tiny_hparams(**{**SWITCH_BASE, **switch})
+    model = every_part_active(hp)
+    export.exportable({}, hp, model, Path("state_step000006.pt"))  # raises if it refuses
+    modeling = export.load_modeling()
+    config = export.hf_config(modeling, hp, "base", torch.float32)
+    hf = modeling.ModdedGPTForCausalLM(config).eval()
+    hf.load_state_dict(model.state_dict(), strict=True)
+    tokens = kv_tokens()
+    with torch.no_grad():
+        assert_close(hf(tokens, use_cache=False).logits, our_logits(model, hp, tokens))
+    assert_cached_chunks_equal(hf, tokens)
+    prompt = tokens[1, 90:190].tolist()  # a document starts mid-prompt (position 12)
+    want = [s[0] for s in I.generate(model, prompt, window_blocks=M.final_window_blocks(hp), max_new_tokens=12)]
+    settings = export.generation_config(config, "base", hp)
+    settings.max_new_tokens = 12
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), generation_config=settings)
+    assert out[0, len(prompt):].tolist()[:len(want)] == want and len(want) == 12
 
 
 # -----------------------------------------------------------------------------
