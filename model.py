@@ -1119,15 +1119,6 @@ class Architecture:
         return [i in self.long_window_layers for i in range(num_layers)]
 
 
-def architecture_switches(hp: "Hyperparameters") -> list[str]:
-    """The flags of the 2026 architecture's switches this config turns on (differs from the defaults)."""
-    names = ("bigram_rows", "bigram_dim", "bigram_sign_rows", "bigram_update", "smear", "value_embed_layers",
-             "value_embed_gates", "residual_lambdas", "skip_topology", "backout_layer", "long_window_layers",
-             "key_offset", "xsa_layers", "attn_gate", "paired_head_layers")
-    defaults = Hyperparameters()
-    return ["--" + _flag(n) for n in names if getattr(hp, n) != getattr(defaults, n)]
-
-
 def bigram_hash(tokens_BT: Tensor, rows: int, start: int = 0, before_B: Tensor | None = None) -> Tensor:
     """(B, T) rows of the bigram table (record #62, PR 201; get_bigram_hash at f411b3d3): in int32 arithmetic,
     which wraps, (36313 * token xor 27191 * previous token) mod (rows - 1), a row being the record's sequence.
