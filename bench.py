@@ -64,6 +64,7 @@ import pretraining
 SHAPES = {  # name: (preset, overrides) -- the model shapes users train here
     "shakespeare": ("shakespeare", {}),
     "speedrun-124M": ("speedrun", {}),
+    "speedrun2026-124M": ("speedrun2026", {}),
 }
 
 
@@ -174,10 +175,10 @@ def train_config(shape: str, device: torch.device, compile: str = "auto",
     """The shakespeare preset as `python pretraining.py` runs it; the 124M speedrun shape with the record's
     micro-batch on a GPU, and on a CPU one 4096-token micro-batch per step (a record step of 393k tokens would
     take minutes there)."""
-    preset = "shakespeare" if shape == "shakespeare" else "speedrun"
+    preset = SHAPES[shape][0]
     hp = M.Hyperparameters(**dict(M.PRESETS[preset], preset=preset, device=str(device), warmup_steps=0,
                                   compile=compile, **(overrides or {})))
-    if preset == "speedrun" and device.type != "cuda":
+    if preset != "shakespeare" and device.type != "cuda":
         hp.train_seq_len, hp.rank_equivalents = 4096, 1
     return hp.validate()
 
@@ -194,7 +195,7 @@ def model_flops_per_token(model: M.GPT, hp: M.Hyperparameters, window_blocks: in
     matmul = sum(p.numel() for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n)
     row = hp.row_len or hp.train_seq_len
     flops = 6.0 * matmul
-    for i, long in enumerate(M.long_window_layers(hp.num_layers)):
+    for i, long in enumerate(model.arch.long_windows(hp.num_layers)):
         if i != hp.no_attn_layer:
             blocks = window_blocks if long else window_blocks // 2
             flops += 12 * hp.num_heads * hp.head_dim * mean_keys_per_query(row, blocks * M.BLOCK_SIZE)
@@ -264,7 +265,7 @@ def bench_train(device: torch.device, steps: int, warmup: int, peak: dict[str, f
                 compile: str = "auto") -> list[dict[str, Any]]:
     """Each shape in a fresh process (its own peak memory); MFU against the matmul peak of the training dtype."""
     rows = []
-    for shape in ("shakespeare", "speedrun-124M"):
+    for shape in ("shakespeare", "speedrun-124M", "speedrun2026-124M"):
         row = train_shape_process(shape, device, steps, warmup, compile)
         reference = peak.get(row["dtype"].replace("bfloat16", "bf16").replace("float32", "fp32"))
         row["mfu"] = round(1000 * row["model_tflops"] / reference, 3) if reference else None
@@ -350,6 +351,36 @@ HEAD_SETTINGS = [  # the head and loss switches of issue 26 (docs/head_and_sched
     ("--mtp --prefix-token", dict(stage_schedule="2026", mtp=True, prefix_token=True)),
     ("--mtp --prefix-token chunked", dict(stage_schedule="2026", mtp=True, prefix_token=True, head_chunk=1024)),
 ]
+
+
+ARCH_SETTINGS = [  # the architecture switches of issue 27 (docs/architecture.md), each alone, then together
+    ("2025 GPT", {}), ("--bigram-rows 50304", dict(bigram_rows=50304, bigram_sign_rows=8192)),
+    ("--bigram-rows 377280 (record)", dict(bigram_rows=377280, bigram_sign_rows=8192)),
+    ("--bigram-rows 377280 rows update", dict(bigram_rows=377280, bigram_sign_rows=8192, bigram_update="rows")),
+    ("--smear", dict(smear=True)), ("--value-embed-gates", dict(value_embed_gates=True)),
+    ("--residual-lambdas", dict(residual_lambdas=True)), ("--key-offset", dict(key_offset=True)),
+    ("--xsa-layers 1,2,3,4", dict(xsa_layers="1,2,3,4")), ("--attn-gate", dict(attn_gate=True)),
+    ("--paired-head-layers 1,2", dict(paired_head_layers="1,2")), ("--backout-layer 4", dict(backout_layer=4)),
+    ("gated skip into layer 3", dict(skip_topology="gated", no_attn_layer=3, gated_skip_from=1)),
+]
+
+
+def bench_arch(device: torch.device, steps: int, warmup: int, compile: str = "auto",
+               shape: str = "shakespeare") -> list[dict[str, Any]]:
+    """Tokens/s and peak memory of a training step with each setting of ARCH_SETTINGS, each in its own process,
+    against the 2025 GPT timed first and again last (their mean is the baseline)."""
+    settings = ARCH_SETTINGS + [ARCH_SETTINGS[0]]
+    rows = [dict(setting=name, **train_shape_process(shape, device, steps, warmup, compile, over))
+            for name, over in settings]
+    base = statistics.mean([rows[0]["tokens_per_s"], rows[-1]["tokens_per_s"]])
+    base_mib = statistics.mean([rows[0]["peak_memory_mib"], rows[-1]["peak_memory_mib"]])
+    for row in rows:
+        row["vs_2025"] = round(row["tokens_per_s"] / base, 3)
+        row["memory_vs_2025"] = round(row["peak_memory_mib"] / base_mib, 3)
+        print(f"arch {shape} {row['setting']:<32} {row['tokens_per_s']:>7,} tok/s ({row['vs_2025']:.3f}x)  "
+              f"optimizer {row['optimizer_rest_ms']:.0f} ms  peak memory {row['peak_memory_mib']:,} MiB "
+              f"({row['memory_vs_2025']:.2f}x)  compile {row['compile']}", file=sys.stderr, flush=True)
+    return rows
 
 
 def bench_head(device: torch.device, steps: int, warmup: int, compile: str = "auto",
@@ -626,7 +657,7 @@ def bench_quality(checkpoint: str, log_dir: str, prompts: int = 24, new_tokens: 
     return out
 
 
-BENCHMARKS = ("matmul", "train", "modifiers", "optimizer", "head", "trackers", "decode", "data")  # the default run; quality on demand
+BENCHMARKS = ("matmul", "train", "modifiers", "optimizer", "head", "arch", "trackers", "decode", "data")  # the default run; quality on demand
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -649,6 +680,9 @@ def print_table(results: dict[str, Any]) -> None:
     for r in results.get("head", []):
         print(f"head: {r['setting']:<28} {r['tokens_per_s']:>7,} tok/s  {r['vs_whole']:.3f}x whole  peak "
               f"{r['peak_memory_mib']:,} MiB  {r['memory_vs_whole']:.2f}x whole  (compile {r['compile']})")
+    for r in results.get("arch", []):
+        print(f"arch: {r['setting']:<32} {r['tokens_per_s']:>7,} tok/s  {r['vs_2025']:.3f}x 2025  peak "
+              f"{r['peak_memory_mib']:,} MiB  {r['memory_vs_2025']:.2f}x 2025  (compile {r['compile']})")
     for r in results.get("trackers", []):
         print(f"logging to {r['trackers']:<24} {r['ms_per_step']:>8.3f} ms/step  {r['vs_console']:.1f}x console-only")
     if "decode" in results:
@@ -717,6 +751,8 @@ def main(argv: list[str] | None = None) -> None:
                                                args.shape or "speedrun-124M")
     if "head" in chosen:
         results["head"] = bench_head(device, args.steps, args.warmup, args.compile, args.shape or "shakespeare")
+    if "arch" in chosen:
+        results["arch"] = bench_arch(device, args.steps, args.warmup, args.compile, args.shape or "shakespeare")
     if "trackers" in chosen:
         results["trackers"] = bench_trackers()
     if "decode" in chosen:

@@ -39,6 +39,10 @@ import runs as R
 # speedrun shape runs all 8 micro-batches of a step and all of Newton-Schulz, so its tokens/s compare with this directly
 # (it skips the record's gradient all-reduce).
 RECORD_TOKENS_PER_S_PER_GPU = 1770 * 48 * 1024 / 180.8
+# Record #89 (f411b3d3): 1285 steps in 1.23 minutes on 8 H100s, of 8 x 16k tokens (423 steps), 8 x 32k (424) and
+# 8 x 48k (438): ~574k tokens/s per GPU averaged over its run. The speedrun2026 shape's step here is stage 1's batch.
+RECORD_2026_TOKENS_PER_S_PER_GPU = (423 * 1 + 424 * 2 + 438 * 3) * 8 * 16 * 1024 / (1.23 * 60) / 8
+SHAPE_RECORDS = {"speedrun-124M": RECORD_TOKENS_PER_S_PER_GPU, "speedrun2026-124M": RECORD_2026_TOKENS_PER_S_PER_GPU}
 GPU_BUDGET_S = 450  # all parts together: 7.5 minutes, which leaves a 15-minute lease room for the machine's start
 GPU_MIN_PART_S = 30  # a part with less of the budget left is skipped, not started
 GPU_PARTS = {  # name: (seconds it may take at most, what it answers); the three test runs go side by side
@@ -47,8 +51,10 @@ GPU_PARTS = {  # name: (seconds it may take at most, what it answers); the three
     "scripts": (210, "tests/test_cuda.py -m slow: eval.py and chat.py on CUDA against CPU, the Hugging Face export of "
                      "a GPU checkpoint run on the GPU"),
     "train_gpt": (210, "tests/test_train_gpt.py::test_cuda_runs_agree: train_gpt.py and pretraining.py agree on CUDA"),
-    "train": (180, "the speedrun shape (124M, 8 micro-batches of 48*1024 tokens per step): cold compile, step time, "
+    "train": (150, "the speedrun shape (124M, 8 micro-batches of 48*1024 tokens per step): cold compile, step time, "
                    "tokens/s against the record's per-H100 rate, MFU, peak memory"),
+    "train2026": (100, "the speedrun2026 shape (record #89 without MUDD and its kernels; 8 micro-batches of 16k "
+                       "tokens, stage 1's step): step time, tokens/s against record #89's per-H100 rate"),
     "decode": (90, "bench.py --only decode: greedy tokens/s with the KV cache and without, against transformers"),
 }
 PYTEST_TARGETS = {"tests": ("tests/test_cuda.py", "-m", "not slow"), "scripts": ("tests/test_cuda.py", "-m", "slow"),
@@ -197,7 +203,8 @@ def guarded(part: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 # the training part (this script's --part train) and the decode part's figures
 
 
-def gpu_train_part(device: torch.device, steps: int, warmup: int, matmul_n: int = 8192) -> dict[str, Any]:
+def gpu_train_part(device: torch.device, steps: int, warmup: int, matmul_n: int = 8192,
+                   shape: str = "speedrun-124M") -> dict[str, Any]:
     """bench_train_shape on the speedrun shape, plus what its first step cost (the whole-model and Newton-Schulz
     compiles: cold when the caller gives an empty inductor cache), MFU against this GPU's bf16 product rate and
     tokens/s against the record's per-H100 rate."""
@@ -221,10 +228,10 @@ def gpu_train_part(device: torch.device, steps: int, warmup: int, matmul_n: int 
         warnings.simplefilter("always")
         pretraining.train_micro_batches = stamped
         try:
-            row = bench.bench_train_shape("speedrun-124M", device, steps, warmup)
+            row = bench.bench_train_shape(shape, device, steps, warmup)
         finally:
             pretraining.train_micro_batches = micro_batches
-    hp = bench.train_config("speedrun-124M", device)
+    hp = bench.train_config(shape, device)
     intervals = [b - a for a, b in zip(starts, starts[1:])] or [float("nan")]  # one step: no second stamp
     messages = list(dict.fromkeys(M.first_line(w.message) for w in caught))
     row.update(gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
@@ -233,8 +240,8 @@ def gpu_train_part(device: torch.device, steps: int, warmup: int, matmul_n: int 
                compile_s=round(intervals[0] - row["step_ms"] / 1000, 1),  # the first step's excess over a steady one
                step_intervals_s=[round(s, 3) for s in intervals], matmul_bf16_tflops=round(peak["bf16"] / 1000, 1),
                mfu=round(1000 * row["model_tflops"] / peak["bf16"], 3) if peak["bf16"] else None,
-               record_tokens_per_s_per_gpu=round(RECORD_TOKENS_PER_S_PER_GPU),
-               vs_record=round(row["tokens_per_s"] / RECORD_TOKENS_PER_S_PER_GPU, 3),
+               record_tokens_per_s_per_gpu=round(SHAPE_RECORDS[shape]),
+               vs_record=round(row["tokens_per_s"] / SHAPE_RECORDS[shape], 3),
                compile_fallbacks=[m for m in messages if "running it eagerly" in m], warnings=messages[:10])
     if device.type == "cuda":
         row["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved(device) / 2**20)
@@ -342,6 +349,9 @@ def gpu_check(budget_s: float, json_out: Path | None) -> int:
         cmd = [sys.executable, this, "--part", "train", "--device", "cuda", "--steps", "3", "--warmup", "2"]
         record("train", skipped("train") or guarded(lambda: script_part(
             LimitedProcess(cmd, limit("train"), env).wait(), last_json)))
+        cmd = [sys.executable, this, "--part", "train2026", "--device", "cuda", "--steps", "3", "--warmup", "2"]
+        record("train2026", skipped("train2026") or guarded(lambda: script_part(
+            LimitedProcess(cmd, limit("train2026"), env).wait(), last_json)))
     # 3. decode, with what is left
     cmd = [sys.executable, bench_py, "--only", "decode", "--json", "--device", "cuda"]
     record("decode", skipped("decode") or guarded(lambda: script_part(
@@ -415,13 +425,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json-out", type=Path, metavar="PATH", help="write everything the check found to this file")
     p.add_argument("--budget-s", type=float, default=GPU_BUDGET_S,
                    help=f"seconds for all its parts together (default {GPU_BUDGET_S})")
-    p.add_argument("--part", choices=("train",), help=argparse.SUPPRESS)  # internal: the training part, alone
+    p.add_argument("--part", choices=("train", "train2026"), help=argparse.SUPPRESS)  # internal: a training part
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # internal: --part's device
     p.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)  # internal: --part's timed steps
     p.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)  # internal: --part's untimed steps
     args = p.parse_args(argv)
     if args.part:  # before the CUDA check: a child that finds no GPU fails as a part, in the parent's table
-        print(json.dumps(gpu_train_part(M.detect_device(args.device), args.steps, args.warmup)))
+        shape = "speedrun2026-124M" if args.part == "train2026" else "speedrun-124M"
+        print(json.dumps(gpu_train_part(M.detect_device(args.device), args.steps, args.warmup, shape=shape)))
         return
     if not torch.cuda.is_available():
         p.error("the GPU check needs a CUDA GPU; this machine has none")

@@ -2453,8 +2453,8 @@ def setup_optimizers(model: GPT, hp: Hyperparameters, rank: int = 0, world_size:
                           cautious=hp.cautious_weight_decay, lr_mults=muon_lr_mults(model, hp), qk_heads=qk,
                           row_equilibration=hp.muon_row_equilibration, norm_snap=hp.muon_norm_snap)
     optimizers: list[torch.optim.Optimizer] = [adam, hidden_opt]
-    if row_groups:
-        optimizers.append(RowAdam(row_groups, (hp.adam_beta1, hp.adam_beta2), hp.adam_eps))
+    if row_groups:  # before Muon, which stays last
+        optimizers.insert(1, RowAdam(row_groups, (hp.adam_beta1, hp.adam_beta2), hp.adam_eps))
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]

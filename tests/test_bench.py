@@ -107,6 +107,31 @@ def test_head_benchmark_rows_are_ratios_to_the_whole_head(monkeypatch: pytest.Mo
     assert row["tokens_per_s"] > 0
 
 
+def test_arch_benchmark_rows_are_ratios_to_the_2025_gpt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each architecture setting's tokens/s and peak memory over the 2025 GPT's (the mean of its first and last
+    run); every setting is a valid config of the shakespeare shape, and a real step runs with the bigram table's
+    row-wise update and the paired heads."""
+    seen = []
+
+    def fake(shape: str, device: torch.device, steps: int, warmup: int, compile: str, overrides: dict) -> dict:
+        bench.train_config(shape, device, compile, overrides)  # validates
+        seen.append(overrides)
+        return dict(tokens_per_s=1000 + len(seen), peak_memory_mib=100 * len(seen), compile="off",
+                    optimizer_rest_ms=1.0)
+
+    monkeypatch.setattr(bench, "train_shape_process", fake)
+    rows = bench.bench_arch(torch.device("cpu"), steps=1, warmup=0)
+    assert [r["setting"] for r in rows] == [name for name, _ in bench.ARCH_SETTINGS] + ["2025 GPT"]
+    assert seen[0] == seen[-1] == {}
+    base = (1001 + 1000 + len(rows)) / 2
+    assert [r["vs_2025"] for r in rows] == [round((1000 + n) / base, 3) for n in range(1, len(rows) + 1)]
+    monkeypatch.undo()
+    monkeypatch.setattr(bench, "train_config", lambda shape, device, compile, overrides: tiny_hparams(
+        **dict(overrides or {}, bigram_rows=97, bigram_update="rows", paired_head_layers="1")))
+    row = bench.bench_train_shape("shakespeare", torch.device("cpu"), steps=1, warmup=0)
+    assert row["tokens_per_s"] > 0
+
+
 def test_tracker_benchmark_times_each_sink_against_console(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """bench_trackers logs through real RunLogs: one row per sink set, the first (console only) the 1.0x baseline,
     and W&B offline under WANDB_MODE=offline (no network)."""

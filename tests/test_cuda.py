@@ -380,3 +380,49 @@ def test_hf_export_of_a_gpu_checkpoint_runs_on_gpu(tmp_path: Path) -> None:
         want = ours(tokens, None, M.final_window_blocks(saved))  # (B, T, V) fp32
     assert float(hf_error(torch.float32).max()) < 1e-4
     assert float(hf_error(torch.bfloat16).mean()) < 0.05  # bf16 rounding alone stays far below (same check, CPU)
+
+
+@pytest.mark.parametrize("window_blocks", [1, 3])
+def test_compiled_flex_attention_of_paired_heads_matches_sdpa(window_blocks: int) -> None:
+    """Paired-head layers (issue 27) attend over the interleaved sequence: its block mask from the repeated document
+    ids, compiled FlexAttention against SDPA with the dense mask, forward and backward."""
+    B, H, T, D = 2, 2, 1024, 64
+    docs = M.paired_docs((doc_tokens(B, T // 2, "cuda") == M.EOT_ID).cumsum(1))
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", requires_grad=True) for _ in range(3))
+    dense = M.attention(q, k, v, M.dense_attention_mask(docs, window_blocks), 0.12)
+    grads_dense = torch.autograd.grad(dense.square().sum(), (q, k, v))
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention)(q, k, v, block_mask=M.flex_block_mask(docs, window_blocks), scale=0.12)
+    grads_flex = torch.autograd.grad(flex.square().sum(), (q, k, v))
+    torch.testing.assert_close(flex, dense, atol=2e-3, rtol=2e-3)
+    for a, b in zip(grads_flex, grads_dense):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+def test_compiled_model_with_every_2026_switch_matches_eager_sdpa_on_gpu() -> None:
+    """The model with every architecture switch of issue 27 compiled on CUDA (FlexAttention, paired masks, the
+    bigram hash in int32 on the GPU, bf16 autocast) against the same weights run eagerly through SDPA."""
+    from test_arch import ALL_ON, randomize_everything
+
+    hp = tiny_hparams(**dict(ALL_ON, num_heads=4, head_dim=16), device="cuda", compile="on", dtype="bf16",
+                      row_len=512, fp8_head="off")
+    rt = M.init_runtime(hp)
+    raw, forward = M.build_model(hp, rt)
+    randomize_everything(raw)
+    x = doc_tokens(2, 512, "cuda")
+    y = torch.roll(x, -1, dims=1)
+    with rt.autocast():
+        compiled = forward(x, y, torch.tensor(2, dtype=torch.int32, device="cuda"))
+    compiled.backward()
+    grads = {n: p.grad.float().clone() for n, p in raw.named_parameters() if p.grad is not None}
+    raw.zero_grad(set_to_none=True)
+    raw.use_flex = False
+    with rt.autocast():
+        eager = raw(x, y, 2)
+    eager.backward()
+    assert abs(compiled.item() - eager.item()) < 1e-2 * eager.item()
+    for name, p in raw.named_parameters():
+        if p.grad is not None and p.grad.abs().sum() > 0:
+            cos = F.cosine_similarity(grads[name].flatten(), p.grad.float().flatten(), dim=0)
+            assert cos > 0.98, (name, cos.item())
