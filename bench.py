@@ -657,7 +657,8 @@ def bench_quality(checkpoint: str, log_dir: str, prompts: int = 24, new_tokens: 
     return out
 
 
-BENCHMARKS = ("matmul", "train", "modifiers", "optimizer", "head", "arch", "trackers", "decode", "data")  # the default run; quality on demand
+# the default run; quality on demand
+BENCHMARKS = ("matmul", "train", "modifiers", "optimizer", "head", "arch", "trackers", "decode", "data")
 
 
 def print_table(results: dict[str, Any]) -> None:

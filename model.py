@@ -397,8 +397,8 @@ class Hyperparameters:
                                   f"(--no-attn-layer)")
         both = sorted(set(lists["xsa_layers"]) & set(lists["paired_head_layers"]))
         if both:
-            raise ConfigError(f"--xsa-layers and --paired-head-layers share layer {both[0]}: XSA on paired heads is not "
-                              f"defined (the record skips it: a paired head's output mixes two heads' values)")
+            raise ConfigError(f"--xsa-layers and --paired-head-layers share layer {both[0]}: XSA on paired heads is "
+                              f"not defined (the record skips it: a paired head's output mixes two heads' values)")
         if lists["paired_head_layers"] and self.num_heads % 2:
             raise ConfigError(f"--paired-head-layers needs an even --num-heads, not {self.num_heads}")
         if self.skip_topology == "gated":

@@ -382,3 +382,21 @@ def test_bigram_rows_gets_its_own_optimizer() -> None:
     assert not any(p is model.bigram.embed.weight for g in opts[0].param_groups for p in g["params"])
     dense = M.setup_optimizers(model, tiny_hparams(**ALL_ON))
     assert len(dense) == 2
+
+
+def test_speedrun2026_preset_has_record_89s_shape_and_schedule() -> None:
+    """The preset's model, built on the meta device, has record #89's parts at its sizes; its schedule the record's
+    1270 + 15 steps, stages and split step; it validates on 1, 2, 4 and 8 processes."""
+    hp = M.Hyperparameters(**M.PRESETS["speedrun2026"], preset="speedrun2026")
+    for world_size in (1, 2, 4, 8):
+        hp.validate(world_size)
+    with torch.device("meta"):
+        model = M.GPT.from_hparams(hp)
+    assert len(model.blocks) == 11 and model.blocks[6].attn is None
+    assert model.bigram.embed.weight.shape == (377_280, 768) and model.bigram.signs.shape == (8192, 768)
+    assert len(model.value_embeds) == 5 and model.arch.value_embeds(11) == [None, 0, 1] + [None] * 5 + [2, 3, 4]
+    assert [i for i, b in enumerate(model.blocks) if b.attn is not None and b.attn.arch.paired] == [0, 2, 5, 9]
+    assert [i for i, b in enumerate(model.blocks) if b.attn is not None and b.attn.arch.key_offset] == [3, 10]
+    assert model.arch.gated_skip == (3, 6) and model.arch.backout_layer == 7
+    assert M.schedule_lengths(hp) == (1270, 15) and M.split_step(hp) == 847
+    assert hp.tokens_per_step == 8 * 16 * 1024  # stage 1's 8 x 2048 x 8; the stages add micro-batches
