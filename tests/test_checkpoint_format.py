@@ -27,7 +27,11 @@ ISSUE_25_FIELDS = ("muon_orthogonalizer", "normuon", "normuon_beta2", "cautious_
 # ... and before the 2026 schedule, head and loss (issue 26)
 ISSUE_26_FIELDS = ("lr_floor", "stage_schedule", "mtp", "prefix_token", "logit_cap", "window_block", "yarn",
                    "tie_embed", "head_chunk", "doc_aligned")
-NEWER_FIELDS = ISSUE_25_FIELDS + ISSUE_26_FIELDS
+# ... and before the 2026 architecture (issue 27)
+ISSUE_27_FIELDS = ("bigram_rows", "bigram_dim", "bigram_sign_rows", "bigram_update", "smear", "value_embed_layers",
+                   "value_embed_gates", "residual_lambdas", "skip_topology", "gated_skip_from", "backout_layer",
+                   "long_window_layers", "key_offset", "xsa_layers", "attn_gate", "paired_head_layers")
+NEWER_FIELDS = ISSUE_25_FIELDS + ISSUE_26_FIELDS + ISSUE_27_FIELDS
 
 
 def write_format_1(source: dict, path: Path) -> None:

@@ -35,6 +35,7 @@ SCRIPTS = ("runs", "inference", "pretraining", "finetune", "eval", "chat", "expo
 # directly below a field must be a hanging-indent continuation of that field's comment.
 SECTIONS = ("bookkeeping", "data", "model", "optimisation (record values; provenance in setup_optimizers)",
             "schedule, head and loss (the 2026 record's; issue 26)",
+            "architecture (the 2026 record's; issue 27): every switch off = the 2025 record's GPT. docs/architecture.md",
             "loss modifiers: all off by default; validation and eval.py report plain cross-entropy",
             "evaluation, logging and checkpoints", "runtime",
             "experiment trackers: log.txt and metrics.jsonl are always written")
