@@ -365,18 +365,26 @@ ARCH_SETTINGS = [  # the architecture switches of issue 27 (docs/architecture.md
 ]
 
 
+def settings_against_baseline(settings: list[tuple[str, dict]], shape: str, device: torch.device, steps: int,
+                              warmup: int, compile: str, suffix: str) -> list[dict[str, Any]]:
+    """One training-shape process per setting, then the first setting (the baseline) again; each row's tokens/s and
+    peak memory as ratios (vs_<suffix>, memory_vs_<suffix>) to the mean of the baseline's first and last runs."""
+    rows = [dict(setting=name, **train_shape_process(shape, device, steps, warmup, compile, over))
+            for name, over in settings + [settings[0]]]
+    base = statistics.mean([rows[0]["tokens_per_s"], rows[-1]["tokens_per_s"]])
+    base_mib = statistics.mean([rows[0]["peak_memory_mib"], rows[-1]["peak_memory_mib"]])
+    for row in rows:
+        row[f"vs_{suffix}"] = round(row["tokens_per_s"] / base, 3)
+        row[f"memory_vs_{suffix}"] = round(row["peak_memory_mib"] / base_mib, 3)
+    return rows
+
+
 def bench_arch(device: torch.device, steps: int, warmup: int, compile: str = "auto",
                shape: str = "shakespeare") -> list[dict[str, Any]]:
     """Tokens/s and peak memory of a training step with each setting of ARCH_SETTINGS, each in its own process,
     against the 2025 GPT timed first and again last (their mean is the baseline)."""
-    settings = ARCH_SETTINGS + [ARCH_SETTINGS[0]]
-    rows = [dict(setting=name, **train_shape_process(shape, device, steps, warmup, compile, over))
-            for name, over in settings]
-    base = statistics.mean([rows[0]["tokens_per_s"], rows[-1]["tokens_per_s"]])
-    base_mib = statistics.mean([rows[0]["peak_memory_mib"], rows[-1]["peak_memory_mib"]])
+    rows = settings_against_baseline(ARCH_SETTINGS, shape, device, steps, warmup, compile, "2025")
     for row in rows:
-        row["vs_2025"] = round(row["tokens_per_s"] / base, 3)
-        row["memory_vs_2025"] = round(row["peak_memory_mib"] / base_mib, 3)
         print(f"arch {shape} {row['setting']:<32} {row['tokens_per_s']:>7,} tok/s ({row['vs_2025']:.3f}x)  "
               f"optimizer {row['optimizer_rest_ms']:.0f} ms  peak memory {row['peak_memory_mib']:,} MiB "
               f"({row['memory_vs_2025']:.2f}x)  compile {row['compile']}", file=sys.stderr, flush=True)
@@ -387,14 +395,8 @@ def bench_head(device: torch.device, steps: int, warmup: int, compile: str = "au
                shape: str = "shakespeare") -> list[dict[str, Any]]:
     """Tokens/s and peak memory of a training step with each setting of HEAD_SETTINGS, each in its own process
     (its own peak), against the whole head timed first and again last (their mean is the baseline)."""
-    settings = HEAD_SETTINGS + [HEAD_SETTINGS[0]]
-    rows = [dict(setting=name, **train_shape_process(shape, device, steps, warmup, compile, over))
-            for name, over in settings]
-    whole = statistics.mean([rows[0]["tokens_per_s"], rows[-1]["tokens_per_s"]])
-    whole_mib = statistics.mean([rows[0]["peak_memory_mib"], rows[-1]["peak_memory_mib"]])
+    rows = settings_against_baseline(HEAD_SETTINGS, shape, device, steps, warmup, compile, "whole")
     for row in rows:
-        row["vs_whole"] = round(row["tokens_per_s"] / whole, 3)
-        row["memory_vs_whole"] = round(row["peak_memory_mib"] / whole_mib, 3)
         print(f"head {shape} {row['setting']:<28} {row['tokens_per_s']:>7,} tok/s ({row['vs_whole']:.3f}x whole)  "
               f"peak memory {row['peak_memory_mib']:,} MiB ({row['memory_vs_whole']:.2f}x)  compile "
               f"{row['compile']}", file=sys.stderr, flush=True)
